@@ -1,1 +1,5 @@
+//! mue: multiple-exiting (MuE) inference for unified vision-language encoder-decoder models.
+
+pub mod exit;
+pub mod generate;
 pub mod model;

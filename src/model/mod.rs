@@ -1,1 +1,615 @@
+//! The unified vision-language encoder-decoder (OFA architecture) on candle.
+//!
+//! Structs hold weights only; they are immutable and can be shared across threads.
+//! Per-request state (exit decisions, key/value caches) lives in `crate::generate`.
 
+pub mod config;
+pub mod layers;
+pub mod position;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub use config::{Config, EncoderMode, ImageEmbedder};
+use layers::{linear, split_heads, DecoderLayer, EncoderLayer, LayerNorm, Mode};
+
+/// Pixel patches (the project's own small models) or a convolutional trunk.
+#[derive(Debug, Clone)]
+pub enum ImageTrunk {
+    Patch(usize),
+}
+
+impl ImageTrunk {
+    /// `[b, 3, s, s]` -> `[b, p, f]` features in row-major patch order.
+    pub fn features(&self, images: &Tensor) -> Result<Tensor> {
+        match self {
+            ImageTrunk::Patch(p) => {
+                let (b, c, h, w) = images.dims4()?;
+                let (gh, gw) = (h / p, w / p);
+                images
+                    .reshape((b, c, gh, *p, gw, *p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .reshape((b, gh * gw, c * p * p))
+            }
+        }
+    }
+}
+
+/// Absolute position bias `<q(Pq), k(Pk)> * s` per head: `[1, h, nq, nk]`.
+fn position_bias(
+    q: &Linear,
+    k: &Linear,
+    pq: &Tensor,
+    pk: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let q = split_heads(&(q.forward(&pq.unsqueeze(0)?)? * scale)?, heads)?;
+    let k = split_heads(&k.forward(&pk.unsqueeze(0)?)?, heads)?;
+    q.matmul(&k.t()?)
+}
+
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    pub image_trunk: ImageTrunk,
+    pub image_proj: Linear,
+    pub type_embedding: Tensor,
+    pub layernorm_embedding: LayerNorm,
+    pub patch_layernorm_embedding: LayerNorm,
+    pub embed_positions: Tensor,
+    pub embed_image_positions: Tensor,
+    pub pos_ln: LayerNorm,
+    pub image_pos_ln: LayerNorm,
+    pub pos_q_linear: Linear,
+    pub pos_k_linear: Linear,
+    pub layers: Vec<EncoderLayer>,
+    pub layer_norm: LayerNorm,
+    pub token_rel_tables: Vec<Tensor>,
+    pub image_rel_tables: Vec<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub layernorm_embedding: LayerNorm,
+    pub embed_positions: Tensor,
+    pub pos_ln: LayerNorm,
+    pub self_pos_q_linear: Linear,
+    pub self_pos_k_linear: Linear,
+    pub cross_pos_q_linear: Linear,
+    pub cross_pos_k_linear: Linear,
+    pub layers: Vec<DecoderLayer>,
+    pub layer_norm: LayerNorm,
+    pub token_rel_tables: Vec<Tensor>,
+}
+
+/// Position information of one encoder input: layer-normed position embeddings of the
+/// image patches and text tokens. They only feed attention biases.
+#[derive(Debug, Clone)]
+pub struct EncoderPositions {
+    pub image: Tensor,
+    pub text: Tensor,
+}
+
+impl EncoderPositions {
+    /// `[p + l, d]`, the key side of the decoder's cross-attention position bias.
+    pub fn joint(&self) -> Result<Tensor> {
+        Tensor::cat(&[&self.image, &self.text], 0)
+    }
+}
+
+/// Attention biases of the encoder for one layer, by block.
+#[derive(Debug, Clone)]
+pub struct EncoderBias {
+    pub image_image: Tensor,
+    pub image_text: Tensor,
+    pub text_image: Tensor,
+    pub text_text: Tensor,
+}
+
+impl EncoderBias {
+    /// The full `[1, h, n, n]` bias of the joint encoder (image tokens first).
+    pub fn joint(&self) -> Result<Tensor> {
+        let top = Tensor::cat(&[&self.image_image, &self.image_text], 3)?;
+        let bottom = Tensor::cat(&[&self.text_image, &self.text_text], 3)?;
+        Tensor::cat(&[&top, &bottom], 2)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: Config,
+    pub embed_tokens: Tensor,
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+    pub device: Device,
+}
+
+/// Result of a plain, full-depth encoder pass.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// `[b, p + l, d]` after the final layer norm.
+    pub memory: Tensor,
+    /// `true` where the memory position is text padding.
+    pub padding: Vec<Vec<bool>>,
+    pub positions: EncoderPositions,
+    /// Per layer (index 0 = embeddings) the states before the final layer norm, `[b, p + l, d]`.
+    pub hidden: Vec<Tensor>,
+}
+
+impl Model {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let h = cfg.encoder_heads;
+        let eps = cfg.layer_norm_eps;
+        let sf = cfg.attn_scale_factor;
+        let emb_init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let device = vb.device().clone();
+        let embed_tokens =
+            vb.get_with_hints((cfg.vocab_size, d), "encoder.embed_tokens.weight", emb_init)?;
+        let ve = vb.pp("encoder");
+        let image_trunk = match &cfg.image_embedder {
+            ImageEmbedder::Patch { patch } => ImageTrunk::Patch(*patch),
+            ImageEmbedder::Resnet { .. } => {
+                candle_core::bail!("the ResNet image embedder is not available in this build")
+            }
+        };
+        let n_img_pos = cfg.image_bucket_size * cfg.image_bucket_size + 1;
+        let rel_rows = 2 * cfg.token_bucket_size - 1;
+        let img_rel_rows = position::image_rel_rows(cfg.image_bucket_size);
+        let rel_init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let encoder = Encoder {
+            image_trunk,
+            image_proj: linear(cfg.image_feature_dim(), d, ve.pp("image_proj"))?,
+            type_embedding: ve.get_with_hints((2, d), "type_embedding.weight", emb_init)?,
+            layernorm_embedding: LayerNorm::load(d, eps, ve.pp("layernorm_embedding"))?,
+            patch_layernorm_embedding: LayerNorm::load(d, eps, ve.pp("patch_layernorm_embedding"))?,
+            embed_positions: ve.get_with_hints(
+                (cfg.max_positions + 2, d),
+                "embed_positions.weight",
+                emb_init,
+            )?,
+            embed_image_positions: ve.get_with_hints(
+                (n_img_pos, d),
+                "embed_image_positions.weight",
+                emb_init,
+            )?,
+            pos_ln: LayerNorm::load(d, eps, ve.pp("pos_ln"))?,
+            image_pos_ln: LayerNorm::load(d, eps, ve.pp("image_pos_ln"))?,
+            pos_q_linear: linear(d, d, ve.pp("pos_q_linear"))?,
+            pos_k_linear: linear(d, d, ve.pp("pos_k_linear"))?,
+            layers: (0..cfg.encoder_layers)
+                .map(|l| {
+                    EncoderLayer::load(
+                        d,
+                        h,
+                        cfg.encoder_ffn_dim,
+                        sf,
+                        eps,
+                        ve.pp(format!("layers.{l}")),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            layer_norm: LayerNorm::load(d, eps, ve.pp("layer_norm"))?,
+            token_rel_tables: (0..cfg.encoder_layers)
+                .map(|l| {
+                    ve.get_with_hints(
+                        (rel_rows, h),
+                        &format!("token_rel_pos_table_list.{l}.weight"),
+                        rel_init,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            image_rel_tables: (0..cfg.encoder_layers)
+                .map(|l| {
+                    ve.get_with_hints(
+                        (img_rel_rows, h),
+                        &format!("image_rel_pos_table_list.{l}.weight"),
+                        rel_init,
+                    )
+                })
+                .collect::<Result<_>>()?,
+        };
+        let vd = vb.pp("decoder");
+        let hd = cfg.decoder_heads;
+        let decoder = Decoder {
+            layernorm_embedding: LayerNorm::load(d, eps, vd.pp("layernorm_embedding"))?,
+            embed_positions: vd.get_with_hints(
+                (cfg.max_positions + 2, d),
+                "embed_positions.weight",
+                emb_init,
+            )?,
+            pos_ln: LayerNorm::load(d, eps, vd.pp("pos_ln"))?,
+            self_pos_q_linear: linear(d, d, vd.pp("self_pos_q_linear"))?,
+            self_pos_k_linear: linear(d, d, vd.pp("self_pos_k_linear"))?,
+            cross_pos_q_linear: linear(d, d, vd.pp("cross_pos_q_linear"))?,
+            cross_pos_k_linear: linear(d, d, vd.pp("cross_pos_k_linear"))?,
+            layers: (0..cfg.decoder_layers)
+                .map(|l| {
+                    DecoderLayer::load(
+                        d,
+                        hd,
+                        cfg.decoder_ffn_dim,
+                        sf,
+                        eps,
+                        vd.pp(format!("layers.{l}")),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            layer_norm: LayerNorm::load(d, eps, vd.pp("layer_norm"))?,
+            token_rel_tables: (0..cfg.decoder_layers)
+                .map(|l| {
+                    vd.get_with_hints(
+                        (rel_rows, hd),
+                        &format!("token_rel_pos_table_list.{l}.weight"),
+                        rel_init,
+                    )
+                })
+                .collect::<Result<_>>()?,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            encoder,
+            decoder,
+            device,
+        })
+    }
+
+    /// A model whose weights live in a fresh `VarMap` (trainable), initialised
+    /// deterministically from `seed`.
+    pub fn init_trainable(cfg: &Config, seed: u64, device: &Device) -> Result<(Self, VarMap)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Model::new(cfg, vb)?;
+        reinit_seeded(&varmap, seed)?;
+        Ok((model, varmap))
+    }
+
+    /// A randomly initialised model (deterministic in `seed`) and its weights by name.
+    pub fn random(
+        cfg: &Config,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Self, HashMap<String, Tensor>)> {
+        let (_, varmap) = Model::init_trainable(cfg, seed, device)?;
+        let tensors: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, device);
+        Ok((Model::new(cfg, vb)?, tensors))
+    }
+
+    /// Load `config.json` + `model.safetensors` from a model directory.
+    pub fn load_dir(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        if !dir.is_dir() {
+            bail!("model directory {} does not exist", dir.display());
+        }
+        let cfg = Config::load(&dir.join("config.json"))?;
+        let weights = dir.join("model.safetensors");
+        if !weights.is_file() {
+            bail!("model directory {} has no model.safetensors", dir.display());
+        }
+        let tensors = candle_core::safetensors::load(&weights, device)
+            .with_context(|| format!("cannot read weights {}", weights.display()))?;
+        Model::from_tensors(&cfg, tensors, device)
+            .with_context(|| format!("weights {} do not match config.json", weights.display()))
+    }
+
+    /// Build from named tensors, converting them to f32. Errors name the first missing or
+    /// mis-shaped tensor.
+    pub fn from_tensors(
+        cfg: &Config,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Ok(Model::new(cfg, vb)?)
+    }
+
+    pub fn save_dir(
+        dir: &Path,
+        cfg: &Config,
+        tensors: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        cfg.save(&dir.join("config.json"))?;
+        candle_core::safetensors::save(tensors, dir.join("model.safetensors"))
+            .with_context(|| format!("cannot write weights to {}", dir.display()))
+    }
+
+    pub fn head_scale(&self) -> f64 {
+        (self.cfg.head_dim() as f64 * self.cfg.attn_scale_factor).powf(-0.5)
+    }
+
+    // ---------------------------------------------------------------- encoder pieces
+
+    /// Patch tokens `[b, p, d]` from preprocessed images `[b, 3, s, s]`.
+    pub fn embed_image(&self, images: &Tensor, mode: Mode) -> Result<Tensor> {
+        let e = &self.encoder;
+        let feats = e.image_trunk.features(images)?;
+        let x = e.image_proj.forward(&feats)?;
+        let x = x.broadcast_add(&e.type_embedding.get(1)?)?;
+        let x = e.patch_layernorm_embedding.forward(&x, mode)?;
+        mode.dropout(&x)
+    }
+
+    /// Text tokens `[b, l, d]`; rows at padding are zero.
+    pub fn embed_text(&self, ids: &Tensor, padding: &[Vec<bool>], mode: Mode) -> Result<Tensor> {
+        let e = &self.encoder;
+        let (b, l) = ids.dims2()?;
+        let x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, l, ()))?;
+        let x = x.broadcast_add(&e.type_embedding.get(0)?)?;
+        let x = e.layernorm_embedding.forward(&x, mode)?;
+        let keep: Vec<f32> = padding
+            .iter()
+            .flat_map(|r| r.iter().map(|&p| if p { 0.0 } else { 1.0 }))
+            .collect();
+        let keep = Tensor::from_vec(keep, (b, l, 1), &self.device)?;
+        mode.dropout(&x.broadcast_mul(&keep)?)
+    }
+
+    /// Layer-normed position embeddings for a patch grid and `text_len` tokens.
+    pub fn encoder_positions(&self, text_len: usize, mode: Mode) -> Result<EncoderPositions> {
+        let e = &self.encoder;
+        let ids = position::image_position_ids(
+            self.cfg.grid_side(),
+            self.cfg.image_bucket_size,
+            &self.device,
+        )?;
+        let image = e
+            .image_pos_ln
+            .forward(&e.embed_image_positions.index_select(&ids, 0)?, mode)?;
+        let text = e
+            .pos_ln
+            .forward(&e.embed_positions.narrow(0, 0, text_len)?, mode)?;
+        Ok(EncoderPositions { image, text })
+    }
+
+    /// Biases of every encoder layer (absolute position bias + relative biases).
+    pub fn encoder_biases(&self, pos: &EncoderPositions) -> Result<Vec<EncoderBias>> {
+        let e = &self.encoder;
+        let (h, s) = (self.cfg.encoder_heads, self.head_scale());
+        let pb =
+            |a: &Tensor, b: &Tensor| position_bias(&e.pos_q_linear, &e.pos_k_linear, a, b, h, s);
+        let ii = pb(&pos.image, &pos.image)?;
+        let it = pb(&pos.image, &pos.text)?;
+        let ti = pb(&pos.text, &pos.image)?;
+        let tt = pb(&pos.text, &pos.text)?;
+        let l = pos.text.dim(0)?;
+        let tok = position::token_bucket_matrix(
+            l,
+            self.cfg.token_bucket_size,
+            self.cfg.max_positions,
+            &self.device,
+        )?;
+        let img = position::image_bucket_matrix(
+            self.cfg.grid_side(),
+            self.cfg.image_bucket_size,
+            &self.device,
+        )?;
+        (0..self.cfg.encoder_layers)
+            .map(|layer| {
+                Ok(EncoderBias {
+                    image_image: ii.broadcast_add(&position::relative_bias(
+                        &e.image_rel_tables[layer],
+                        &img,
+                    )?)?,
+                    image_text: it.clone(),
+                    text_image: ti.clone(),
+                    text_text: tt.broadcast_add(&position::relative_bias(
+                        &e.token_rel_tables[layer],
+                        &tok,
+                    )?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Plain full-depth encoder over padded text ids `[b, l]` and images `[b, 3, s, s]`.
+    pub fn encode(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        padding: &[Vec<bool>],
+        mode: Mode,
+    ) -> Result<EncoderOutput> {
+        let (_, l) = ids.dims2()?;
+        let img = self.embed_image(images, mode)?;
+        let txt = self.embed_text(ids, padding, mode)?;
+        let pos = self.encoder_positions(l, mode)?;
+        let biases = self.encoder_biases(&pos)?;
+        let p = img.dim(1)?;
+        let mem_padding: Vec<Vec<bool>> = padding
+            .iter()
+            .map(|r| {
+                std::iter::repeat_n(false, p)
+                    .chain(r.iter().copied())
+                    .collect()
+            })
+            .collect();
+        let key_pad = layers::key_padding_bias(&mem_padding, &self.device)?;
+        let txt_pad = layers::key_padding_bias(padding, &self.device)?;
+        let mut hidden = vec![Tensor::cat(&[&img, &txt], 1)?];
+        let (mut xi, mut xt) = (img, txt);
+        for (layer, bias) in self.encoder.layers.iter().zip(&biases) {
+            match self.cfg.encoder_mode {
+                EncoderMode::Joint => {
+                    let x = Tensor::cat(&[&xi, &xt], 1)?;
+                    let b = bias.joint()?.broadcast_add(&key_pad)?;
+                    let y = layer.forward(&x, None, Some(&b), mode)?;
+                    xi = y.narrow(1, 0, p)?;
+                    xt = y.narrow(1, p, l)?;
+                }
+                EncoderMode::Decomposed => {
+                    xi = layer.forward(&xi, None, Some(&bias.image_image), mode)?;
+                    let b = bias.text_text.broadcast_add(&txt_pad)?;
+                    xt = layer.forward(&xt, None, Some(&b), mode)?;
+                }
+            }
+            hidden.push(Tensor::cat(&[&xi, &xt], 1)?);
+        }
+        let memory = self
+            .encoder
+            .layer_norm
+            .forward(hidden.last().unwrap(), mode)?;
+        Ok(EncoderOutput {
+            memory,
+            padding: mem_padding,
+            positions: pos,
+            hidden,
+        })
+    }
+
+    // ---------------------------------------------------------------- decoder pieces
+
+    /// Decoder input embeddings `[b, t, d]`.
+    pub fn embed_decoder(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let x = self.decoder.layernorm_embedding.forward(&x, mode)?;
+        mode.dropout(&x)
+    }
+
+    /// Layer-normed decoder position embeddings for positions 0..t: `[t, d]`.
+    pub fn decoder_positions(&self, t: usize, mode: Mode) -> Result<Tensor> {
+        let dec = &self.decoder;
+        dec.pos_ln
+            .forward(&dec.embed_positions.narrow(0, 0, t)?, mode)
+    }
+
+    /// Self-attention bias of every decoder layer for positions 0..t: `[1, h, t, t]` each
+    /// (causal mask not included).
+    pub fn decoder_self_biases(&self, pos: &Tensor) -> Result<Vec<Tensor>> {
+        let dec = &self.decoder;
+        let t = pos.dim(0)?;
+        let abs = position_bias(
+            &dec.self_pos_q_linear,
+            &dec.self_pos_k_linear,
+            pos,
+            pos,
+            self.cfg.decoder_heads,
+            self.head_scale(),
+        )?;
+        let tok = position::token_bucket_matrix(
+            t,
+            self.cfg.token_bucket_size,
+            self.cfg.max_positions,
+            &self.device,
+        )?;
+        dec.token_rel_tables
+            .iter()
+            .map(|table| abs.broadcast_add(&position::relative_bias(table, &tok)?))
+            .collect()
+    }
+
+    /// Cross-attention position bias `[1, h, t, n]` (the same for every decoder layer).
+    pub fn decoder_cross_bias(&self, dec_pos: &Tensor, enc_pos: &Tensor) -> Result<Tensor> {
+        let dec = &self.decoder;
+        position_bias(
+            &dec.cross_pos_q_linear,
+            &dec.cross_pos_k_linear,
+            dec_pos,
+            enc_pos,
+            self.cfg.decoder_heads,
+            self.head_scale(),
+        )
+    }
+
+    /// Teacher-forced full-depth decoder. Returns the output of every layer (index 0 =
+    /// embeddings), before the final layer norm.
+    pub fn decode(
+        &self,
+        ids: &Tensor,
+        dec_padding: Option<&[Vec<bool>]>,
+        enc: &EncoderOutput,
+        mode: Mode,
+    ) -> Result<Vec<Tensor>> {
+        let (_, t) = ids.dims2()?;
+        let pos = self.decoder_positions(t, mode)?;
+        let self_biases = self.decoder_self_biases(&pos)?;
+        let mut self_mask = layers::causal_bias(t, &self.device)?;
+        if let Some(pad) = dec_padding {
+            self_mask = self_mask.broadcast_add(&layers::key_padding_bias(pad, &self.device)?)?;
+        }
+        let cross = self
+            .decoder_cross_bias(&pos, &enc.positions.joint()?)?
+            .broadcast_add(&layers::key_padding_bias(&enc.padding, &self.device)?)?;
+        let mut x = self.embed_decoder(ids, mode)?;
+        let mut hidden = vec![x.clone()];
+        for (layer, sb) in self.decoder.layers.iter().zip(&self_biases) {
+            let (k, v) = layer.cross_key_value(&enc.memory)?;
+            let bias = sb.broadcast_add(&self_mask)?;
+            x = layer
+                .forward(&x, None, Some(&bias), (&k, &v), Some(&cross), mode)?
+                .0;
+            hidden.push(x.clone());
+        }
+        Ok(hidden)
+    }
+
+    /// Vocabulary logits from a decoder state: final layer norm, then the tied projection.
+    pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        let x = self.decoder.layer_norm.forward(h, mode)?;
+        x.broadcast_matmul(&self.embed_tokens.t()?)
+    }
+
+    /// Log-probabilities over the vocabulary (differentiable).
+    pub fn log_probs(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        candle_nn::ops::log_softmax(&self.logits(h, mode)?, D::Minus1)
+    }
+}
+
+/// Overwrite every variable with values drawn from a seeded generator, chosen by name:
+/// layer-norm weights and head scales 1, biases 0, everything else N(0, 0.02).
+fn reinit_seeded(varmap: &VarMap, seed: u64) -> Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, 0.02).unwrap();
+    for name in names {
+        let var = &data[name];
+        let shape = var.shape().clone();
+        let n = shape.elem_count();
+        let is_norm = name.contains("layer_norm")
+            || name.contains("layernorm")
+            || name.ends_with("_ln.weight")
+            || name.ends_with("_ln.bias");
+        let values: Vec<f32> = if name.ends_with("c_attn") || (is_norm && name.ends_with(".weight"))
+        {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        };
+        var.set(&Tensor::from_vec(values, shape, var.device())?)?;
+    }
+    Ok(())
+}

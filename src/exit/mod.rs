@@ -1,0 +1,118 @@
+//! Exit policies: after each layer, decide per sample (encoder stream) or per row
+//! (decoder token) whether to stop.
+
+pub mod mue;
+pub mod static_depth;
+
+use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+pub use mue::{DecoderThreshold, MuePolicy};
+pub use static_depth::StaticDepth;
+
+/// The two encoder streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Image,
+    Text,
+}
+
+/// Where an exit decision is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    Encoder(Stream),
+    /// Decoding step `step` (0-based) of at most `max_len` steps. Teacher-forced passes use step 0.
+    Decoder {
+        step: usize,
+        max_len: usize,
+    },
+}
+
+/// What a policy can see about one layer of one row.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LayerSignal {
+    /// Cosine similarity of the layer's output and input (f32, padding excluded).
+    pub similarity: f32,
+    /// Only when the policy asks for intermediate predictions (decoder).
+    pub prediction: Option<Prediction>,
+}
+
+/// Summary of an intermediate output distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    pub top1: u32,
+    /// Entropy of the softmax (nats).
+    pub entropy: f32,
+    /// Top-1 minus top-2 probability.
+    pub margin: f32,
+}
+
+/// Decides, after each layer, whether a stream or a token stops.
+pub trait ExitPolicy: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> String;
+
+    /// Whether decoder layers must produce an output distribution for `Prediction` signals.
+    /// Costly (a full vocabulary projection per executed layer); MuE does not need it.
+    fn needs_predictions(&self) -> bool {
+        false
+    }
+
+    /// `history[i]` is the signal after layer `i + 1`. Called after every layer but the last;
+    /// `true` stops the row with the latest layer's state as its output.
+    fn should_exit(&self, site: Site, history: &[LayerSignal], num_layers: usize) -> bool;
+}
+
+/// Never exits: the full-depth model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FullDepth;
+
+impl ExitPolicy for FullDepth {
+    fn name(&self) -> String {
+        "full".into()
+    }
+    fn should_exit(&self, _: Site, _: &[LayerSignal], _: usize) -> bool {
+        false
+    }
+}
+
+/// Cosine similarity per row between `new` and `old` (`[b, n, d]`), over the tokens whose
+/// `keep` entry is 1 (`[b, n]`, or all tokens when `None`). Computed in f32 and clamped to
+/// [-1, 1] so that a threshold of 1 can never be passed.
+pub fn row_similarity(new: &Tensor, old: &Tensor, keep: Option<&Tensor>) -> Result<Vec<f32>> {
+    let new = new.to_dtype(candle_core::DType::F32)?;
+    let old = old.to_dtype(candle_core::DType::F32)?;
+    let (new, old) = match keep {
+        Some(k) => {
+            let k = k.unsqueeze(D::Minus1)?;
+            (new.broadcast_mul(&k)?, old.broadcast_mul(&k)?)
+        }
+        None => (new, old),
+    };
+    let b = new.dim(0)?;
+    let new = new.reshape((b, ()))?;
+    let old = old.reshape((b, ()))?;
+    let dot = (&new * &old)?.sum(1)?.to_vec1::<f32>()?;
+    let nn = new.sqr()?.sum(1)?.to_vec1::<f32>()?;
+    let no = old.sqr()?.sum(1)?.to_vec1::<f32>()?;
+    Ok(dot
+        .iter()
+        .zip(nn.iter().zip(&no))
+        .map(|(d, (a, b))| {
+            let denom = (a * b).sqrt();
+            if denom > 0.0 {
+                (d / denom).clamp(-1.0, 1.0)
+            } else {
+                0.0
+            }
+        })
+        .collect())
+}
+
+/// Check that a threshold is a usable number.
+pub fn validate_threshold(name: &str, value: f32) -> anyhow::Result<()> {
+    if !value.is_finite() {
+        anyhow::bail!("{name} threshold must be a finite number, got {value}");
+    }
+    Ok(())
+}

@@ -1,0 +1,454 @@
+//! Incremental decoding with one exit per row (sample x beam) per generated token.
+//!
+//! All per-request state lives in `DecoderState`; the model is only read.
+
+use super::cost::{self, Macs};
+use super::encoder::EncoderRun;
+use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Prediction, Site};
+use crate::model::layers::{key_padding_bias, Mode};
+use crate::model::Model;
+use candle_core::{DType, IndexOp, Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// How skipped layers get keys/values for a token that exited early.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvFill {
+    /// Each skipped layer projects the exit state with its own layer norm and K/V weights.
+    #[default]
+    Propagate,
+    /// Skipped layers reuse the exit layer's keys/values.
+    Copy,
+}
+
+impl std::str::FromStr for KvFill {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "propagate" => Ok(KvFill::Propagate),
+            "copy" => Ok(KvFill::Copy),
+            _ => anyhow::bail!("unknown key/value fill policy '{s}' (expected propagate or copy)"),
+        }
+    }
+}
+
+/// Output of one decoding step.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// `[rows, vocab]` logits, f32.
+    pub logits: Tensor,
+    /// Layers run by each row for this token (1..=decoder_layers).
+    pub exit_layer: Vec<usize>,
+}
+
+/// Keys/values and exit bookkeeping of one decoding batch.
+pub struct DecoderState<'a> {
+    model: &'a Model,
+    policy: &'a dyn ExitPolicy,
+    fill: KvFill,
+    max_len: usize,
+    memory: Tensor,
+    mem_mask: Tensor,
+    memory_len: Vec<usize>,
+    /// `[1, h, T, T]` per layer for positions 0..T.
+    self_biases: Vec<Tensor>,
+    /// `[1, h, T, n]`.
+    cross_bias: Tensor,
+    /// Cross keys/values per layer and sample, computed the first time a row of that sample
+    /// reaches the layer.
+    cross_kv: Vec<Vec<Option<(Tensor, Tensor)>>>,
+    /// Self-attention cache per layer: `[rows, h, t, dh]`.
+    cache: Vec<Option<(Tensor, Tensor)>>,
+    /// Sample of each row.
+    pub row_sample: Vec<usize>,
+    /// Tokens fed so far.
+    pub t: usize,
+    /// Work per sample.
+    pub macs: Vec<Macs>,
+}
+
+impl<'a> DecoderState<'a> {
+    /// A state with one row per sample of `enc`, able to run `max_len + 1` steps.
+    pub fn new(
+        model: &'a Model,
+        enc: &EncoderRun,
+        policy: &'a dyn ExitPolicy,
+        fill: KvFill,
+        max_len: usize,
+    ) -> Result<Self> {
+        let mode = Mode::INFER;
+        let steps = max_len + 1;
+        if steps > model.cfg.max_positions {
+            candle_core::bail!(
+                "maximum length {max_len} exceeds the model's {} decoder positions",
+                model.cfg.max_positions
+            );
+        }
+        let pos = model.decoder_positions(steps, mode)?;
+        let b = enc.memory.dim(0)?;
+        let d = model.cfg.d_model as u64;
+        let n = enc.memory.dim(1)? as u64;
+        let mut macs = vec![Macs::default(); b];
+        for m in macs.iter_mut() {
+            m.fixed(
+                cost::position_bias(steps as u64, steps as u64, d)
+                    + cost::position_bias(steps as u64, n, d),
+            );
+        }
+        Ok(Self {
+            model,
+            policy,
+            fill,
+            max_len,
+            memory: enc.memory.clone(),
+            mem_mask: key_padding_bias(&enc.padding, &model.device)?,
+            memory_len: enc.memory_len.clone(),
+            self_biases: model.decoder_self_biases(&pos)?,
+            cross_bias: model.decoder_cross_bias(&pos, &enc.positions.joint()?)?,
+            cross_kv: vec![vec![None; b]; model.cfg.decoder_layers],
+            cache: vec![None; model.cfg.decoder_layers],
+            row_sample: (0..b).collect(),
+            t: 0,
+            macs,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.row_sample.len()
+    }
+
+    /// Keep rows `origins` (in that order, repeats allowed): beam reordering and dropping
+    /// finished rows.
+    pub fn reorder(&mut self, origins: &[usize]) -> Result<()> {
+        let identity =
+            origins.len() == self.rows() && origins.iter().enumerate().all(|(i, &o)| i == o);
+        if identity {
+            return Ok(());
+        }
+        let idx = Tensor::from_vec(
+            origins.iter().map(|&o| o as u32).collect::<Vec<_>>(),
+            origins.len(),
+            &self.model.device,
+        )?;
+        for c in self.cache.iter_mut().flatten() {
+            *c = (c.0.index_select(&idx, 0)?, c.1.index_select(&idx, 0)?);
+        }
+        self.row_sample = origins.iter().map(|&o| self.row_sample[o]).collect();
+        Ok(())
+    }
+
+    fn ensure_cross_kv(&mut self, layer: usize, rows: &[usize]) -> Result<()> {
+        let mut missing: Vec<usize> = rows
+            .iter()
+            .map(|&r| self.row_sample[r])
+            .filter(|&s| self.cross_kv[layer][s].is_none())
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let idx = Tensor::from_vec(
+            missing.iter().map(|&s| s as u32).collect::<Vec<_>>(),
+            missing.len(),
+            &self.model.device,
+        )?;
+        let mem = self.memory.index_select(&idx, 0)?;
+        let (k, v) = self.model.decoder.layers[layer].cross_key_value(&mem)?;
+        let d = self.model.cfg.d_model as u64;
+        for (j, &s) in missing.iter().enumerate() {
+            self.cross_kv[layer][s] = Some((k.narrow(0, j, 1)?, v.narrow(0, j, 1)?));
+            self.macs[s].executed += cost::cross_key_value(self.memory_len[s] as u64, d);
+        }
+        Ok(())
+    }
+
+    /// Cross attention for active rows `rows` with states `x` `[a, 1, d]`; rows of one sample
+    /// are attended together as a sequence of queries over that sample's memory.
+    fn cross(&self, layer: usize, rows: &[usize], x: &Tensor) -> Result<Tensor> {
+        let dl = &self.model.decoder.layers[layer];
+        let mode = Mode::INFER;
+        let bias_t = self.cross_bias.i((.., .., self.t..self.t + 1, ..))?;
+        let mut samples: Vec<usize> = rows.iter().map(|&r| self.row_sample[r]).collect();
+        samples.dedup();
+        let one_run = {
+            let mut s = samples.clone();
+            s.sort_unstable();
+            s.dedup();
+            s.len() == samples.len()
+        };
+        let (a, _, dm) = x.dims3()?;
+        if samples.len() == 1 {
+            let s = samples[0];
+            let (k, v) = self.cross_kv[layer][s].as_ref().unwrap();
+            let bias = bias_t.broadcast_add(&self.mem_mask.narrow(0, s, 1)?)?;
+            let y = dl.cross_block(&x.reshape((1, a, dm))?, (k, v), Some(&bias), mode)?;
+            return y.reshape((a, 1, dm));
+        }
+        // Several samples: one call per contiguous run of rows of the same sample.
+        let mut outs = Vec::new();
+        let mut start = 0;
+        while start < rows.len() {
+            let s = self.row_sample[rows[start]];
+            let mut end = start + 1;
+            while end < rows.len() && self.row_sample[rows[end]] == s {
+                end += 1;
+            }
+            let (k, v) = self.cross_kv[layer][s].as_ref().unwrap();
+            let bias = bias_t.broadcast_add(&self.mem_mask.narrow(0, s, 1)?)?;
+            let xs = x
+                .narrow(0, start, end - start)?
+                .reshape((1, end - start, dm))?;
+            outs.push(dl.cross_block(&xs, (k, v), Some(&bias), mode)?.reshape((
+                end - start,
+                1,
+                dm,
+            ))?);
+            start = end;
+        }
+        let _ = one_run;
+        Tensor::cat(&outs, 0)
+    }
+
+    fn predictions(&self, h: &Tensor) -> Result<Vec<Prediction>> {
+        let logits = self.model.logits(h, Mode::INFER)?.squeeze(1)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        Ok(probs
+            .iter()
+            .map(|p| {
+                let (mut i1, mut p1, mut p2) = (0usize, f32::MIN, f32::MIN);
+                let mut entropy = 0.0f32;
+                for (i, &v) in p.iter().enumerate() {
+                    if v > 0.0 {
+                        entropy -= v * v.ln();
+                    }
+                    if v > p1 {
+                        p2 = p1;
+                        p1 = v;
+                        i1 = i;
+                    } else if v > p2 {
+                        p2 = v;
+                    }
+                }
+                Prediction {
+                    top1: i1 as u32,
+                    entropy,
+                    margin: p1 - p2.max(0.0),
+                }
+            })
+            .collect())
+    }
+
+    /// Feed one token per row at position `self.t`; returns next-token logits.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<StepOutput> {
+        let model = self.model;
+        let mode = Mode::INFER;
+        let rows = self.rows();
+        if tokens.len() != rows {
+            candle_core::bail!("step got {} tokens for {rows} rows", tokens.len());
+        }
+        if self.t > self.max_len {
+            candle_core::bail!("decoder state is full ({} steps)", self.max_len + 1);
+        }
+        let t = self.t;
+        let layers = model.cfg.decoder_layers;
+        let d = model.cfg.d_model as u64;
+        let ffn = model.cfg.decoder_ffn_dim as u64;
+        let vocab = model.cfg.vocab_size as u64;
+        let dev = &model.device;
+        let ids = Tensor::from_vec(tokens.to_vec(), (rows, 1), dev)?;
+        let mut h = model.embed_decoder(&ids, mode)?;
+        let mut active: Vec<usize> = (0..rows).collect();
+        let mut exit_layer = vec![layers; rows];
+        let mut final_state: Vec<Option<Tensor>> = vec![None; rows];
+        // New keys/values per layer: (rows, k, v) pieces.
+        let mut new_kv: Vec<Vec<(Vec<usize>, Tensor, Tensor)>> = vec![Vec::new(); layers];
+        let mut history: Vec<Vec<LayerSignal>> = vec![Vec::new(); rows];
+        let site = Site::Decoder {
+            step: t,
+            max_len: self.max_len,
+        };
+        let needs_pred = self.policy.needs_predictions();
+
+        for l in 0..layers {
+            self.ensure_cross_kv(l, &active)?;
+            let all = active.len() == rows;
+            let idx = if all {
+                None
+            } else {
+                Some(Tensor::from_vec(
+                    active.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                    active.len(),
+                    dev,
+                )?)
+            };
+            let past = match (&self.cache[l], &idx) {
+                (Some((k, v)), None) => Some((k.clone(), v.clone())),
+                (Some((k, v)), Some(i)) => Some((k.index_select(i, 0)?, v.index_select(i, 0)?)),
+                (None, _) => None,
+            };
+            let bias = self.self_biases[l].i((.., .., t..t + 1, 0..t + 1))?;
+            let dl = &model.decoder.layers[l];
+            let (x, (k, v)) =
+                dl.self_block(&h, past.as_ref().map(|(k, v)| (k, v)), Some(&bias), mode)?;
+            let x = self.cross(l, &active, &x)?;
+            let y = dl.ffn_block(&x, mode)?;
+            new_kv[l].push((active.clone(), k, v));
+            for &r in &active {
+                let s = self.row_sample[r];
+                self.macs[s].executed +=
+                    cost::decoder_layer(1, t as u64 + 1, self.memory_len[s] as u64, d, ffn);
+            }
+            if l + 1 == layers {
+                for (j, &r) in active.iter().enumerate() {
+                    final_state[r] = Some(y.narrow(0, j, 1)?);
+                }
+                break;
+            }
+            let sims = row_similarity(&y, &h, None)?;
+            let preds = if needs_pred {
+                for &r in &active {
+                    self.macs[self.row_sample[r]].executed += d * vocab;
+                }
+                Some(self.predictions(&y)?)
+            } else {
+                None
+            };
+            let mut keep = Vec::with_capacity(active.len());
+            for (j, &r) in active.iter().enumerate() {
+                history[r].push(LayerSignal {
+                    similarity: sims[j],
+                    prediction: preds.as_ref().map(|p| p[j]),
+                });
+                if self.policy.should_exit(site, &history[r], layers) {
+                    exit_layer[r] = l + 1;
+                    final_state[r] = Some(y.narrow(0, j, 1)?);
+                } else {
+                    keep.push(j);
+                }
+            }
+            if keep.is_empty() {
+                active.clear();
+                break;
+            }
+            if keep.len() < active.len() {
+                let ki = Tensor::from_vec(
+                    keep.iter().map(|&j| j as u32).collect::<Vec<_>>(),
+                    keep.len(),
+                    dev,
+                )?;
+                h = y.index_select(&ki, 0)?;
+                active = keep.iter().map(|&j| active[j]).collect();
+            } else {
+                h = y;
+            }
+        }
+
+        // Skipped layers still need this token's keys/values for later, deeper tokens.
+        for m in 1..layers {
+            let fill_rows: Vec<usize> = (0..rows).filter(|&r| exit_layer[r] <= m).collect();
+            if fill_rows.is_empty() {
+                continue;
+            }
+            let (k, v) = match self.fill {
+                KvFill::Propagate => {
+                    let parts: Vec<&Tensor> = fill_rows
+                        .iter()
+                        .map(|&r| final_state[r].as_ref().unwrap())
+                        .collect();
+                    let hs = Tensor::cat(&parts, 0)?;
+                    for &r in &fill_rows {
+                        self.macs[self.row_sample[r]].executed += cost::propagate(d);
+                    }
+                    model.decoder.layers[m].self_key_value(&hs, mode)?
+                }
+                KvFill::Copy => {
+                    let mut ks = Vec::new();
+                    let mut vs = Vec::new();
+                    for &r in &fill_rows {
+                        let src = exit_layer[r] - 1;
+                        let (k, v) = row_kv(&new_kv[src], r)?;
+                        ks.push(k);
+                        vs.push(v);
+                    }
+                    (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
+                }
+            };
+            new_kv[m].push((fill_rows, k, v));
+        }
+        for (l, pieces) in new_kv.into_iter().enumerate() {
+            let (k, v) = assemble(pieces, rows, dev)?;
+            self.cache[l] = Some(match self.cache[l].take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            });
+        }
+        let parts: Vec<Tensor> = final_state.into_iter().map(|s| s.unwrap()).collect();
+        let hs = Tensor::cat(&parts, 0)?;
+        let logits = model.logits(&hs, mode)?.squeeze(1)?;
+        for r in 0..rows {
+            let s = self.row_sample[r];
+            self.macs[s].executed += d * vocab;
+            let full_step = layers as u64
+                * cost::decoder_layer(1, t as u64 + 1, self.memory_len[s] as u64, d, ffn)
+                + d * vocab;
+            self.macs[s].full += full_step;
+            if t == 0 {
+                // Full depth computes every layer's cross keys/values once per sample.
+                if r == 0 || self.row_sample[r - 1] != s {
+                    self.macs[s].full +=
+                        layers as u64 * cost::cross_key_value(self.memory_len[s] as u64, d);
+                }
+            }
+        }
+        self.t += 1;
+        Ok(StepOutput {
+            logits: logits.to_dtype(DType::F32)?,
+            exit_layer,
+        })
+    }
+}
+
+fn row_kv(pieces: &[(Vec<usize>, Tensor, Tensor)], r: usize) -> Result<(Tensor, Tensor)> {
+    for (rows, k, v) in pieces {
+        if let Some(j) = rows.iter().position(|&x| x == r) {
+            return Ok((k.narrow(0, j, 1)?, v.narrow(0, j, 1)?));
+        }
+    }
+    candle_core::bail!("no keys/values recorded for row {r}")
+}
+
+/// Put per-row pieces back in row order: `[rows, h, 1, dh]`.
+fn assemble(
+    pieces: Vec<(Vec<usize>, Tensor, Tensor)>,
+    rows: usize,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    if pieces.len() == 1
+        && pieces[0].0.len() == rows
+        && pieces[0].0.iter().enumerate().all(|(i, &r)| i == r)
+    {
+        let (_, k, v) = pieces.into_iter().next().unwrap();
+        return Ok((k, v));
+    }
+    let order: Vec<usize> = pieces
+        .iter()
+        .flat_map(|(r, _, _)| r.iter().copied())
+        .collect();
+    let ks: Vec<&Tensor> = pieces.iter().map(|p| &p.1).collect();
+    let vs: Vec<&Tensor> = pieces.iter().map(|p| &p.2).collect();
+    let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
+    let mut inverse = vec![0u32; rows];
+    for (pos, &r) in order.iter().enumerate() {
+        inverse[r] = pos as u32;
+    }
+    let idx = Tensor::from_vec(inverse, rows, dev)?;
+    Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+}
+
+/// Log-softmax over the last dimension in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
+}

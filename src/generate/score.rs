@@ -1,0 +1,238 @@
+//! Classification by generation: score a fixed set of candidate answers after a prompt in
+//! one teacher-forced decoder pass, with one exit decision per row.
+
+use super::cost::{self, Macs};
+use super::encoder::EncoderRun;
+use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Site};
+use crate::model::layers::{causal_bias, key_padding_bias, Mode};
+use crate::model::Model;
+use candle_core::{DType, IndexOp, Result, Tensor};
+
+/// Scores of the candidates for one sample.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// Log-probability of each candidate (restricted to the candidates' tokens).
+    pub scores: Vec<f32>,
+    pub best: usize,
+    /// Decoder layers run (one exit per row).
+    pub decoder_exit: usize,
+    pub macs: Macs,
+}
+
+/// Score `candidates` (token sequences) after each sample's decoder prefix (`[BOS] + prompt`).
+/// When every candidate is one token, one row per sample suffices; otherwise one row per
+/// sample and candidate.
+pub fn score_candidates(
+    model: &Model,
+    enc: &EncoderRun,
+    prefixes: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+    policy: &dyn ExitPolicy,
+) -> Result<Vec<Scored>> {
+    let b = enc.memory.dim(0)?;
+    if prefixes.len() != b {
+        candle_core::bail!("{} decoder prefixes for {b} samples", prefixes.len());
+    }
+    if candidates.is_empty() || candidates.iter().any(|c| c.is_empty()) {
+        candle_core::bail!("candidate answers must be non-empty");
+    }
+    let single = candidates.iter().all(|c| c.len() == 1);
+    // Rows: (sample, candidate or None, input ids, scored positions).
+    let mut rows: Vec<(usize, Option<usize>, Vec<u32>, Vec<usize>)> = Vec::new();
+    for (s, p) in prefixes.iter().enumerate() {
+        if single {
+            rows.push((s, None, p.clone(), vec![p.len() - 1]));
+        } else {
+            for (c, cand) in candidates.iter().enumerate() {
+                let mut ids = p.clone();
+                ids.extend_from_slice(&cand[..cand.len() - 1]);
+                let scored = (p.len() - 1..p.len() - 1 + cand.len()).collect();
+                rows.push((s, Some(c), ids, scored));
+            }
+        }
+    }
+    let (states, exits, macs) = run_rows(model, enc, &rows, policy)?;
+    let mut out: Vec<Scored> = (0..b)
+        .map(|_| Scored {
+            scores: vec![0.0; candidates.len()],
+            best: 0,
+            decoder_exit: 0,
+            macs: enc.macs[0],
+        })
+        .collect();
+    for (s, o) in out.iter_mut().enumerate() {
+        o.macs = enc.macs[s];
+        o.macs += macs[s];
+    }
+    let mode = Mode::INFER;
+    for (r, (s, cand, _, scored)) in rows.iter().enumerate() {
+        let h = states[r].i((.., scored[0]..scored[0] + scored.len(), ..))?;
+        let logits = model.logits(&h, mode)?.squeeze(0)?.to_dtype(DType::F32)?; // [k, V]
+        let lg = logits.to_vec2::<f32>()?;
+        out[*s].decoder_exit = out[*s].decoder_exit.max(exits[r]);
+        match cand {
+            None => {
+                let allowed: Vec<f32> = candidates.iter().map(|c| lg[0][c[0] as usize]).collect();
+                let lse = log_sum_exp(&allowed);
+                out[*s].scores = allowed.iter().map(|v| v - lse).collect();
+            }
+            Some(c) => {
+                // At each position only tokens continuing some candidate's shared prefix count.
+                let cand_toks = &candidates[*c];
+                let mut total = 0.0;
+                for (j, &tok) in cand_toks.iter().enumerate() {
+                    let mut allowed: Vec<u32> = candidates
+                        .iter()
+                        .filter(|o| o.len() > j && o[..j] == cand_toks[..j])
+                        .map(|o| o[j])
+                        .collect();
+                    allowed.sort_unstable();
+                    allowed.dedup();
+                    let vals: Vec<f32> = allowed.iter().map(|&t| lg[j][t as usize]).collect();
+                    total += lg[j][tok as usize] - log_sum_exp(&vals);
+                }
+                out[*s].scores[*c] = total;
+            }
+        }
+    }
+    for o in out.iter_mut() {
+        o.best = o
+            .scores
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+            )
+            .0;
+    }
+    // Candidate logits: one vocabulary projection per scored position.
+    let vocab = model.cfg.vocab_size as u64;
+    let d = model.cfg.d_model as u64;
+    for (s, _, _, scored) in &rows {
+        out[*s].macs.fixed(scored.len() as u64 * d * vocab);
+    }
+    Ok(out)
+}
+
+fn log_sum_exp(v: &[f32]) -> f32 {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    m + v.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+}
+
+type RowSpec = (usize, Option<usize>, Vec<u32>, Vec<usize>);
+
+/// Teacher-forced decoder over rows with exits. Returns each row's final state `[1, t, d]`
+/// (before the final layer norm), its exit layer, and work per sample.
+fn run_rows(
+    model: &Model,
+    enc: &EncoderRun,
+    rows: &[RowSpec],
+    policy: &dyn ExitPolicy,
+) -> Result<(Vec<Tensor>, Vec<usize>, Vec<Macs>)> {
+    let mode = Mode::INFER;
+    let dev = &model.device;
+    let cfg = &model.cfg;
+    let layers = cfg.decoder_layers;
+    let n = rows.len();
+    let t = rows.iter().map(|r| r.2.len()).max().unwrap_or(1);
+    if t > cfg.max_positions {
+        candle_core::bail!(
+            "decoder input of {t} tokens exceeds the model's {} positions",
+            cfg.max_positions
+        );
+    }
+    let mut ids = Vec::with_capacity(n * t);
+    let mut pad = Vec::with_capacity(n);
+    let mut keep = Vec::with_capacity(n * t);
+    for (_, _, row_ids, scored) in rows {
+        ids.extend(
+            row_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(cfg.pad_id, t - row_ids.len())),
+        );
+        pad.push((0..t).map(|j| j >= row_ids.len()).collect::<Vec<bool>>());
+        keep.extend((0..t).map(|j| if scored.contains(&j) { 1f32 } else { 0.0 }));
+    }
+    let ids = Tensor::from_vec(ids, (n, t), dev)?;
+    let keep = Tensor::from_vec(keep, (n, t), dev)?;
+    let pos = model.decoder_positions(t, mode)?;
+    let self_biases = model.decoder_self_biases(&pos)?;
+    let causal = causal_bias(t, dev)?;
+    let cross_bias = model.decoder_cross_bias(&pos, &enc.positions.joint()?)?;
+    let sample_idx: Vec<u32> = rows.iter().map(|r| r.0 as u32).collect();
+    let memory = enc
+        .memory
+        .index_select(&Tensor::from_vec(sample_idx, n, dev)?, 0)?;
+    let mem_pad: Vec<Vec<bool>> = rows.iter().map(|r| enc.padding[r.0].clone()).collect();
+
+    let d = cfg.d_model as u64;
+    let ffn = cfg.decoder_ffn_dim as u64;
+    let mut macs = vec![Macs::default(); enc.memory.dim(0)?];
+    let mut x_rows: Vec<Tensor> = {
+        let x = model.embed_decoder(&ids, mode)?;
+        (0..n).map(|r| x.narrow(0, r, 1)).collect::<Result<_>>()?
+    };
+    for (s, _, row_ids, _) in rows.iter() {
+        let (tl, nm) = (row_ids.len() as u64, enc.memory_len[*s] as u64);
+        let per_layer = cost::decoder_layer(tl, tl, nm, d, ffn) + cost::cross_key_value(nm, d);
+        macs[*s].full += per_layer * layers as u64;
+        macs[*s].fixed(cost::position_bias(tl, tl, d) + cost::position_bias(tl, nm, d));
+    }
+    let mut active: Vec<usize> = (0..n).collect();
+    let mut exit = vec![layers; n];
+    let mut history: Vec<Vec<LayerSignal>> = vec![Vec::new(); n];
+    let site = Site::Decoder {
+        step: 0,
+        max_len: t,
+    };
+    for (l, layer) in model.decoder.layers.iter().enumerate() {
+        let idx = Tensor::from_vec(
+            active.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            active.len(),
+            dev,
+        )?;
+        let parts: Vec<&Tensor> = active.iter().map(|&r| &x_rows[r]).collect();
+        let x = Tensor::cat(&parts, 0)?;
+        let pad_a: Vec<Vec<bool>> = active.iter().map(|&r| pad[r].clone()).collect();
+        let mpad_a: Vec<Vec<bool>> = active.iter().map(|&r| mem_pad[r].clone()).collect();
+        let self_bias = self_biases[l]
+            .broadcast_add(&causal)?
+            .broadcast_add(&key_padding_bias(&pad_a, dev)?)?;
+        let cb = cross_bias.broadcast_add(&key_padding_bias(&mpad_a, dev)?)?;
+        let (k, v) = layer.cross_key_value(&memory.index_select(&idx, 0)?)?;
+        let (y, _) = layer.forward(&x, None, Some(&self_bias), (&k, &v), Some(&cb), mode)?;
+        for &r in &active {
+            let (s, tl) = (rows[r].0, rows[r].2.len() as u64);
+            let nm = enc.memory_len[s] as u64;
+            macs[s].executed +=
+                cost::decoder_layer(tl, tl, nm, d, ffn) + cost::cross_key_value(nm, d);
+        }
+        let sims = if l + 1 < layers {
+            row_similarity(&y, &x, Some(&keep.index_select(&idx, 0)?))?
+        } else {
+            vec![0.0; active.len()]
+        };
+        let mut next = Vec::new();
+        for (j, &r) in active.iter().enumerate() {
+            x_rows[r] = y.narrow(0, j, 1)?;
+            if l + 1 < layers {
+                history[r].push(LayerSignal {
+                    similarity: sims[j],
+                    prediction: None,
+                });
+                if policy.should_exit(site, &history[r], layers) {
+                    exit[r] = l + 1;
+                    continue;
+                }
+                next.push(r);
+            }
+        }
+        active = next;
+        if active.is_empty() {
+            break;
+        }
+    }
+    Ok((x_rows, exit, macs))
+}

@@ -1,0 +1,365 @@
+//! Transformer building blocks shared by encoder and decoder (OFA / NormFormer flavour).
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+/// Switches between the fast inference kernels and the differentiable ones.
+/// (candle's fused softmax / layer norm have no backward pass.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    pub train: bool,
+    /// Dropout probability applied in training only.
+    pub dropout: f32,
+}
+
+impl Mode {
+    pub const INFER: Mode = Mode {
+        train: false,
+        dropout: 0.0,
+    };
+
+    pub fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+        if self.train && self.dropout > 0.0 {
+            candle_nn::ops::dropout(x, self.dropout)
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    pub fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        if self.train {
+            candle_nn::ops::softmax(x, D::Minus1)
+        } else {
+            candle_nn::ops::softmax_last_dim(x)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode.train {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
+        }
+    }
+}
+
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let init = candle_nn::Init::Randn {
+        mean: 0.0,
+        stdev: 0.02,
+    };
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let b = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Split `[b, n, h*dh]` into heads `[b, h, n, dh]` (contiguous, ready for matmul).
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    x.reshape((b, n, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Multi-head attention with additive biases and NormFormer per-head scaling (`c_attn`).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub c_attn: Tensor,
+    pub heads: usize,
+    pub head_dim: usize,
+    scaling: f64,
+}
+
+impl Attention {
+    pub fn load(d: usize, heads: usize, scale_factor: f64, vb: VarBuilder) -> Result<Self> {
+        let head_dim = d / heads;
+        Ok(Self {
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            c_attn: vb.get_with_hints(heads, "c_attn", candle_nn::Init::Const(1.0))?,
+            heads,
+            head_dim,
+            scaling: (head_dim as f64 * scale_factor).powf(-0.5),
+        })
+    }
+
+    /// Scaled queries `[b, h, n, dh]`.
+    pub fn query(&self, x: &Tensor) -> Result<Tensor> {
+        split_heads(&(self.q_proj.forward(x)? * self.scaling)?, self.heads)
+    }
+
+    /// Keys and values `[b, h, n, dh]`.
+    pub fn key_value(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let k = split_heads(&self.k_proj.forward(x)?, self.heads)?;
+        let v = split_heads(&self.v_proj.forward(x)?, self.heads)?;
+        Ok((k, v))
+    }
+
+    /// softmax(q k^T + bias) v, head-scaled and projected: `[b, nq, d]`.
+    /// `bias` broadcasts to `[b, h, nq, nk]` and carries masks too.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, h, nq, dh) = q.dims4()?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = mode.softmax(&scores)?;
+        let probs = mode.dropout(&probs)?;
+        let out = probs.matmul(v)?; // [b, h, nq, dh]
+        let out = out.broadcast_mul(&self.c_attn.reshape((1, h, 1, 1))?)?;
+        let out = out.transpose(1, 2)?.reshape((b, nq, h * dh))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+fn ffn(
+    x: &Tensor,
+    norm: &LayerNorm,
+    fc1: &Linear,
+    mid: &LayerNorm,
+    fc2: &Linear,
+    mode: Mode,
+) -> Result<Tensor> {
+    let h = fc1.forward(&norm.forward(x, mode)?)?.gelu_erf()?;
+    let h = mode.dropout(&h)?;
+    let h = fc2.forward(&mid.forward(&h, mode)?)?;
+    mode.dropout(&h)
+}
+
+/// Pre-norm encoder layer with NormFormer extras.
+#[derive(Debug, Clone)]
+pub struct EncoderLayer {
+    pub self_attn_layer_norm: LayerNorm,
+    pub self_attn: Attention,
+    pub self_attn_mid_layer_norm: LayerNorm,
+    pub final_layer_norm: LayerNorm,
+    pub fc1: Linear,
+    pub ffn_layer_norm: LayerNorm,
+    pub fc2: Linear,
+}
+
+impl EncoderLayer {
+    pub fn load(
+        d: usize,
+        heads: usize,
+        ffn_dim: usize,
+        sf: f64,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            self_attn_layer_norm: LayerNorm::load(d, eps, vb.pp("self_attn_layer_norm"))?,
+            self_attn: Attention::load(d, heads, sf, vb.pp("self_attn"))?,
+            self_attn_mid_layer_norm: LayerNorm::load(d, eps, vb.pp("self_attn_mid_layer_norm"))?,
+            final_layer_norm: LayerNorm::load(d, eps, vb.pp("final_layer_norm"))?,
+            fc1: linear(d, ffn_dim, vb.pp("fc1"))?,
+            ffn_layer_norm: LayerNorm::load(ffn_dim, eps, vb.pp("ffn_layer_norm"))?,
+            fc2: linear(ffn_dim, d, vb.pp("fc2"))?,
+        })
+    }
+
+    /// Updates the query tokens `x_q`; keys/values come from `x_kv` (the full sequence the
+    /// queries see; `None` means `x_q` itself). `bias`: `[b|1, h, nq, nk]`, masks included.
+    pub fn forward(
+        &self,
+        x_q: &Tensor,
+        x_kv: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let hq = self.self_attn_layer_norm.forward(x_q, mode)?;
+        let q = self.self_attn.query(&hq)?;
+        let (k, v) = match x_kv {
+            None => self.self_attn.key_value(&hq)?,
+            Some(kv) => self
+                .self_attn
+                .key_value(&self.self_attn_layer_norm.forward(kv, mode)?)?,
+        };
+        let a = self.self_attn.attend(&q, &k, &v, bias, mode)?;
+        let a = mode.dropout(&self.self_attn_mid_layer_norm.forward(&a, mode)?)?;
+        let x = (x_q + a)?;
+        let h = ffn(
+            &x,
+            &self.final_layer_norm,
+            &self.fc1,
+            &self.ffn_layer_norm,
+            &self.fc2,
+            mode,
+        )?;
+        x + h
+    }
+}
+
+/// Pre-norm decoder layer: self-attention, cross-attention, FFN, each with NormFormer extras.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub self_attn_layer_norm: LayerNorm,
+    pub self_attn: Attention,
+    pub self_attn_mid_layer_norm: LayerNorm,
+    pub cross_attn_layer_norm: LayerNorm,
+    pub cross_attn: Attention,
+    pub cross_attn_mid_layer_norm: LayerNorm,
+    pub final_layer_norm: LayerNorm,
+    pub fc1: Linear,
+    pub ffn_layer_norm: LayerNorm,
+    pub fc2: Linear,
+}
+
+impl DecoderLayer {
+    pub fn load(
+        d: usize,
+        heads: usize,
+        ffn_dim: usize,
+        sf: f64,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Ok(Self {
+            self_attn_layer_norm: LayerNorm::load(d, eps, vb.pp("self_attn_layer_norm"))?,
+            self_attn: Attention::load(d, heads, sf, vb.pp("self_attn"))?,
+            self_attn_mid_layer_norm: LayerNorm::load(d, eps, vb.pp("self_attn_mid_layer_norm"))?,
+            cross_attn_layer_norm: LayerNorm::load(d, eps, vb.pp("cross_attn_layer_norm"))?,
+            cross_attn: Attention::load(d, heads, sf, vb.pp("cross_attn"))?,
+            cross_attn_mid_layer_norm: LayerNorm::load(d, eps, vb.pp("cross_attn_mid_layer_norm"))?,
+            final_layer_norm: LayerNorm::load(d, eps, vb.pp("final_layer_norm"))?,
+            fc1: linear(d, ffn_dim, vb.pp("fc1"))?,
+            ffn_layer_norm: LayerNorm::load(ffn_dim, eps, vb.pp("ffn_layer_norm"))?,
+            fc2: linear(ffn_dim, d, vb.pp("fc2"))?,
+        })
+    }
+
+    /// This layer's self-attention keys/values for tokens whose layer input is `x`.
+    /// Also how skipped layers fill their cache from an exit state ("propagate").
+    pub fn self_key_value(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        self.self_attn
+            .key_value(&self.self_attn_layer_norm.forward(x, mode)?)
+    }
+
+    /// Cross-attention keys/values over the encoder memory.
+    pub fn cross_key_value(&self, memory: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.cross_attn.key_value(memory)
+    }
+
+    /// One layer over tokens `x` `[b, n, d]`. `past` holds earlier self-attention keys/values
+    /// (`[b, h, t, dh]`) for incremental decoding. Cross attention uses `cross_kv` with
+    /// `cross_bias`. Returns the output and this layer's keys/values for the new tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        past: Option<(&Tensor, &Tensor)>,
+        self_bias: Option<&Tensor>,
+        cross_kv: (&Tensor, &Tensor),
+        cross_bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (x, kv) = self.self_block(x, past, self_bias, mode)?;
+        let x = self.cross_block(&x, cross_kv, cross_bias, mode)?;
+        Ok((self.ffn_block(&x, mode)?, kv))
+    }
+
+    /// Self-attention sub-block; also returns the new tokens' keys/values.
+    pub fn self_block(
+        &self,
+        x: &Tensor,
+        past: Option<(&Tensor, &Tensor)>,
+        bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let h = self.self_attn_layer_norm.forward(x, mode)?;
+        let q = self.self_attn.query(&h)?;
+        let (k_new, v_new) = self.self_attn.key_value(&h)?;
+        let a = match past {
+            Some((pk, pv)) => {
+                let k = Tensor::cat(&[pk, &k_new], 2)?;
+                let v = Tensor::cat(&[pv, &v_new], 2)?;
+                self.self_attn.attend(&q, &k, &v, bias, mode)?
+            }
+            None => self.self_attn.attend(&q, &k_new, &v_new, bias, mode)?,
+        };
+        let a = mode.dropout(&self.self_attn_mid_layer_norm.forward(&a, mode)?)?;
+        Ok(((x + a)?, (k_new, v_new)))
+    }
+
+    /// Cross-attention sub-block over precomputed memory keys/values.
+    pub fn cross_block(
+        &self,
+        x: &Tensor,
+        kv: (&Tensor, &Tensor),
+        bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let h = self.cross_attn_layer_norm.forward(x, mode)?;
+        let q = self.cross_attn.query(&h)?;
+        let a = self.cross_attn.attend(&q, kv.0, kv.1, bias, mode)?;
+        let a = mode.dropout(&self.cross_attn_mid_layer_norm.forward(&a, mode)?)?;
+        x + a
+    }
+
+    pub fn ffn_block(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let h = ffn(
+            x,
+            &self.final_layer_norm,
+            &self.fc1,
+            &self.ffn_layer_norm,
+            &self.fc2,
+            mode,
+        )?;
+        x + h
+    }
+}
+
+/// Additive key mask `[b, 1, 1, n]`: 0 for real tokens, f32::MIN for padding.
+pub fn key_padding_bias(pad: &[Vec<bool>], device: &candle_core::Device) -> Result<Tensor> {
+    let b = pad.len();
+    let n = pad.first().map_or(0, |r| r.len());
+    let data: Vec<f32> = pad
+        .iter()
+        .flat_map(|r| r.iter().map(|&p| if p { f32::MIN } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (b, 1, 1, n), device)
+}
+
+/// Causal mask `[1, 1, t, t]` (f32::MIN above the diagonal).
+pub fn causal_bias(t: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (1, 1, t, t), device)
+}
+
+pub fn to_f32(x: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::F32)
+}
