@@ -1,5 +1,7 @@
 //! mue: multiple-exiting (MuE) inference for unified vision-language encoder-decoder models.
 
+pub mod data;
+pub mod eval;
 pub mod exit;
 pub mod generate;
 pub mod model;
