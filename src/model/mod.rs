@@ -1,1 +1,2 @@
+pub mod resnet;
 pub mod weights;
