@@ -1,1 +1,2 @@
+pub mod preprocess;
 pub mod tokenizer;

@@ -6,6 +6,8 @@
 pub mod config;
 pub mod layers;
 pub mod position;
+pub mod resnet;
+pub mod weights;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor, D};

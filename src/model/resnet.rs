@@ -1,0 +1,287 @@
+//! OFA's ResNet image trunk: torchvision v1.5 bottleneck ResNet, stem plus
+//! stages 1-3 (no layer4 / pooling / fc), output stride 16, 1024 channels.
+//!
+//! BatchNorm runs in inference mode; at load time each BatchNorm is folded
+//! into the preceding (bias-free) convolution, so the forward pass is only
+//! convolutions, additions and ReLUs.
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// BatchNorm epsilon used by OFA's ResNet (torch default).
+const BN_EPS: f64 = 1e-5;
+
+/// Bottleneck blocks per stage (stages 1-3) for an OFA `resnet_type`.
+pub fn blocks_for(resnet_type: &str) -> Option<[usize; 3]> {
+    match resnet_type {
+        "resnet50" => Some([3, 4, 6]),
+        "resnet101" => Some([3, 4, 23]),
+        "resnet152" => Some([3, 8, 36]),
+        _ => None,
+    }
+}
+
+/// A convolution with a BatchNorm folded in: `y = conv(x, w) + b`.
+#[derive(Debug, Clone)]
+struct ConvBn {
+    /// `[out, in, k, k]` (for `k == 1` stored as `[out, in]` for a matmul).
+    weight: Tensor,
+    /// `[1, out, 1, 1]`.
+    bias: Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl ConvBn {
+    /// Loads `conv_name.weight` (no bias) and the BatchNorm `bn_name.*`
+    /// (`weight`, `bias`, `running_mean`, `running_var`) and folds them:
+    /// `w' = w * g / sqrt(var + eps)`, `b' = beta - mean * g / sqrt(var + eps)`.
+    /// The folding is computed in f64 and rounded once to f32.
+    fn load(
+        vb: &VarBuilder,
+        conv_name: &str,
+        bn_name: &str,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let w = vb
+            .get(
+                (c_out, c_in, kernel, kernel),
+                &format!("{conv_name}.weight"),
+            )?
+            .to_dtype(DType::F64)?;
+        let bn = vb.pp(bn_name);
+        let gamma = bn.get(c_out, "weight")?.to_dtype(DType::F64)?;
+        let beta = bn.get(c_out, "bias")?.to_dtype(DType::F64)?;
+        let mean = bn.get(c_out, "running_mean")?.to_dtype(DType::F64)?;
+        let var = bn.get(c_out, "running_var")?.to_dtype(DType::F64)?;
+        let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
+        let weight = w.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?;
+        let bias = (beta - (mean * &scale)?)?;
+        let weight = if kernel == 1 {
+            weight.reshape((c_out, c_in))?
+        } else {
+            weight
+        };
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32)?.contiguous()?,
+            bias: bias.to_dtype(DType::F32)?.reshape((1, c_out, 1, 1))?,
+            kernel,
+            stride,
+            padding: kernel / 2,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if self.kernel == 1 {
+            // 1x1 convolution as a matrix product over the (subsampled) pixels.
+            let x = if self.stride > 1 {
+                let (_, _, h, w) = x.dims4()?;
+                let rows: Vec<u32> = (0..h).step_by(self.stride).map(|i| i as u32).collect();
+                let cols: Vec<u32> = (0..w).step_by(self.stride).map(|i| i as u32).collect();
+                let rows = Tensor::new(rows.as_slice(), x.device())?;
+                let cols = Tensor::new(cols.as_slice(), x.device())?;
+                x.index_select(&rows, 2)?.index_select(&cols, 3)?
+            } else {
+                x.clone()
+            };
+            let (b, c, h, w) = x.dims4()?;
+            let flat = x.reshape((b, c, h * w))?;
+            self.weight
+                .broadcast_matmul(&flat)?
+                .reshape((b, (), h, w))?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        y.broadcast_add(&self.bias)
+    }
+}
+
+/// torchvision v1.5 bottleneck: 1x1 -> 3x3 (stride here) -> 1x1 (x4), each
+/// followed by BatchNorm; ReLU after the first two and after the residual sum.
+#[derive(Debug, Clone)]
+struct Bottleneck {
+    conv1: ConvBn,
+    conv2: ConvBn,
+    conv3: ConvBn,
+    downsample: Option<ConvBn>,
+}
+
+impl Bottleneck {
+    fn load(vb: &VarBuilder, c_in: usize, width: usize, stride: usize) -> Result<Self> {
+        let c_out = width * 4;
+        let conv1 = ConvBn::load(vb, "conv1", "bn1", c_in, width, 1, 1)?;
+        let conv2 = ConvBn::load(vb, "conv2", "bn2", width, width, 3, stride)?;
+        let conv3 = ConvBn::load(vb, "conv3", "bn3", width, c_out, 1, 1)?;
+        let downsample = if stride != 1 || c_in != c_out {
+            Some(ConvBn::load(
+                vb,
+                "downsample.0",
+                "downsample.1",
+                c_in,
+                c_out,
+                1,
+                stride,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1,
+            conv2,
+            conv3,
+            downsample,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.conv1.forward(x)?.relu()?;
+        let y = self.conv2.forward(&y)?.relu()?;
+        let y = self.conv3.forward(&y)?;
+        let shortcut = match &self.downsample {
+            Some(ds) => ds.forward(x)?,
+            None => x.clone(),
+        };
+        (y + shortcut)?.relu()
+    }
+}
+
+/// OFA's ResNet trunk (weights only, immutable).
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    stem: ConvBn,
+    blocks: Vec<Bottleneck>,
+}
+
+impl ResNet {
+    /// Number of channels of the feature map.
+    pub const OUT_CHANNELS: usize = 1024;
+    /// Ratio of the input side to the feature-map side.
+    pub const OUTPUT_STRIDE: usize = 16;
+
+    /// Loads the trunk from `vb` positioned at the `embed_images` prefix
+    /// (`conv1`, `bn1`, `layer{1,2,3}.{b}.…`), with `blocks` bottlenecks per
+    /// stage (see [`blocks_for`]). Weights are converted to f32 and BatchNorms
+    /// folded into the convolutions.
+    pub fn load(vb: VarBuilder, blocks: [usize; 3]) -> Result<Self> {
+        if blocks.iter().any(|&n| n == 0) {
+            candle_core::bail!("every ResNet stage needs at least one block, got {blocks:?}");
+        }
+        let stem = ConvBn::load(&vb, "conv1", "bn1", 3, 64, 7, 2)?;
+        let mut all = Vec::with_capacity(blocks.iter().sum());
+        let mut c_in = 64;
+        for (s, (&n, width)) in blocks.iter().zip([64usize, 128, 256]).enumerate() {
+            let stage = vb.pp(format!("layer{}", s + 1));
+            for b in 0..n {
+                let stride = if b == 0 && s > 0 { 2 } else { 1 };
+                all.push(Bottleneck::load(&stage.pp(b), c_in, width, stride)?);
+                c_in = width * 4;
+            }
+        }
+        Ok(Self { stem, blocks: all })
+    }
+
+    /// `x`: `[B, 3, H, W]` f32 normalised pixels -> `[B, 1024, H/16, W/16]`
+    /// (exactly torch's sizes for any H, W: conv/pool arithmetic with floor).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let y = self.stem.forward(&x)?.relu()?;
+        // 3x3/2 max pool with padding 1. The input is post-ReLU (>= 0) and
+        // every window holds at least one real value, so zero padding gives
+        // the same maxima as torch's -inf padding.
+        let y = y
+            .pad_with_zeros(D::Minus2, 1, 1)?
+            .pad_with_zeros(D::Minus1, 1, 1)?;
+        let mut y = y.max_pool2d_with_stride(3, 2)?;
+        for block in &self.blocks {
+            y = block.forward(&y)?;
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/ofa-parity"
+        ))
+        .join(name)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn block_counts() {
+        assert_eq!(blocks_for("resnet50"), Some([3, 4, 6]));
+        assert_eq!(blocks_for("resnet101"), Some([3, 4, 23]));
+        assert_eq!(blocks_for("resnet152"), Some([3, 8, 36]));
+        assert_eq!(blocks_for("resnet18"), None);
+    }
+
+    #[test]
+    fn resnet_parity_with_fixture() {
+        let dev = Device::Cpu;
+        let outputs = candle_core::safetensors::load(fixture("outputs.safetensors"), &dev).unwrap();
+        let images = &outputs["patch_images"];
+        let expected = &outputs["image_features"];
+        assert_eq!(expected.dims(), &[2, 1024, 8, 8]);
+
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[fixture("model.safetensors")], DType::F32, &dev)
+                .unwrap()
+        };
+        let resnet = ResNet::load(
+            vb.pp("encoder.embed_images"),
+            blocks_for("resnet50").unwrap(),
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        let got = resnet.forward(images).unwrap();
+        eprintln!("resnet forward [2,3,128,128]: {:?}", t0.elapsed());
+        assert_eq!(got.dims(), expected.dims());
+        let err = max_abs_diff(&got, expected);
+        eprintln!("image_features max abs diff: {err:e}");
+        assert!(err <= 6e-4, "image_features max abs diff {err}");
+
+        // A wrong block count must fail to load (missing layer3.6).
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[fixture("model.safetensors")], DType::F32, &dev)
+                .unwrap()
+        };
+        assert!(ResNet::load(vb.pp("encoder.embed_images"), [3, 4, 23]).is_err());
+    }
+
+    #[test]
+    fn resnet_from_state_dict_single_image() {
+        let dev = Device::Cpu;
+        let outputs = candle_core::safetensors::load(fixture("outputs.safetensors"), &dev).unwrap();
+        let sd = crate::model::weights::load_state_dict(&fixture("pytorch_model.bin")).unwrap();
+        let vb = VarBuilder::from_tensors(sd, DType::F32, &dev);
+        let resnet = ResNet::load(vb.pp("encoder.embed_images"), [3, 4, 6]).unwrap();
+        // Batch of one: row 1 alone must give row 1 of the reference.
+        let img = outputs["patch_images"].narrow(0, 1, 1).unwrap();
+        let got = resnet.forward(&img).unwrap();
+        let expected = outputs["image_features"].narrow(0, 1, 1).unwrap();
+        let err = max_abs_diff(&got, &expected);
+        assert!(err <= 6e-4, "image_features[1] max abs diff {err}");
+    }
+}
