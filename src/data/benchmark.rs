@@ -462,7 +462,12 @@ pub fn captions(scene: &Scene, rng: &mut impl Rng) -> Vec<String> {
         with_article(&Desc::new(Some(o.shape), Some(o.color), None).singular()),
         region(o.cell)
     );
-    caps.push(rel_cap.unwrap_or_else(|| pos_cap.clone()));
+    caps.push(rel_cap.unwrap_or_else(|| {
+        format!(
+            "one {} shape",
+            Desc::new(None, Some(o.color), Some(o.size)).adjectives()
+        )
+    }));
 
     // Counting / colour summary.
     let mut colors: Vec<Color> = scene.objects.iter().map(|o| o.color).collect();
@@ -492,7 +497,8 @@ pub fn captions(scene: &Scene, rng: &mut impl Rng) -> Vec<String> {
         let color_names: Vec<String> = colors.iter().map(|c| c.name().to_string()).collect();
         caps.push(format!("{} shapes on {bg}", join_list(&color_names)));
     }
-    caps.dedup();
+    let mut seen = std::collections::HashSet::new();
+    caps.retain(|c| seen.insert(c.clone()));
     caps
 }
 
@@ -593,6 +599,32 @@ pub struct ImageExample {
 }
 
 /// Finds a hypothesis with the wanted label, preferring hypothesis type `first`.
+/// Chooses the hypothesis type for a wanted label so that, over the dataset, every
+/// type gets each label about equally often (a text-only model that recognises the
+/// type learns nothing). Some (type, label) pairs are impossible in some scenes:
+/// with an occluder counting/attribute hypotheses are never entailed and presence is
+/// never contradicted, so the other scenes make up for it. Returns an index into
+/// `HypType::ALL` (presence, counting, attribute, relation).
+fn pick_type(rng: &mut impl Rng, occluded: bool, want: Label) -> usize {
+    let weights: [u32; 4] = match (occluded, want) {
+        (false, Label::Entailment) => [0, 1, 1, 0],
+        // relations need two objects: tier-0 scenes fall back to presence
+        (true, Label::Entailment) => [1, 0, 0, 2],
+        (_, Label::Neutral) => [1, 1, 1, 1],
+        (false, Label::Contradiction) => [3, 1, 1, 1],
+        (true, Label::Contradiction) => [0, 1, 1, 1],
+    };
+    let total: u32 = weights.iter().sum();
+    let mut r = rng.random_range(0..total);
+    for (i, &w) in weights.iter().enumerate() {
+        if r < w {
+            return i;
+        }
+        r -= w;
+    }
+    unreachable!()
+}
+
 fn hypothesis_with_label(
     rng: &mut impl Rng,
     scene: &Scene,
@@ -601,7 +633,7 @@ fn hypothesis_with_label(
 ) -> Option<HypSpec> {
     for k in 0..HypType::ALL.len() {
         let t = HypType::ALL[(first + k) % HypType::ALL.len()];
-        for _ in 0..80 {
+        for _ in 0..200 {
             let spec = propose(rng, scene, t);
             if label(scene, &spec) == want {
                 return Some(spec);
@@ -632,7 +664,7 @@ pub fn make_image_example(image_id: &str, seed: u64, image_size: u32) -> ImageEx
     };
     let mut ve = Vec::new();
     for (k, &want) in wanted.iter().enumerate() {
-        let first = rng.random_range(0..HypType::ALL.len());
+        let first = pick_type(&mut rng, scene.occluder.is_some(), want);
         if let Some(spec) = hypothesis_with_label(&mut rng, &scene, want, first) {
             let variant = rng.random_range(0..spec.n_templates());
             let premise = captions[rng.random_range(0..captions.len())].clone();
@@ -1161,10 +1193,15 @@ mod tests {
                 assert!(!c.ends_with(['.', '!', '?', ' ']) && !c.is_empty(), "{c:?}");
             }
         }
-        // each hypothesis type occurs with every label
+        // each hypothesis type occurs with every label, roughly equally often
         for t in HypType::ALL {
             let m = &st.label_by_type[t.as_str()];
             assert_eq!(m.len(), 3, "{t:?}: {m:?}");
+            let n: usize = m.values().sum();
+            for (l, &c) in m {
+                let frac = c as f64 / n as f64;
+                assert!((frac - 1.0 / 3.0).abs() < 0.12, "{t:?} {l}: {frac} {m:?}");
+            }
         }
     }
 
@@ -1246,6 +1283,13 @@ mod tests {
             "{}",
             serde_json::to_string_pretty(&summary_stats(&exs)).unwrap()
         );
+        if let Ok(dir) = std::env::var("MUE_DUMP_DIR") {
+            for ex in exs.iter().take(8) {
+                render(&ex.scene)
+                    .save(format!("{dir}/{}.png", ex.image_id))
+                    .unwrap();
+            }
+        }
         for ex in exs.iter().take(3) {
             println!(
                 "--- image {} tier {} occluder {:?}",
