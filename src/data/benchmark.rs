@@ -1261,6 +1261,56 @@ mod tests {
         );
     }
 
+    /// A hypothesis-only model (naive Bayes on word unigrams and bigrams) must stay
+    /// near chance: the label has to come from the image.
+    #[test]
+    fn hypothesis_only_baseline_is_near_chance() {
+        fn feats(h: &str) -> Vec<String> {
+            let w: Vec<&str> = h.split_whitespace().collect();
+            let mut f: Vec<String> = w.iter().map(|s| s.to_string()).collect();
+            f.extend(w.windows(2).map(|p| format!("{} {}", p[0], p[1])));
+            f
+        }
+        let mut counts: BTreeMap<(String, Label), f64> = BTreeMap::new();
+        let mut totals: BTreeMap<Label, f64> = BTreeMap::new();
+        let mut prior: BTreeMap<Label, f64> = BTreeMap::new();
+        let mut vocab = std::collections::HashSet::new();
+        for ex in split_examples(3, Split::Train, 1500, 64) {
+            for v in &ex.ve {
+                *prior.entry(v.label).or_default() += 1.0;
+                for f in feats(&v.hypothesis) {
+                    *counts.entry((f.clone(), v.label)).or_default() += 1.0;
+                    *totals.entry(v.label).or_default() += 1.0;
+                    vocab.insert(f);
+                }
+            }
+        }
+        let v = vocab.len() as f64;
+        let (mut correct, mut n) = (0usize, 0usize);
+        for ex in split_examples(3, Split::Test, 400, 64) {
+            for ve in &ex.ve {
+                let best = Label::ALL
+                    .iter()
+                    .map(|&l| {
+                        let mut lp = prior[&l].ln();
+                        for f in feats(&ve.hypothesis) {
+                            let c = counts.get(&(f, l)).copied().unwrap_or(0.0);
+                            lp += ((c + 1.0) / (totals[&l] + v)).ln();
+                        }
+                        (lp, l)
+                    })
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .unwrap()
+                    .1;
+                correct += (best == ve.label) as usize;
+                n += 1;
+            }
+        }
+        let acc = correct as f64 / n as f64;
+        println!("hypothesis-only naive Bayes accuracy: {acc:.3} on {n}");
+        assert!(acc < 0.45, "hypothesis-only accuracy {acc}");
+    }
+
     #[test]
     fn splits_use_disjoint_seeds() {
         let mut seen = std::collections::HashSet::new();
