@@ -8,8 +8,10 @@ pub mod tokenizer;
 pub mod tsv;
 
 pub use benchmark::{
-    generate, label, summary_stats, GenerateOptions, GenerateReport, HypSpec, HypType, ImageExample, Label,
-    SummaryStats,
+    generate, label, summary_stats, GenerateOptions, GenerateReport, HypSpec, HypType,
+    ImageExample, Label, SummaryStats,
 };
 pub use scene::{render, Scene};
-pub use tsv::{decode_base64_image, CaptionReader, CaptionRow, ImageLimits, TsvError, VeReader, VeRow};
+pub use tsv::{
+    decode_base64_image, CaptionReader, CaptionRow, ImageLimits, TsvError, VeReader, VeRow,
+};
