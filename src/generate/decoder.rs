@@ -87,13 +87,10 @@ impl<'a> DecoderState<'a> {
         let pos = model.decoder_positions(steps, mode)?;
         let b = enc.memory.dim(0)?;
         let d = model.cfg.d_model as u64;
-        let n = enc.memory.dim(1)? as u64;
         let mut macs = vec![Macs::default(); b];
-        for m in macs.iter_mut() {
-            m.fixed(
-                cost::position_bias(steps as u64, steps as u64, d)
-                    + cost::position_bias(steps as u64, n, d),
-            );
+        for (m, &n) in macs.iter_mut().zip(&enc.memory_len) {
+            let (t, n) = (steps as u64, n as u64);
+            m.fixed(cost::position_bias(t, t, d) + cost::position_bias(t, n, d));
         }
         Ok(Self {
             model,
@@ -111,6 +108,11 @@ impl<'a> DecoderState<'a> {
             t: 0,
             macs,
         })
+    }
+
+    /// Self-attention keys/values of `layer` so far: `[rows, h, t, dh]` each.
+    pub fn cache(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.cache[layer].as_ref()
     }
 
     pub fn rows(&self) -> usize {
@@ -171,12 +173,6 @@ impl<'a> DecoderState<'a> {
         let bias_t = self.cross_bias.i((.., .., self.t..self.t + 1, ..))?;
         let mut samples: Vec<usize> = rows.iter().map(|&r| self.row_sample[r]).collect();
         samples.dedup();
-        let one_run = {
-            let mut s = samples.clone();
-            s.sort_unstable();
-            s.dedup();
-            s.len() == samples.len()
-        };
         let (a, _, dm) = x.dims3()?;
         if samples.len() == 1 {
             let s = samples[0];
@@ -206,7 +202,6 @@ impl<'a> DecoderState<'a> {
             ))?);
             start = end;
         }
-        let _ = one_run;
         Tensor::cat(&outs, 0)
     }
 

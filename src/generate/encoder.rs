@@ -17,6 +17,9 @@ pub struct EncoderRun {
     /// Layers run by each sample's image / text stream (1..=encoder_layers).
     pub image_exit: Vec<usize>,
     pub text_exit: Vec<usize>,
+    /// Similarity after each layer run, per sample (image / text stream).
+    pub image_similarity: Vec<Vec<f32>>,
+    pub text_similarity: Vec<Vec<f32>>,
     pub macs: Vec<Macs>,
     /// Real (unpadded) memory length of each sample.
     pub memory_len: Vec<usize>,
@@ -258,6 +261,16 @@ pub fn run_encoder(
         memory,
         padding: mem_padding,
         positions: pos,
+        image_similarity: si
+            .history
+            .iter()
+            .map(|h| h.iter().map(|x| x.similarity).collect())
+            .collect(),
+        text_similarity: st
+            .history
+            .iter()
+            .map(|h| h.iter().map(|x| x.similarity).collect())
+            .collect(),
         image_exit: si.exit,
         text_exit: st.exit,
         macs,

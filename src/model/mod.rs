@@ -22,6 +22,7 @@ use layers::{linear, split_heads, DecoderLayer, EncoderLayer, LayerNorm, Mode};
 #[derive(Debug, Clone)]
 pub enum ImageTrunk {
     Patch(usize),
+    Resnet(resnet::ResNet),
 }
 
 impl ImageTrunk {
@@ -35,6 +36,11 @@ impl ImageTrunk {
                     .reshape((b, c, gh, *p, gw, *p))?
                     .permute((0, 2, 4, 1, 3, 5))?
                     .reshape((b, gh * gw, c * p * p))
+            }
+            ImageTrunk::Resnet(net) => {
+                let f = net.forward(images)?; // [b, 1024, h, w]
+                let (b, c, h, w) = f.dims4()?;
+                f.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
             }
         }
     }
@@ -157,8 +163,8 @@ impl Model {
         let ve = vb.pp("encoder");
         let image_trunk = match &cfg.image_embedder {
             ImageEmbedder::Patch { patch } => ImageTrunk::Patch(*patch),
-            ImageEmbedder::Resnet { .. } => {
-                candle_core::bail!("the ResNet image embedder is not available in this build")
+            ImageEmbedder::Resnet { blocks } => {
+                ImageTrunk::Resnet(resnet::ResNet::load(ve.pp("embed_images"), *blocks)?)
             }
         };
         let n_img_pos = cfg.image_bucket_size * cfg.image_bucket_size + 1;
