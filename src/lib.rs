@@ -1,7 +1,9 @@
 //! mue: multiple-exiting (MuE) inference for unified vision-language encoder-decoder models.
 
+pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod exit;
 pub mod generate;
 pub mod model;
+pub mod pipeline;

@@ -1,1 +1,83 @@
-fn main() {}
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use mue::cli;
+
+#[derive(Parser)]
+#[command(
+    name = "mue",
+    version,
+    about = "Multiple-exiting (MuE) inference for vision-language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the shipped model on example images, MuE beside full depth.
+    Demo(cli::demo::DemoArgs),
+    /// Caption an image or answer an entailment question with early exits.
+    Run(cli::run::RunArgs),
+    /// Benchmark data.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Generate the procedural benchmark (OFA-style TSV files).
+    Generate(GenerateArgs),
+    /// Write example images and hypotheses for the demo.
+    Examples {
+        #[arg(long, default_value_os_t = cli::demo::examples_dir())]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 4)]
+        n: usize,
+        #[arg(long, default_value_t = 64)]
+        image_size: u32,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long, default_value = "data/bench")]
+    out: std::path::PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 5000)]
+    train: usize,
+    #[arg(long, default_value_t = 200)]
+    valid: usize,
+    #[arg(long, default_value_t = 200)]
+    test: usize,
+    #[arg(long, default_value_t = 64)]
+    image_size: u32,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Demo(a) => cli::demo::main(a),
+        Command::Run(a) => cli::run::main(a),
+        Command::Data(DataCommand::Generate(a)) => {
+            let opts = mue::data::GenerateOptions {
+                out_dir: a.out,
+                seed: a.seed,
+                n_train: a.train,
+                n_val: a.valid,
+                n_test: a.test,
+                image_size: a.image_size,
+            };
+            let report = mue::data::generate(&opts)?;
+            println!("{}", serde_json::to_string_pretty(&report.stats)?);
+            Ok(())
+        }
+        Command::Data(DataCommand::Examples { out, n, image_size }) => {
+            cli::demo::write_examples(&out, n, image_size)
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! `mue demo`: the default model on the shipped example images, MuE beside full depth.
+
+use super::{run, ExitArgs, Task, TaskThresholds};
+use crate::data::benchmark::{make_image_example, split_examples, Split};
+use crate::data::preprocess::load_image;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::{Config, EncoderMode, ImageEmbedder, Model};
+use crate::pipeline::Engine;
+use anyhow::{Context, Result};
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One shipped example: an image and a hypothesis with its label.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Example {
+    pub image: String,
+    pub hypothesis: String,
+    pub label: String,
+    pub captions: Vec<String>,
+}
+
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+/// Write `n` benchmark test-split examples (PNG + examples.json) to `dir`.
+pub fn write_examples(dir: &Path, n: usize, image_size: u32) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut list = Vec::new();
+    for (i, ex) in split_examples(0, Split::Test, n, image_size).enumerate() {
+        let name = format!("example_{i}.png");
+        crate::data::render(&ex.scene)
+            .save(dir.join(&name))
+            .with_context(|| format!("cannot write {name}"))?;
+        let ve = &ex.ve[i % ex.ve.len()];
+        list.push(Example {
+            image: name,
+            hypothesis: ve.hypothesis.clone(),
+            label: ve.label.as_str().to_string(),
+            captions: ex.captions.clone(),
+        });
+    }
+    std::fs::write(
+        dir.join("examples.json"),
+        serde_json::to_string_pretty(&list)? + "\n",
+    )?;
+    Ok(())
+}
+
+/// A random model with a tokenizer trained on benchmark text: what the demo runs when no
+/// trained model is present.
+pub fn random_engine(seed: u64) -> Result<Engine> {
+    let texts: Vec<String> = (0..200u64)
+        .flat_map(|i| {
+            let ex = make_image_example("demo", i, 64);
+            let mut t = ex.captions.clone();
+            t.extend(ex.ve.iter().map(|v| v.hypothesis.clone()));
+            t
+        })
+        .chain([
+            crate::data::tokenizer::CAPTION_PROMPT.to_string(),
+            " does the image describe \" a \"? yes no maybe".to_string(),
+        ])
+        .collect();
+    let tokenizer = Tokenizer::train(texts.into_iter(), 400)?;
+    let cfg = Config {
+        vocab_size: tokenizer.vocab_size(),
+        d_model: 128,
+        encoder_layers: 6,
+        decoder_layers: 6,
+        encoder_heads: 4,
+        decoder_heads: 4,
+        encoder_ffn_dim: 512,
+        decoder_ffn_dim: 512,
+        max_positions: 256,
+        token_bucket_size: 64,
+        image_bucket_size: 42,
+        attn_scale_factor: 2.0,
+        layer_norm_eps: 1e-5,
+        image_size: 64,
+        image_embedder: ImageEmbedder::Patch { patch: 8 },
+        encoder_mode: EncoderMode::Decomposed,
+        bos_id: 0,
+        pad_id: 1,
+        eos_id: 2,
+    };
+    let (model, _) = Model::random(&cfg, seed, &candle_core::Device::Cpu)?;
+    Engine::new(model, tokenizer, Path::new("<random>"))
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Model directory; defaults to the shipped model.
+    #[arg(long, default_value_os_t = super::default_model_dir())]
+    pub model: PathBuf,
+    /// Number of examples to run.
+    #[arg(long, default_value_t = 3)]
+    pub examples: usize,
+    #[command(flatten)]
+    pub exits: ExitArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main(args: DemoArgs) -> Result<()> {
+    let (engine, thresholds) = if args.model.join("config.json").is_file() {
+        (
+            Engine::load(&args.model)?,
+            TaskThresholds::for_model(&args.model)?,
+        )
+    } else {
+        eprintln!(
+            "note: no trained model at {}; running a RANDOM model (predictions are meaningless, exits and costs are real)",
+            args.model.display()
+        );
+        (random_engine(0)?, TaskThresholds::default())
+    };
+    let dir = examples_dir();
+    let list: Vec<Example> = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("examples.json"))
+            .context("the examples/ folder is missing examples.json")?,
+    )?;
+    let mut outputs = Vec::new();
+    for ex in list.iter().take(args.examples) {
+        let image = DynamicImage::ImageRgb8(load_image(dir.join(&ex.image))?);
+        for task in [Task::Caption, Task::Entail] {
+            let run_args = run::RunArgs {
+                model: args.model.clone(),
+                image: dir.join(&ex.image),
+                task,
+                text: Some(ex.hypothesis.clone()),
+                premise: None,
+                exits: args.exits.clone(),
+                beam: 5,
+                max_len: 16,
+                json: args.json,
+            };
+            let policy = args.exits.policy(thresholds.get(task))?;
+            let out = run::execute(&engine, &run_args, image.clone(), &policy)?;
+            if args.json {
+                outputs.push(serde_json::json!({"image": ex.image, "task": task, "result": out}));
+            } else {
+                match task {
+                    Task::Caption => {
+                        println!("== {} (reference: \"{}\")", ex.image, ex.captions[0]);
+                        println!("-- caption");
+                    }
+                    Task::Entail => {
+                        println!("-- entailment: \"{}\" (gold: {})", ex.hypothesis, ex.label)
+                    }
+                }
+                run::print_output(&out);
+            }
+        }
+        if !args.json {
+            println!();
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outputs)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! Command handlers behind the `mue` binary (kept in the library so they can be tested).
+
+pub mod demo;
+pub mod run;
+
+use crate::exit::{DecoderThreshold, MuePolicy};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The model shipped in the repository.
+pub fn default_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("default")
+}
+
+/// The two tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Caption,
+    Entail,
+}
+
+/// Per-task MuE thresholds, as `exits.json` in a model directory stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TaskThresholds {
+    pub caption: MuePolicy,
+    pub entail: MuePolicy,
+}
+
+impl Default for TaskThresholds {
+    /// The paper's published settings: the image stream saturates early on entailment,
+    /// the text prompt on captioning.
+    fn default() -> Self {
+        let c = |i: f32, t: f32, d: f32| MuePolicy {
+            image: i,
+            text: t,
+            decoder: DecoderThreshold::Constant { tau: d },
+        };
+        TaskThresholds {
+            caption: c(0.99, 0.7, 0.9),
+            entail: c(0.7, 0.99, 0.9),
+        }
+    }
+}
+
+impl TaskThresholds {
+    /// `exits.json` of the model directory if present, else the paper's settings.
+    pub fn for_model(dir: &Path) -> Result<Self> {
+        let path = dir.join("exits.json");
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid thresholds file", path.display()))
+    }
+
+    pub fn get(&self, task: Task) -> MuePolicy {
+        match task {
+            Task::Caption => self.caption,
+            Task::Entail => self.entail,
+        }
+    }
+}
+
+/// Exit settings given on the command line, over the model's defaults.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExitArgs {
+    /// Image-stream threshold (cosine similarity; >= 1 never exits, < -1 exits after layer 1).
+    #[arg(long)]
+    pub img_threshold: Option<f32>,
+    /// Text-stream threshold.
+    #[arg(long)]
+    pub text_threshold: Option<f32>,
+    /// Decoder threshold (per generated token).
+    #[arg(long)]
+    pub dec_threshold: Option<f32>,
+    /// Keys/values of skipped decoder layers: propagate or copy.
+    #[arg(long, default_value = "propagate")]
+    pub kv_fill: String,
+}
+
+impl ExitArgs {
+    pub fn policy(&self, base: MuePolicy) -> Result<MuePolicy> {
+        let dec = match self.dec_threshold {
+            Some(t) => DecoderThreshold::Constant { tau: t },
+            None => base.decoder,
+        };
+        let p = MuePolicy::new(
+            self.img_threshold.unwrap_or(base.image),
+            self.text_threshold.unwrap_or(base.text),
+            match dec {
+                DecoderThreshold::Constant { tau } => tau,
+                DecoderThreshold::Calm { tau, .. } => tau,
+            },
+        )?;
+        Ok(MuePolicy { decoder: dec, ..p })
+    }
+}

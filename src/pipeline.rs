@@ -1,0 +1,196 @@
+//! Request-level API: a model directory (weights + tokenizer) answering captioning and
+//! visual-entailment requests on raw images and text, with exits.
+
+use crate::data::preprocess::{check_dimensions, ofa_image_tensor};
+use crate::data::tokenizer::{
+    ofa_caption_postprocess, ofa_ve_normalize, ve_prompt, Tokenizer, VeLabel,
+};
+use crate::data::tokenizer::{CAPTION_PROMPT, VE_ANSWERS, VE_MAX_WORDS};
+use crate::exit::ExitPolicy;
+use crate::generate::{self, Cost, Exits, Input, SearchConfig};
+use crate::model::Model;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Longest accepted request text, in characters (before tokenization).
+pub const MAX_TEXT_CHARS: usize = 4096;
+
+/// A loaded model with its tokenizer. Immutable; share it across threads.
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub dir: PathBuf,
+    answers: Vec<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaptionOutput {
+    pub caption: String,
+    pub tokens: Vec<u32>,
+    pub exits: Exits,
+    pub cost: Cost,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntailOutput {
+    /// entailment / contradiction / neutral
+    pub label: String,
+    pub answer: String,
+    /// Probability of each label in the order yes / no / maybe (restricted to the answers).
+    pub probabilities: [f32; 3],
+    pub exits: Exits,
+    pub cost: Cost,
+}
+
+/// One visual entailment request.
+#[derive(Debug, Clone)]
+pub struct EntailRequest {
+    pub image: DynamicImage,
+    pub hypothesis: String,
+    pub premise: Option<String>,
+}
+
+impl Engine {
+    /// Load `config.json`, `model.safetensors` and `tokenizer.json` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let device = Device::Cpu;
+        let model = Model::load_dir(dir, &device)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .with_context(|| format!("model directory {} needs tokenizer.json", dir.display()))?;
+        Engine::new(model, tokenizer, dir)
+    }
+
+    pub fn new(model: Model, tokenizer: Tokenizer, dir: &Path) -> Result<Self> {
+        if tokenizer.vocab_size() > model.cfg.vocab_size {
+            bail!(
+                "tokenizer has {} tokens but the model's vocabulary has {}",
+                tokenizer.vocab_size(),
+                model.cfg.vocab_size
+            );
+        }
+        let answers = VE_ANSWERS
+            .iter()
+            .map(|a| tokenizer.encode(a))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            model,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            answers,
+        })
+    }
+
+    /// Resize and normalise an image to the model's input.
+    pub fn image_tensor(&self, image: &DynamicImage) -> Result<Tensor> {
+        check_dimensions(image.width(), image.height())?;
+        if image.width() == 0 || image.height() == 0 {
+            bail!("image is empty (0 pixels)");
+        }
+        Ok(ofa_image_tensor(
+            image,
+            self.model.cfg.image_size as u32,
+            &self.model.device,
+        )?)
+    }
+
+    fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        if text.chars().count() > MAX_TEXT_CHARS {
+            bail!("text is too long: more than {MAX_TEXT_CHARS} characters");
+        }
+        let ids = self
+            .tokenizer
+            .encode_limited(text, self.model.cfg.max_text_len())?;
+        Ok(ids)
+    }
+
+    /// Caption each image.
+    pub fn caption(
+        &self,
+        images: &[DynamicImage],
+        policy: &dyn ExitPolicy,
+        search: &SearchConfig,
+    ) -> Result<Vec<CaptionOutput>> {
+        let prompt = self.encode_text(CAPTION_PROMPT)?;
+        let inputs = images
+            .iter()
+            .map(|img| {
+                Ok(Input {
+                    image: self.image_tensor(img)?,
+                    text_ids: prompt.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let results = generate::caption(&self.model, &inputs, policy, search)?;
+        results
+            .into_iter()
+            .map(|r| {
+                let text = self.tokenizer.decode(&r.tokens)?;
+                Ok(CaptionOutput {
+                    caption: ofa_caption_postprocess(&text),
+                    tokens: r.tokens,
+                    exits: r.exits,
+                    cost: r.cost,
+                })
+            })
+            .collect()
+    }
+
+    /// Encoder text and decoder prefix of an entailment request (OFA's prompt; the decoder
+    /// is fed `[BOS] + prompt` and scores the answer).
+    pub fn entail_prompt(
+        &self,
+        hypothesis: &str,
+        premise: Option<&str>,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        let hyp = ofa_ve_normalize(hypothesis, VE_MAX_WORDS);
+        if hyp.trim().is_empty() {
+            bail!("hypothesis is empty");
+        }
+        let prem = premise.map(|p| ofa_ve_normalize(p, VE_MAX_WORDS));
+        let text = ve_prompt(&hyp, prem.as_deref());
+        let ids = self.encode_text(&text)?;
+        let mut prefix = vec![self.model.cfg.bos_id];
+        prefix.extend_from_slice(&ids[1..ids.len() - 1]);
+        Ok((ids, prefix))
+    }
+
+    /// Visual entailment: score " yes" / " no" / " maybe".
+    pub fn entail(
+        &self,
+        requests: &[EntailRequest],
+        policy: &dyn ExitPolicy,
+    ) -> Result<Vec<EntailOutput>> {
+        let mut inputs = Vec::with_capacity(requests.len());
+        let mut prefixes = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let (ids, prefix) = self
+                .entail_prompt(&r.hypothesis, r.premise.as_deref())
+                .with_context(|| format!("request {i}"))?;
+            inputs.push(Input {
+                image: self.image_tensor(&r.image)?,
+                text_ids: ids,
+            });
+            prefixes.push(prefix);
+        }
+        let results = generate::classify(&self.model, &inputs, &prefixes, &self.answers, policy)?;
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                let label =
+                    VeLabel::from_answer(VE_ANSWERS[r.best]).expect("answers map to labels");
+                let p: Vec<f32> = r.scores.iter().map(|s| s.exp()).collect();
+                EntailOutput {
+                    label: label.name().to_string(),
+                    answer: VE_ANSWERS[r.best].trim().to_string(),
+                    probabilities: [p[0], p[1], p[2]],
+                    exits: r.exits,
+                    cost: r.cost,
+                }
+            })
+            .collect())
+    }
+}
