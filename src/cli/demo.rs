@@ -51,6 +51,20 @@ pub fn write_examples(dir: &Path, n: usize, image_size: u32) -> Result<()> {
 /// A random model with a tokenizer trained on benchmark text: what the demo runs when no
 /// trained model is present.
 pub fn random_engine(seed: u64) -> Result<Engine> {
+    let (cfg, tokenizer) = random_parts()?;
+    let (model, _) = Model::random(&cfg, seed, &candle_core::Device::Cpu)?;
+    Engine::new(model, tokenizer, Path::new("<random>"))
+}
+
+/// Write a random model directory (config, weights, tokenizer), for tests and trials.
+pub fn write_random_model(dir: &Path, seed: u64) -> Result<()> {
+    let (cfg, tokenizer) = random_parts()?;
+    let (_, tensors) = Model::random(&cfg, seed, &candle_core::Device::Cpu)?;
+    Model::save_dir(dir, &cfg, &tensors)?;
+    tokenizer.save(dir.join("tokenizer.json"))
+}
+
+fn random_parts() -> Result<(Config, Tokenizer)> {
     let texts: Vec<String> = (0..200u64)
         .flat_map(|i| {
             let ex = make_image_example("demo", i, 64);
@@ -85,8 +99,7 @@ pub fn random_engine(seed: u64) -> Result<Engine> {
         pad_id: 1,
         eos_id: 2,
     };
-    let (model, _) = Model::random(&cfg, seed, &candle_core::Device::Cpu)?;
-    Engine::new(model, tokenizer, Path::new("<random>"))
+    Ok((cfg, tokenizer))
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -1,0 +1,170 @@
+//! The `mue` binary: output on a random model directory, and clear errors on bad input.
+
+use std::path::Path;
+use std::process::Command;
+
+fn mue(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mue"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn example() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/example_0.png")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn run_prints_prediction_exits_and_savings() {
+    let dir = tempfile::tempdir().unwrap();
+    mue::cli::demo::write_random_model(dir.path(), 1).unwrap();
+    let m = dir.path().to_str().unwrap();
+    let img = example();
+    let (ok, out, err) = mue(&[
+        "run",
+        "--model",
+        m,
+        "--image",
+        &img,
+        "--task",
+        "caption",
+        "--json",
+        "--beam",
+        "2",
+        "--max-len",
+        "5",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["mue"]["caption"].is_string());
+    assert!(v["mue"]["cost"]["saved_fraction"].as_f64().unwrap() >= 0.0);
+    assert_eq!(v["full"]["cost"]["saved_fraction"].as_f64().unwrap(), 0.0);
+    let tokens = v["mue"]["exits"]["token_layers"].as_array().unwrap();
+    assert!(!tokens.is_empty() && tokens.len() <= 6);
+
+    let args = [
+        "run",
+        "--model",
+        m,
+        "--image",
+        &img,
+        "--task",
+        "entail",
+        "--text",
+        "there is a red circle",
+    ];
+    let (ok, out, err) = mue(&args);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("answer (MuE)") && out.contains("saved:"),
+        "{out}"
+    );
+    // Same input, same output.
+    assert_eq!(mue(&args).1.lines().next(), out.lines().next());
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    mue::cli::demo::write_random_model(dir.path(), 1).unwrap();
+    let m = dir.path().to_str().unwrap();
+    let img = example();
+    let check = |args: &[&str], want: &str| {
+        let (ok, _, err) = mue(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: expected '{want}' in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    check(
+        &[
+            "run",
+            "--model",
+            m,
+            "--image",
+            "/nonexistent.png",
+            "--task",
+            "caption",
+        ],
+        "/nonexistent.png",
+    );
+    let bad = dir.path().join("bad.png");
+    std::fs::write(&bad, b"not an image at all").unwrap();
+    check(
+        &[
+            "run",
+            "--model",
+            m,
+            "--image",
+            bad.to_str().unwrap(),
+            "--task",
+            "caption",
+        ],
+        "bad.png",
+    );
+    check(
+        &[
+            "run",
+            "--model",
+            m,
+            "--image",
+            &img,
+            "--task",
+            "caption",
+            "--img-threshold",
+            "NaN",
+        ],
+        "image threshold must be a finite number",
+    );
+    check(
+        &["run", "--model", m, "--image", &img, "--task", "entail"],
+        "--text",
+    );
+    check(
+        &[
+            "run", "--model", m, "--image", &img, "--task", "entail", "--text", "   ",
+        ],
+        "hypothesis is empty",
+    );
+    let huge = "word ".repeat(3000);
+    check(
+        &[
+            "run", "--model", m, "--image", &img, "--task", "entail", "--text", &huge,
+        ],
+        "too long",
+    );
+    let empty = tempfile::tempdir().unwrap();
+    check(
+        &[
+            "run",
+            "--model",
+            empty.path().to_str().unwrap(),
+            "--image",
+            &img,
+            "--task",
+            "caption",
+        ],
+        "config.json",
+    );
+    check(
+        &[
+            "run",
+            "--model",
+            m,
+            "--image",
+            &img,
+            "--task",
+            "caption",
+            "--kv-fill",
+            "zero",
+        ],
+        "unknown key/value fill",
+    );
+}
