@@ -3,7 +3,7 @@
 use super::cost::{self, Macs};
 use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Site, Stream};
 use crate::model::layers::{key_padding_bias, Mode};
-use crate::model::{EncoderMode, EncoderPositions, Model};
+use crate::model::{memory_padding, EncoderMode, EncoderPositions, Model};
 use candle_core::{Result, Tensor};
 
 /// Encoder result for a batch, with per-sample exits and costs.
@@ -31,6 +31,10 @@ fn gather(rows: &[Tensor], idx: &[usize]) -> Result<Tensor> {
     }
     let parts: Vec<&Tensor> = idx.iter().map(|&i| &rows[i]).collect();
     Tensor::cat(&parts, 0)
+}
+
+fn select(padding: &[Vec<bool>], idx: &[usize]) -> Vec<Vec<bool>> {
+    idx.iter().map(|&i| padding[i].clone()).collect()
 }
 
 fn keep_mask(padding: &[Vec<bool>], idx: &[usize], dev: &candle_core::Device) -> Result<Tensor> {
@@ -155,7 +159,7 @@ pub fn run_encoder(
                 }
                 if !at.is_empty() {
                     let x = gather(&st.rows, &at)?;
-                    let pad: Vec<Vec<bool>> = at.iter().map(|&i| padding[i].clone()).collect();
+                    let pad = select(padding, &at);
                     let mask = bias
                         .text_text
                         .broadcast_add(&key_padding_bias(&pad, dev)?)?;
@@ -178,14 +182,7 @@ pub fn run_encoder(
                     let xi = gather(&si.rows, &both)?;
                     let xt = gather(&st.rows, &both)?;
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
-                    let pad: Vec<Vec<bool>> = both
-                        .iter()
-                        .map(|&i| {
-                            std::iter::repeat_n(false, p)
-                                .chain(padding[i].iter().copied())
-                                .collect()
-                        })
-                        .collect();
+                    let pad = memory_padding(&select(padding, &both), p);
                     let mask = bias.joint()?.broadcast_add(&key_padding_bias(&pad, dev)?)?;
                     let y = layer.forward(&x, None, Some(&mask), mode)?;
                     let (yi, yt) = (y.narrow(1, 0, p)?, y.narrow(1, p, l)?);
@@ -205,14 +202,7 @@ pub fn run_encoder(
                     let xi = gather(&si.rows, group)?;
                     let xt = gather(&st.rows, group)?;
                     let kv = Tensor::cat(&[&xi, &xt], 1)?;
-                    let pad: Vec<Vec<bool>> = group
-                        .iter()
-                        .map(|&i| {
-                            std::iter::repeat_n(false, p)
-                                .chain(padding[i].iter().copied())
-                                .collect()
-                        })
-                        .collect();
+                    let pad = memory_padding(&select(padding, group), p);
                     let key_mask = key_padding_bias(&pad, dev)?;
                     let (xq, bq) = if image_queries {
                         (&xi, Tensor::cat(&[&bias.image_image, &bias.image_text], 3)?)
@@ -249,14 +239,7 @@ pub fn run_encoder(
         .encoder
         .layer_norm
         .forward(&Tensor::cat(&rows, 0)?, mode)?;
-    let mem_padding = padding
-        .iter()
-        .map(|r| {
-            std::iter::repeat_n(false, p)
-                .chain(r.iter().copied())
-                .collect()
-        })
-        .collect();
+    let mem_padding = memory_padding(padding, p);
     Ok(EncoderRun {
         memory,
         padding: mem_padding,

@@ -46,6 +46,18 @@ impl ImageTrunk {
     }
 }
 
+/// Padding flags of the encoder memory `[image patches; text]`: patches are never padding.
+pub fn memory_padding(text_padding: &[Vec<bool>], patches: usize) -> Vec<Vec<bool>> {
+    text_padding
+        .iter()
+        .map(|r| {
+            std::iter::repeat_n(false, patches)
+                .chain(r.iter().copied())
+                .collect()
+        })
+        .collect()
+}
+
 /// Absolute position bias `<q(Pq), k(Pk)> * s` per head: `[1, h, nq, nk]`.
 fn position_bias(
     q: &Linear,
@@ -448,14 +460,7 @@ impl Model {
         let pos = self.encoder_positions(l, mode)?;
         let biases = self.encoder_biases(&pos)?;
         let p = img.dim(1)?;
-        let mem_padding: Vec<Vec<bool>> = padding
-            .iter()
-            .map(|r| {
-                std::iter::repeat_n(false, p)
-                    .chain(r.iter().copied())
-                    .collect()
-            })
-            .collect();
+        let mem_padding = memory_padding(padding, p);
         let key_pad = layers::key_padding_bias(&mem_padding, &self.device)?;
         let txt_pad = layers::key_padding_bias(padding, &self.device)?;
         let mut hidden = vec![Tensor::cat(&[&img, &txt], 1)?];
