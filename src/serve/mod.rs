@@ -28,7 +28,7 @@ use queue::{Job, JobInput, JobOutput, PushError, Queue};
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -77,6 +77,8 @@ struct AppState {
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
+    /// Inference requests queued or being computed.
+    in_flight: AtomicUsize,
 }
 
 type Shared = Arc<AppState>;
@@ -143,6 +145,7 @@ pub async fn run(
         queue: queue.clone(),
         metrics,
         ready: AtomicBool::new(true),
+        in_flight: AtomicUsize::new(0),
     });
     let app = router(state.clone());
     let st = state.clone();
@@ -235,7 +238,13 @@ async fn readyz(State(st): State<Shared>) -> Response {
 }
 
 async fn metrics_text(State(st): State<Shared>) -> Response {
-    let body = st.metrics.render(st.queue.len(), st.queue.capacity());
+    let mut body = st.metrics.render(st.queue.len(), st.queue.capacity());
+    body.push_str("# HELP mue_requests_in_flight Inference requests queued or computing.\n");
+    body.push_str("# TYPE mue_requests_in_flight gauge\n");
+    body.push_str(&format!(
+        "mue_requests_in_flight {}\n",
+        st.in_flight.load(Ordering::SeqCst)
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -489,7 +498,10 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
             },
         ));
     }
-    let done = match tokio::time::timeout(st.cfg.timeout, rx).await {
+    st.in_flight.fetch_add(1, Ordering::SeqCst);
+    let waited = tokio::time::timeout(st.cfg.timeout, rx).await;
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let done = match waited {
         Err(_) => {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
