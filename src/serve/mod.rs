@@ -446,6 +446,21 @@ fn exits_json(e: &Exits) -> Value {
     })
 }
 
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::SeqCst);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiError> {
     let t0 = Instant::now();
     let f = read_fields(&st, req).await?;
@@ -498,9 +513,11 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
             },
         ));
     }
-    st.in_flight.fetch_add(1, Ordering::SeqCst);
-    let waited = tokio::time::timeout(st.cfg.timeout, rx).await;
-    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let waited = {
+        // Decrements also when the client disconnects and this future is dropped.
+        let _guard = InFlight::enter(&st.in_flight);
+        tokio::time::timeout(st.cfg.timeout, rx).await
+    };
     let done = match waited {
         Err(_) => {
             return Err(ApiError::new(
