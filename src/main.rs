@@ -19,6 +19,8 @@ enum Command {
     Demo(cli::demo::DemoArgs),
     /// Caption an image or answer an entailment question with early exits.
     Run(cli::run::RunArgs),
+    /// Serve the model over HTTP (dynamic batching, per-request exits, metrics, demo page).
+    Serve(cli::serve::ServeArgs),
     /// Benchmark data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -63,6 +65,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Demo(a) => cli::demo::main(a),
         Command::Run(a) => cli::run::main(a),
+        Command::Serve(a) => cli::serve::main(a),
         Command::Data(DataCommand::Generate(a)) => {
             let opts = mue::data::GenerateOptions {
                 out_dir: a.out,
