@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(pick(&s, Objective::Budget(0.8)), Some(2));
         assert_eq!(pick(&s, Objective::Budget(0.6)), Some(3));
         assert_eq!(pick(&s, Objective::Budget(0.5)), Some(6));
-        assert_eq!(pick(&s, Objective::Budget(0.3)), Some(4));
+        assert_eq!(pick(&s, Objective::Budget(0.35)), Some(4));
         assert_eq!(pick(&s, Objective::Budget(0.1)), None);
     }
 
