@@ -1,6 +1,7 @@
 //! Command handlers behind the `mue` binary (kept in the library so they can be tested).
 
 pub mod demo;
+pub mod eval;
 pub mod run;
 pub mod serve;
 

@@ -1,13 +1,21 @@
 //! Exit policies: after each layer, decide per sample (encoder stream) or per row
 //! (decoder token) whether to stop.
 
+pub mod entropy;
+pub mod joint_similarity;
+pub mod margin;
 pub mod mue;
+pub mod patience;
 pub mod static_depth;
 
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+pub use entropy::EntropyPolicy;
+pub use joint_similarity::JointSimilarity;
+pub use margin::MarginPolicy;
 pub use mue::{DecoderThreshold, MuePolicy};
+pub use patience::PatiencePolicy;
 pub use static_depth::StaticDepth;
 
 /// The two encoder streams.

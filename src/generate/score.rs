@@ -3,7 +3,7 @@
 
 use super::cost::{self, Macs};
 use super::encoder::EncoderRun;
-use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Site};
+use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Prediction, Site};
 use crate::model::layers::{causal_bias, key_padding_bias, Mode};
 use crate::model::Model;
 use candle_core::{DType, IndexOp, Result, Tensor};
@@ -120,6 +120,54 @@ fn log_sum_exp(v: &[f32]) -> f32 {
     m + v.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
 }
 
+/// Intermediate prediction of one row (`h`: `[1, t, d]`) over its scored positions, from
+/// the full-vocabulary softmax as in generation. With several scored positions (multi-token
+/// candidates) the row is as uncertain as its least certain position: the largest entropy,
+/// the smallest margin, and the top-1 token of the first scored position.
+fn row_prediction(model: &Model, h: &Tensor, scored: &[usize]) -> Result<Prediction> {
+    let hs = h.i((.., scored[0]..scored[0] + scored.len(), ..))?;
+    let logits = model.logits(&hs, Mode::INFER)?.squeeze(0)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
+    let mut out: Option<Prediction> = None;
+    for p in &probs {
+        let q = summarize(p);
+        out = Some(match out {
+            None => q,
+            Some(o) => Prediction {
+                top1: o.top1,
+                entropy: o.entropy.max(q.entropy),
+                margin: o.margin.min(q.margin),
+            },
+        });
+    }
+    out.ok_or_else(|| candle_core::Error::Msg("row without scored positions".into()))
+}
+
+/// Top-1 token, entropy (nats) and top-1 minus top-2 probability of a distribution.
+fn summarize(p: &[f32]) -> Prediction {
+    let (mut i1, mut p1, mut p2) = (0usize, f32::MIN, f32::MIN);
+    let mut entropy = 0.0f32;
+    for (i, &v) in p.iter().enumerate() {
+        if v > 0.0 {
+            entropy -= v * v.ln();
+        }
+        if v > p1 {
+            p2 = p1;
+            p1 = v;
+            i1 = i;
+        } else if v > p2 {
+            p2 = v;
+        }
+    }
+    Prediction {
+        top1: i1 as u32,
+        entropy,
+        margin: p1 - p2.max(0.0),
+    }
+}
+
 type RowSpec = (usize, Option<usize>, Vec<u32>, Vec<usize>);
 
 /// Teacher-forced decoder over rows with exits. Returns each row's final state `[1, t, d]`
@@ -169,6 +217,7 @@ fn run_rows(
 
     let d = cfg.d_model as u64;
     let ffn = cfg.decoder_ffn_dim as u64;
+    let vocab = cfg.vocab_size as u64;
     let mut macs = vec![Macs::default(); enc.memory.dim(0)?];
     let mut x_rows: Vec<Tensor> = {
         let x = model.embed_decoder(&ids, mode)?;
@@ -214,13 +263,24 @@ fn run_rows(
         } else {
             vec![0.0; active.len()]
         };
+        let preds = if policy.needs_predictions() && l + 1 < layers {
+            let mut p = Vec::with_capacity(active.len());
+            for (j, &r) in active.iter().enumerate() {
+                let scored = &rows[r].3;
+                macs[rows[r].0].executed += scored.len() as u64 * d * vocab;
+                p.push(row_prediction(model, &y.narrow(0, j, 1)?, scored)?);
+            }
+            Some(p)
+        } else {
+            None
+        };
         let mut next = Vec::new();
         for (j, &r) in active.iter().enumerate() {
             x_rows[r] = y.narrow(0, j, 1)?;
             if l + 1 < layers {
                 history[r].push(LayerSignal {
                     similarity: sims[j],
-                    prediction: None,
+                    prediction: preds.as_ref().map(|p| p[j]),
                 });
                 if policy.should_exit(site, &history[r], layers) {
                     exit[r] = l + 1;

@@ -1,0 +1,359 @@
+//! `mue eval`, `mue sweep`, `mue calibrate`: evaluation of exit policies on TSV splits.
+
+use super::{ExitArgs, Task, TaskThresholds};
+use crate::eval::calibrate::{self, Calibration, Objective};
+use crate::eval::eval::{self as ev, Dataset, EvalOptions};
+use crate::eval::sweep::{self, PolicySpec, SweepResult};
+use crate::exit::{
+    EntropyPolicy, ExitPolicy, FullDepth, JointSimilarity, MarginPolicy, PatiencePolicy,
+    StaticDepth,
+};
+use crate::generate::{KvFill, SearchConfig};
+use crate::pipeline::Engine;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// The policies `mue eval` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyKind {
+    /// MuE (thresholds from --img/--text/--dec-threshold over the model's exits.json).
+    Mue,
+    /// One similarity threshold (--threshold) for both streams, --dec-threshold for tokens.
+    Joint,
+    /// DeeBERT: decoder entropy below --threshold.
+    Entropy,
+    /// PABEE: decoder top-1 unchanged for --patience layers.
+    Patience,
+    /// CALM softmax margin above --threshold.
+    Margin,
+    /// Every stream and token stops after --depth layers.
+    Static,
+    Full,
+    /// Per example, the shallowest uniform depth with the full-depth output.
+    Oracle,
+}
+
+/// Options shared by the three commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, default_value_os_t = super::default_model_dir())]
+    pub model: PathBuf,
+    /// OFA TSV split (snli_ve_*.tsv for entail, caption_*.tsv for caption).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum)]
+    pub task: Task,
+    /// Use at most this many examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Requests per engine call.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Beam size for captioning.
+    #[arg(long, default_value_t = 5)]
+    pub beam: usize,
+    #[arg(long, default_value_t = 16)]
+    pub max_len: usize,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl DataArgs {
+    pub fn options(&self, kv_fill: &str) -> Result<EvalOptions> {
+        Ok(EvalOptions {
+            batch: self.batch,
+            search: SearchConfig {
+                beam: self.beam,
+                max_len: self.max_len,
+                kv_fill: kv_fill.parse::<KvFill>()?,
+                ..SearchConfig::default()
+            },
+            progress: !self.quiet,
+        })
+    }
+
+    pub fn load(&self) -> Result<Dataset> {
+        Dataset::load(&self.data, self.task, self.limit)
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, value_enum, default_value = "mue")]
+    pub policy: PolicyKind,
+    /// Threshold of joint / entropy / margin.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    #[arg(long, default_value_t = 2)]
+    pub patience: usize,
+    /// Depth of the static policy.
+    #[arg(long, default_value_t = 4)]
+    pub depth: usize,
+    #[command(flatten)]
+    pub exits: ExitArgs,
+    /// Write the JSON report here (it is always printed).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Policy families to sweep, comma separated (mue,joint,entropy,patience,margin,static,full).
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
+    /// JSON file with the grid: an array of points such as {"policy":"entropy","threshold":0.5}.
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Keys/values of skipped decoder layers: propagate or copy.
+    #[arg(long, default_value = "propagate")]
+    pub kv_fill: String,
+    /// Output folder for sweep_<task>.{csv,json,svg,png}.
+    #[arg(long, default_value = "results/sweep")]
+    pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CalibrateArgs {
+    /// The calibration split and model.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Keep at least this fraction of full-depth quality at the lowest cost (default 0.99).
+    #[arg(long, conflicts_with = "budget")]
+    pub target: Option<f64>,
+    /// Best quality executing at most this fraction of full-depth multiply-adds.
+    #[arg(long)]
+    pub budget: Option<f64>,
+    /// Calibrate from this sweep JSON (of the same split) instead of running a sweep.
+    #[arg(long)]
+    pub sweep: Option<PathBuf>,
+    /// JSON grid file (default: the MuE and joint points of the default grid).
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    #[arg(long, default_value = "propagate")]
+    pub kv_fill: String,
+    /// exits.json to update (default: the model directory's).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also save the sweep run for calibration here (a folder).
+    #[arg(long)]
+    pub sweep_out: Option<PathBuf>,
+}
+
+/// The policy `mue eval` runs (None for the oracle).
+pub fn build_policy(args: &EvalArgs, base: TaskThresholds) -> Result<Option<Box<dyn ExitPolicy>>> {
+    let need = |name: &str| {
+        args.threshold
+            .with_context(|| format!("--policy {name} needs --threshold"))
+    };
+    let mue = args.exits.policy(base.get(args.data.task))?;
+    Ok(Some(match args.policy {
+        PolicyKind::Mue => Box::new(mue),
+        PolicyKind::Joint => Box::new(JointSimilarity {
+            encoder: {
+                let t = need("joint")?;
+                crate::exit::validate_threshold("joint", t)?;
+                t
+            },
+            decoder: mue.decoder,
+        }),
+        PolicyKind::Entropy => Box::new(EntropyPolicy::new(need("entropy")?)?),
+        PolicyKind::Margin => Box::new(MarginPolicy::new(need("margin")?)?),
+        PolicyKind::Patience => Box::new(PatiencePolicy {
+            patience: args.patience,
+        }),
+        PolicyKind::Static => {
+            if args.depth == 0 {
+                bail!("--depth must be at least 1");
+            }
+            Box::new(StaticDepth {
+                image: args.depth,
+                text: args.depth,
+                decoder: args.depth,
+            })
+        }
+        PolicyKind::Full => Box::new(FullDepth),
+        PolicyKind::Oracle => return Ok(None),
+    }))
+}
+
+/// `mue eval` on a loaded engine; returns the JSON report.
+pub fn eval_with(
+    engine: &Engine,
+    args: &EvalArgs,
+    base: TaskThresholds,
+) -> Result<serde_json::Value> {
+    let data = args.data.load()?;
+    let opts = args.data.options(&args.exits.kv_fill)?;
+    let value = match build_policy(args, base)? {
+        Some(p) => serde_json::to_value(ev::evaluate(engine, &data, p.as_ref(), &opts)?)?,
+        None => serde_json::to_value(ev::oracle(engine, &data, &opts)?)?,
+    };
+    if let Some(out) = &args.out {
+        write_json(out, &value)?;
+    }
+    Ok(value)
+}
+
+pub fn eval_main(args: EvalArgs) -> Result<()> {
+    let engine = Engine::load(&args.data.model)?;
+    let base = TaskThresholds::for_model(&args.data.model)?;
+    let v = eval_with(&engine, &args, base)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Read a grid file (a JSON array of policy points).
+pub fn read_grid(path: &Path) -> Result<Vec<PolicySpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a grid file", path.display()))
+}
+
+/// The grid of a sweep: the file if given, else the default grid, restricted to `families`.
+pub fn sweep_grid(
+    engine: &Engine,
+    grid: Option<&Path>,
+    families: &[String],
+) -> Result<Vec<PolicySpec>> {
+    let g = match grid {
+        Some(p) => read_grid(p)?,
+        None => sweep::default_grid(engine.model.cfg.decoder_layers),
+    };
+    for f in families {
+        if !sweep::FAMILIES.contains(&f.as_str()) {
+            bail!(
+                "unknown policy family {f:?}; expected one of {}",
+                sweep::FAMILIES.join(", ")
+            );
+        }
+    }
+    let g: Vec<PolicySpec> = g
+        .into_iter()
+        .filter(|s| families.is_empty() || families.iter().any(|f| f == s.family()))
+        .collect();
+    if g.is_empty() {
+        bail!("the sweep grid is empty");
+    }
+    Ok(g)
+}
+
+/// `mue sweep` on a loaded engine; returns the result and the files written.
+pub fn sweep_with(engine: &Engine, args: &SweepArgs) -> Result<(SweepResult, Vec<PathBuf>)> {
+    let data = args.data.load()?;
+    let opts = args.data.options(&args.kv_fill)?;
+    let grid = sweep_grid(engine, args.grid.as_deref(), &args.policies)?;
+    let result = sweep::sweep(engine, &data, &grid, &opts)?;
+    let files = sweep::write_outputs(&result, &args.out_dir)?;
+    Ok((result, files))
+}
+
+pub fn sweep_main(args: SweepArgs) -> Result<()> {
+    let engine = Engine::load(&args.data.model)?;
+    let (result, files) = sweep_with(&engine, &args)?;
+    println!(
+        "{} points on {} examples; full-depth {} = {:.4}",
+        result.points.len(),
+        result.examples,
+        result.metric,
+        result.full_quality.primary
+    );
+    println!("Pareto frontier (quality vs MAC reduction):");
+    for &i in &result.frontier {
+        let p = &result.points[i];
+        println!(
+            "  {:<9} {:<36} {} {:.4}  MACs -{:.1}%  layers -{:.1}%  wall -{:.1}%",
+            p.family,
+            p.params,
+            result.metric,
+            p.quality,
+            100.0 * p.mac_reduction,
+            100.0 * p.layer_reduction,
+            100.0 * p.wall_reduction
+        );
+    }
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
+/// The objective of `mue calibrate` (default: target 0.99).
+pub fn objective(args: &CalibrateArgs) -> Result<Objective> {
+    let o = match (args.target, args.budget) {
+        (Some(_), Some(_)) => bail!("give either --target or --budget"),
+        (_, Some(b)) => Objective::Budget(b),
+        (t, None) => Objective::Target(t.unwrap_or(0.99)),
+    };
+    o.validate()?;
+    Ok(o)
+}
+
+/// `mue calibrate` on a loaded engine: writes the exits file, returns the calibration.
+pub fn calibrate_with(engine: &Engine, args: &CalibrateArgs) -> Result<Calibration> {
+    let objective = objective(args)?;
+    let result: SweepResult = match &args.sweep {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            let r: SweepResult = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a sweep result", p.display()))?;
+            if r.task != args.data.task {
+                bail!("{} is a sweep of the other task", p.display());
+            }
+            r
+        }
+        None => {
+            let data = args.data.load()?;
+            let opts = args.data.options(&args.kv_fill)?;
+            let fams = ["mue".to_string(), "joint".to_string()];
+            let grid = sweep_grid(engine, args.grid.as_deref(), &fams)?;
+            let r = sweep::sweep(engine, &data, &grid, &opts)?;
+            if let Some(dir) = &args.sweep_out {
+                sweep::write_outputs(&r, dir)?;
+            }
+            r
+        }
+    };
+    let cal = calibrate::calibrate(&result, objective)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.data.model.join("exits.json"));
+    calibrate::write_exits(&out, &cal)?;
+    Ok(cal)
+}
+
+pub fn calibrate_main(args: CalibrateArgs) -> Result<()> {
+    let engine = Engine::load(&args.data.model)?;
+    let cal = calibrate_with(&engine, &args)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.data.model.join("exits.json"));
+    println!(
+        "{:?}: {} {} = {:.4} (full depth {:.4}), MACs -{:.1}%, layers -{:.1}%",
+        cal.objective,
+        cal.point.family,
+        cal.point.params,
+        cal.point.quality,
+        cal.full_quality,
+        100.0 * cal.point.mac_reduction,
+        100.0 * cal.point.layer_reduction
+    );
+    println!("wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! Threshold sweeps: every policy over a grid of its parameters on one split, with the
+//! Pareto frontier of quality against multiply-add reduction, written as CSV and JSON.
+
+use super::eval::{self, primary_metric, report, run, Dataset, EvalOptions, EvalReport, Quality};
+use crate::cli::Task;
+use crate::exit::{
+    EntropyPolicy, ExitPolicy, FullDepth, JointSimilarity, MarginPolicy, MuePolicy, PatiencePolicy,
+    StaticDepth,
+};
+use crate::pipeline::Engine;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// A policy and its parameters, as a sweep grid lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "lowercase")]
+pub enum PolicySpec {
+    Full,
+    Mue { image: f32, text: f32, decoder: f32 },
+    Joint { encoder: f32, decoder: f32 },
+    Entropy { threshold: f32 },
+    Patience { patience: usize },
+    Margin { threshold: f32 },
+    Static { depth: usize },
+}
+
+/// The policy families, in plotting order.
+pub const FAMILIES: [&str; 7] = [
+    "mue", "joint", "entropy", "patience", "margin", "static", "full",
+];
+
+impl PolicySpec {
+    pub fn family(&self) -> &'static str {
+        match self {
+            PolicySpec::Full => "full",
+            PolicySpec::Mue { .. } => "mue",
+            PolicySpec::Joint { .. } => "joint",
+            PolicySpec::Entropy { .. } => "entropy",
+            PolicySpec::Patience { .. } => "patience",
+            PolicySpec::Margin { .. } => "margin",
+            PolicySpec::Static { .. } => "static",
+        }
+    }
+
+    /// Parameters as `key=value` pairs separated by spaces.
+    pub fn params(&self) -> String {
+        match *self {
+            PolicySpec::Full => String::new(),
+            PolicySpec::Mue {
+                image,
+                text,
+                decoder,
+            } => format!("image={image} text={text} decoder={decoder}"),
+            PolicySpec::Joint { encoder, decoder } => {
+                format!("encoder={encoder} decoder={decoder}")
+            }
+            PolicySpec::Entropy { threshold } | PolicySpec::Margin { threshold } => {
+                format!("threshold={threshold}")
+            }
+            PolicySpec::Patience { patience } => format!("patience={patience}"),
+            PolicySpec::Static { depth } => format!("depth={depth}"),
+        }
+    }
+
+    pub fn build(&self) -> Result<Box<dyn ExitPolicy>> {
+        Ok(match *self {
+            PolicySpec::Full => Box::new(FullDepth),
+            PolicySpec::Mue {
+                image,
+                text,
+                decoder,
+            } => Box::new(MuePolicy::new(image, text, decoder)?),
+            PolicySpec::Joint { encoder, decoder } => {
+                Box::new(JointSimilarity::new(encoder, decoder)?)
+            }
+            PolicySpec::Entropy { threshold } => Box::new(EntropyPolicy::new(threshold)?),
+            PolicySpec::Margin { threshold } => Box::new(MarginPolicy::new(threshold)?),
+            PolicySpec::Patience { patience } => Box::new(PatiencePolicy { patience }),
+            PolicySpec::Static { depth } => {
+                if depth == 0 {
+                    bail!("a static depth must be at least 1");
+                }
+                Box::new(StaticDepth {
+                    image: depth,
+                    text: depth,
+                    decoder: depth,
+                })
+            }
+        })
+    }
+
+    /// The MuE thresholds this point stands for (MuE and joint points only).
+    pub fn as_mue(&self) -> Option<MuePolicy> {
+        match *self {
+            PolicySpec::Mue {
+                image,
+                text,
+                decoder,
+            } => MuePolicy::new(image, text, decoder).ok(),
+            PolicySpec::Joint { encoder, decoder } => JointSimilarity::new(encoder, decoder)
+                .ok()
+                .map(|j| j.as_mue()),
+            _ => None,
+        }
+    }
+}
+
+/// Similarity thresholds of the default MuE / joint grids (1.0: never exit).
+pub const SIMILARITY_GRID: [f32; 5] = [0.8, 0.9, 0.95, 0.99, 1.0];
+/// Entropy thresholds (nats, over the full vocabulary).
+pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
+/// Softmax margin thresholds.
+pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
+
+/// The default grid of every policy for a model with `decoder_layers` decoder layers.
+/// Entailment scores answers in a single decoder pass, so its decoder threshold matters
+/// less than its stream thresholds; captioning gets the same grid for simplicity.
+pub fn default_grid(decoder_layers: usize) -> Vec<PolicySpec> {
+    let mut g = vec![PolicySpec::Full];
+    for &image in &SIMILARITY_GRID {
+        for &text in &SIMILARITY_GRID {
+            for &decoder in &[0.9f32, 0.99, 1.0] {
+                g.push(PolicySpec::Mue {
+                    image,
+                    text,
+                    decoder,
+                });
+            }
+        }
+    }
+    for &encoder in &SIMILARITY_GRID {
+        for &decoder in &[0.9f32, 0.99, 1.0] {
+            g.push(PolicySpec::Joint { encoder, decoder });
+        }
+    }
+    g.extend(
+        ENTROPY_GRID
+            .iter()
+            .map(|&threshold| PolicySpec::Entropy { threshold }),
+    );
+    g.extend(
+        (1..decoder_layers.saturating_sub(1).max(2))
+            .map(|patience| PolicySpec::Patience { patience }),
+    );
+    g.extend(
+        MARGIN_GRID
+            .iter()
+            .map(|&threshold| PolicySpec::Margin { threshold }),
+    );
+    g.extend((1..decoder_layers).map(|depth| PolicySpec::Static { depth }));
+    g
+}
+
+/// One evaluated grid point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub spec: PolicySpec,
+    pub family: String,
+    pub params: String,
+    /// Primary quality metric (accuracy or CIDEr-D).
+    pub quality: f64,
+    pub relative_quality: f64,
+    pub layer_reduction: f64,
+    pub mac_reduction: f64,
+    pub wall_reduction: f64,
+    /// On the Pareto frontier of all points (quality vs MAC reduction).
+    pub on_frontier: bool,
+    /// On the Pareto frontier of its own family.
+    pub on_family_frontier: bool,
+    pub report: EvalReport,
+}
+
+/// A whole sweep on one split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepResult {
+    pub task: Task,
+    pub examples: usize,
+    pub metric: String,
+    pub full_quality: Quality,
+    pub points: Vec<SweepPoint>,
+    /// Indices of `points` on the global frontier, by increasing MAC reduction.
+    pub frontier: Vec<usize>,
+}
+
+/// Indices of the Pareto-optimal points of `(quality, reduction)` pairs, both maximised:
+/// no other point is at least as good in both and strictly better in one. Exact duplicates
+/// are all kept. Sorted by increasing reduction (then decreasing quality).
+pub fn pareto_frontier(points: &[(f64, f64)]) -> Vec<usize> {
+    let dominated = |i: usize| {
+        let (qi, ri) = points[i];
+        points
+            .iter()
+            .any(|&(q, r)| q >= qi && r >= ri && (q > qi || r > ri))
+    };
+    let mut idx: Vec<usize> = (0..points.len())
+        .filter(|&i| !points[i].0.is_nan() && !points[i].1.is_nan() && !dominated(i))
+        .collect();
+    idx.sort_by(|&a, &b| {
+        points[a]
+            .1
+            .total_cmp(&points[b].1)
+            .then(points[b].0.total_cmp(&points[a].0))
+    });
+    idx
+}
+
+/// Evaluate every spec of `grid` on `data` (one full-depth reference run first).
+pub fn sweep(
+    engine: &Engine,
+    data: &Dataset,
+    grid: &[PolicySpec],
+    opts: &EvalOptions,
+) -> Result<SweepResult> {
+    if grid.is_empty() {
+        bail!("empty sweep grid");
+    }
+    let policies = grid
+        .iter()
+        .map(|s| s.build().with_context(|| format!("bad grid point {s:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    let full = run(engine, data, &FullDepth, opts)?;
+    let full_quality = eval::quality(data, &full)?;
+    let pb = eval::progress_bar(grid.len(), opts.progress, "sweep");
+    let inner = EvalOptions {
+        progress: false,
+        ..opts.clone()
+    };
+    let mut points = Vec::with_capacity(grid.len());
+    for (spec, policy) in grid.iter().zip(&policies) {
+        pb.set_message(format!("{} {}", spec.family(), spec.params()));
+        let r = run(engine, data, policy.as_ref(), &inner)?;
+        let rep = report(data, &r, &full, full_quality)?;
+        points.push(SweepPoint {
+            spec: *spec,
+            family: spec.family().into(),
+            params: spec.params(),
+            quality: rep.quality.primary,
+            relative_quality: rep.relative_quality,
+            layer_reduction: rep.reduction.layers,
+            mac_reduction: rep.reduction.macs,
+            wall_reduction: rep.reduction.wall,
+            on_frontier: false,
+            on_family_frontier: false,
+            report: rep,
+        });
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(finish(data.task(), data.len(), full_quality, points))
+}
+
+/// Mark the frontiers of evaluated points.
+pub fn finish(
+    task: Task,
+    examples: usize,
+    full_quality: Quality,
+    mut points: Vec<SweepPoint>,
+) -> SweepResult {
+    let pairs: Vec<(f64, f64)> = points
+        .iter()
+        .map(|p| (p.quality, p.mac_reduction))
+        .collect();
+    let frontier = pareto_frontier(&pairs);
+    for &i in &frontier {
+        points[i].on_frontier = true;
+    }
+    for fam in FAMILIES {
+        let members: Vec<usize> = (0..points.len())
+            .filter(|&i| points[i].family == fam)
+            .collect();
+        let sub: Vec<(f64, f64)> = members.iter().map(|&i| pairs[i]).collect();
+        for j in pareto_frontier(&sub) {
+            points[members[j]].on_family_frontier = true;
+        }
+    }
+    SweepResult {
+        task,
+        examples,
+        metric: primary_metric(task).into(),
+        full_quality,
+        points,
+        frontier,
+    }
+}
+
+/// CSV of the sweep, one row per point.
+pub fn to_csv(result: &SweepResult) -> String {
+    let mut s = String::from(
+        "task,family,params,quality,relative_quality,layer_reduction,mac_reduction,\
+         wall_reduction,mean_image_layer,mean_text_layer,mean_token_layer,on_frontier,\
+         on_family_frontier\n",
+    );
+    let task = match result.task {
+        Task::Caption => "caption",
+        Task::Entail => "entail",
+    };
+    for p in &result.points {
+        let e = &p.report.exits;
+        let _ = writeln!(
+            s,
+            "{task},{},\"{}\",{},{},{},{},{},{},{},{},{},{}",
+            p.family,
+            p.params,
+            p.quality,
+            p.relative_quality,
+            p.layer_reduction,
+            p.mac_reduction,
+            p.wall_reduction,
+            e.mean_image_layer,
+            e.mean_text_layer,
+            e.mean_token_layer,
+            p.on_frontier,
+            p.on_family_frontier
+        );
+    }
+    s
+}
+
+/// File stem of a task's outputs: `sweep_caption` / `sweep_entail`.
+pub fn stem(task: Task) -> &'static str {
+    match task {
+        Task::Caption => "sweep_caption",
+        Task::Entail => "sweep_entail",
+    }
+}
+
+/// Write `<stem>.csv`, `<stem>.json` and the plots into `dir`; returns the files written.
+pub fn write_outputs(result: &SweepResult, dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let base = dir.join(stem(result.task));
+    let csv = base.with_extension("csv");
+    std::fs::write(&csv, to_csv(result)).with_context(|| format!("writing {}", csv.display()))?;
+    let json = base.with_extension("json");
+    std::fs::write(&json, serde_json::to_string_pretty(result)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    let mut files = vec![csv, json];
+    files.extend(super::plot::plot_sweep(result, &base)?);
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontier_keeps_exactly_the_undominated_points() {
+        let pts = [
+            (0.90, 0.00), // 0: full depth, best quality
+            (0.85, 0.30), // 1
+            (0.80, 0.30), // 2: dominated by 1
+            (0.70, 0.60), // 3
+            (0.60, 0.50), // 4: dominated by 3
+            (0.90, 0.00), // 5: duplicate of 0, kept
+            (0.20, 0.90), // 6
+            (f64::NAN, 0.95),
+        ];
+        assert_eq!(pareto_frontier(&pts), vec![0, 5, 1, 3, 6]);
+        assert!(pareto_frontier(&[]).is_empty());
+        assert_eq!(pareto_frontier(&[(0.5, 0.5)]), vec![0]);
+        // Same reduction, lower quality: dominated.
+        assert_eq!(pareto_frontier(&[(0.5, 0.5), (0.4, 0.5)]), vec![0]);
+    }
+
+    #[test]
+    fn frontier_brute_force_agrees() {
+        // Pseudo-random points on a coarse grid (many ties).
+        let mut x = 12345u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % 7) as f64 / 6.0
+        };
+        for _ in 0..50 {
+            let pts: Vec<(f64, f64)> = (0..12).map(|_| (next(), next())).collect();
+            let f = pareto_frontier(&pts);
+            for i in 0..pts.len() {
+                let dominated = pts.iter().any(|&(q, r)| {
+                    q >= pts[i].0 && r >= pts[i].1 && (q > pts[i].0 || r > pts[i].1)
+                });
+                assert_eq!(f.contains(&i), !dominated, "point {i} of {pts:?}");
+            }
+            for w in f.windows(2) {
+                assert!(pts[w[0]].1 <= pts[w[1]].1);
+                assert!(pts[w[0]].0 >= pts[w[1]].0);
+            }
+        }
+    }
+
+    #[test]
+    fn specs_build_and_round_trip() {
+        for s in default_grid(6) {
+            let p = s.build().unwrap();
+            let json = serde_json::to_string(&s).unwrap();
+            let back: PolicySpec = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, s);
+            if s.family() != "full" {
+                assert!(
+                    p.name().starts_with(s.family()),
+                    "{} vs {}",
+                    p.name(),
+                    s.family()
+                );
+            }
+        }
+        assert!(PolicySpec::Static { depth: 0 }.build().is_err());
+        assert_eq!(
+            PolicySpec::Joint {
+                encoder: 0.9,
+                decoder: 0.95
+            }
+            .as_mue(),
+            Some(MuePolicy::new(0.9, 0.9, 0.95).unwrap())
+        );
+    }
+}

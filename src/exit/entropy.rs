@@ -1,0 +1,83 @@
+//! DeeBERT: exit a decoder token once the entropy of its intermediate prediction falls
+//! below a threshold. Encoder streams have no prediction head and run at full depth.
+
+use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
+use serde::{Deserialize, Serialize};
+
+/// Exit when `entropy(softmax(intermediate logits)) < threshold` (nats).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EntropyPolicy {
+    pub threshold: f32,
+}
+
+impl EntropyPolicy {
+    pub fn new(threshold: f32) -> anyhow::Result<Self> {
+        validate_threshold("entropy", threshold)?;
+        Ok(Self { threshold })
+    }
+}
+
+impl ExitPolicy for EntropyPolicy {
+    fn name(&self) -> String {
+        "entropy".into()
+    }
+
+    fn needs_predictions(&self) -> bool {
+        true
+    }
+
+    fn should_exit(&self, site: Site, history: &[LayerSignal], _num_layers: usize) -> bool {
+        if !matches!(site, Site::Decoder { .. }) {
+            return false;
+        }
+        match history.last().and_then(|s| s.prediction) {
+            Some(p) => p.entropy < self.threshold,
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{Prediction, Stream};
+
+    fn pred(top1: u32, entropy: f32) -> LayerSignal {
+        LayerSignal {
+            similarity: 0.999,
+            prediction: Some(Prediction {
+                top1,
+                entropy,
+                margin: 0.5,
+            }),
+        }
+    }
+
+    const DEC: Site = Site::Decoder {
+        step: 2,
+        max_len: 16,
+    };
+
+    #[test]
+    fn exits_on_low_entropy_decoder_only() {
+        let p = EntropyPolicy::new(0.5).unwrap();
+        assert!(!p.should_exit(DEC, &[pred(1, 2.0)], 6));
+        assert!(!p.should_exit(DEC, &[pred(1, 2.0), pred(1, 0.5)], 6));
+        assert!(p.should_exit(DEC, &[pred(1, 2.0), pred(1, 0.49)], 6));
+        // Only the latest layer counts.
+        assert!(!p.should_exit(DEC, &[pred(1, 0.1), pred(1, 0.9)], 6));
+        // Encoder streams never exit, whatever the signal.
+        for s in [Stream::Image, Stream::Text] {
+            assert!(!p.should_exit(Site::Encoder(s), &[pred(1, 0.0)], 6));
+        }
+        // No prediction, no exit.
+        let plain = LayerSignal {
+            similarity: 1.0,
+            prediction: None,
+        };
+        assert!(!p.should_exit(DEC, &[plain], 6));
+        assert!(!p.should_exit(DEC, &[], 6));
+        assert!(p.needs_predictions());
+        assert!(EntropyPolicy::new(f32::NAN).is_err());
+    }
+}

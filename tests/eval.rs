@@ -1,0 +1,446 @@
+//! Evaluation, sweeps, calibration and the prediction-based policies on the random engine
+//! and a few generated benchmark examples.
+
+use mue::cli::demo::random_engine;
+use mue::cli::eval::{
+    calibrate_with, eval_with, sweep_with, CalibrateArgs, DataArgs, EvalArgs, PolicyKind, SweepArgs,
+};
+use mue::cli::{ExitArgs, Task, TaskThresholds};
+use mue::data::tokenizer::VE_ANSWERS;
+use mue::data::{generate, GenerateOptions};
+use mue::eval::eval::{evaluate, oracle, quality, run, Dataset, EvalOptions};
+use mue::eval::sweep::{sweep, PolicySpec};
+use mue::exit::{EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy, StaticDepth};
+use mue::generate::SearchConfig;
+use mue::pipeline::{Engine, EntailRequest};
+use std::path::{Path, PathBuf};
+
+fn data_dir(n_val: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(&GenerateOptions {
+        out_dir: dir.path().to_path_buf(),
+        seed: 7,
+        n_train: 0,
+        n_val,
+        n_test: 0,
+        image_size: 64,
+    })
+    .unwrap();
+    dir
+}
+
+fn ve_path(dir: &Path) -> PathBuf {
+    dir.join("snli_ve_valid.tsv")
+}
+
+fn cap_path(dir: &Path) -> PathBuf {
+    dir.join("caption_valid.tsv")
+}
+
+fn opts() -> EvalOptions {
+    EvalOptions {
+        batch: 3,
+        search: SearchConfig {
+            beam: 2,
+            max_len: 5,
+            ..SearchConfig::default()
+        },
+        progress: false,
+    }
+}
+
+fn engine() -> Engine {
+    random_engine(3).unwrap()
+}
+
+#[test]
+fn scoring_pass_fills_predictions_and_counts_their_macs() {
+    let e = engine();
+    let dir = data_dir(2);
+    let Dataset::Entail(rows) = Dataset::load(&ve_path(dir.path()), Task::Entail, Some(2)).unwrap()
+    else {
+        panic!()
+    };
+    let reqs: Vec<EntailRequest> = rows
+        .iter()
+        .map(|r| EntailRequest {
+            image: image::DynamicImage::ImageRgb8(r.image.clone()),
+            hypothesis: r.hypothesis.clone(),
+            premise: None,
+        })
+        .collect();
+    let cfg = &e.model.cfg;
+    let (l, d, v) = (
+        cfg.decoder_layers as u64,
+        cfg.d_model as u64,
+        cfg.vocab_size as u64,
+    );
+    let answers: Vec<Vec<u32>> = VE_ANSWERS
+        .iter()
+        .map(|a| e.tokenizer.encode(a).unwrap())
+        .collect();
+    let positions: u64 = if answers.iter().all(|a| a.len() == 1) {
+        1
+    } else {
+        answers.iter().map(|a| a.len() as u64).sum()
+    };
+    let full = e.entail(&reqs, &FullDepth).unwrap();
+    // Never exits, but pays for a vocabulary projection per scored position and layer.
+    let never = e.entail(&reqs, &EntropyPolicy::new(-1.0).unwrap()).unwrap();
+    for (f, n) in full.iter().zip(&never) {
+        assert_eq!(n.exits, f.exits);
+        assert_eq!(n.label, f.label);
+        assert_eq!(n.cost.macs_full, f.cost.macs_full);
+        assert_eq!(
+            n.cost.macs_executed,
+            f.cost.macs_executed + (l - 1) * d * v * positions
+        );
+    }
+    // Predictions are present: every prediction policy can exit after the first layer.
+    let first_entropy = EntropyPolicy::new(1e9).unwrap();
+    let first_margin = MarginPolicy::new(-1.0).unwrap();
+    let first_patience = PatiencePolicy { patience: 0 };
+    let policies: [&dyn mue::exit::ExitPolicy; 3] =
+        [&first_entropy, &first_margin, &first_patience];
+    for p in policies {
+        for o in e.entail(&reqs, p).unwrap() {
+            assert_eq!(o.exits.token_layers, vec![1], "{}", p.name());
+            // Decoder-only policies leave the encoder streams at full depth.
+            assert_eq!(o.exits.image_layer, cfg.encoder_layers);
+            assert_eq!(o.exits.text_layer, cfg.encoder_layers);
+            assert!(o.cost.macs_executed < o.cost.macs_full);
+        }
+    }
+    // Patience 1 needs two agreeing layers: never exits after layer 1.
+    for o in e.entail(&reqs, &PatiencePolicy { patience: 1 }).unwrap() {
+        assert!(o.exits.token_layers[0] >= 2);
+    }
+}
+
+#[test]
+fn entail_eval_reports_reductions() {
+    let e = engine();
+    let dir = data_dir(3);
+    let data = Dataset::load(&ve_path(dir.path()), Task::Entail, None).unwrap();
+    assert!(data.len() >= 6);
+    let full = evaluate(&e, &data, &FullDepth, &opts()).unwrap();
+    assert_eq!(full.examples, data.len());
+    assert_eq!(full.reduction.layers, 0.0);
+    assert_eq!(full.reduction.macs, 0.0);
+    assert_eq!(full.relative_quality, 1.0);
+    assert_eq!(full.exits.mean_image_layer, 6.0);
+    assert_eq!(full.exits.mean_token_layer, 6.0);
+    assert_eq!(full.exits.mean_tokens, 1.0);
+    let acc = full.quality.accuracy.unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+
+    let shallow = StaticDepth {
+        image: 1,
+        text: 2,
+        decoder: 3,
+    };
+    let r = evaluate(&e, &data, &shallow, &opts()).unwrap();
+    assert_eq!(r.exits.mean_image_layer, 1.0);
+    assert_eq!(r.exits.mean_text_layer, 2.0);
+    assert_eq!(r.exits.mean_token_layer, 3.0);
+    // (1 + 2 + 3) of 18 layer units.
+    assert!((r.reduction.layers - (1.0 - 6.0 / 18.0)).abs() < 1e-12);
+    assert!(r.reduction.macs > 0.3 && r.reduction.macs < 1.0);
+    assert!(r.reduction.wall < 1.0);
+    // The JSON is what the CLI writes.
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(json["reduction"]["macs"].is_number());
+    assert_eq!(json["metric"], "accuracy");
+}
+
+#[test]
+fn caption_eval_scores_against_references() {
+    let e = engine();
+    let dir = data_dir(2);
+    let data = Dataset::load(&cap_path(dir.path()), Task::Caption, None).unwrap();
+    assert_eq!(data.len(), 2);
+    let full = run(&e, &data, &FullDepth, &opts()).unwrap();
+    let q = quality(&data, &full).unwrap();
+    assert_eq!(Some(q.primary), q.cider);
+    assert!(q.bleu4.is_some() && q.rouge_l.is_some());
+    let r = evaluate(
+        &e,
+        &data,
+        &MuePolicy::new(-2.0, -2.0, -2.0).unwrap(),
+        &opts(),
+    )
+    .unwrap();
+    assert_eq!(r.exits.mean_image_layer, 1.0);
+    assert_eq!(r.exits.mean_token_layer, 1.0);
+    assert!(r.exits.mean_tokens >= 1.0);
+    assert!(r.reduction.macs > 0.5);
+    assert_eq!(r.full_quality, q);
+}
+
+#[test]
+fn oracle_depth_reproduces_full_depth_outputs() {
+    let e = engine();
+    let dir = data_dir(2);
+    let data = Dataset::load(&ve_path(dir.path()), Task::Entail, None).unwrap();
+    let o = oracle(&e, &data, &opts()).unwrap();
+    assert_eq!(o.depths.len(), data.len());
+    assert_eq!(o.histogram.iter().sum::<usize>(), data.len());
+    assert_eq!(o.quality, o.full_quality);
+    let full = run(&e, &data, &FullDepth, &opts()).unwrap();
+    for k in 1..=6usize {
+        let r = run(
+            &e,
+            &data,
+            &StaticDepth {
+                image: k,
+                text: k,
+                decoder: k,
+            },
+            &opts(),
+        )
+        .unwrap();
+        for (i, &d) in o.depths.iter().enumerate() {
+            if d == k {
+                assert!(
+                    r.same_output(&full, i),
+                    "example {i} at its oracle depth {k}"
+                );
+            }
+            if k < d {
+                assert!(
+                    !r.same_output(&full, i),
+                    "example {i}: depth {k} < oracle {d}"
+                );
+            }
+        }
+    }
+    assert!(o.reduction.macs >= 0.0);
+}
+
+fn data_args(dir: &Path, task: Task) -> DataArgs {
+    DataArgs {
+        model: PathBuf::from("<random>"),
+        data: match task {
+            Task::Entail => ve_path(dir),
+            Task::Caption => cap_path(dir),
+        },
+        task,
+        limit: None,
+        batch: 4,
+        beam: 2,
+        max_len: 5,
+        quiet: true,
+    }
+}
+
+#[test]
+fn sweep_writes_csv_json_and_plots() {
+    let e = engine();
+    let dir = data_dir(2);
+    let out = tempfile::tempdir().unwrap();
+    let grid = out.path().join("grid.json");
+    let specs = vec![
+        PolicySpec::Full,
+        PolicySpec::Mue {
+            image: 0.5,
+            text: 0.5,
+            decoder: 0.5,
+        },
+        PolicySpec::Joint {
+            encoder: -2.0,
+            decoder: 1.0,
+        },
+        PolicySpec::Entropy { threshold: 1e9 },
+        PolicySpec::Patience { patience: 1 },
+        PolicySpec::Margin { threshold: 0.5 },
+        PolicySpec::Static { depth: 2 },
+    ];
+    std::fs::write(&grid, serde_json::to_string(&specs).unwrap()).unwrap();
+    for task in [Task::Entail, Task::Caption] {
+        let args = SweepArgs {
+            data: data_args(dir.path(), task),
+            policies: vec![],
+            grid: Some(grid.clone()),
+            kv_fill: "propagate".into(),
+            out_dir: out.path().join("sweep"),
+        };
+        let (res, files) = sweep_with(&e, &args).unwrap();
+        assert_eq!(res.points.len(), specs.len());
+        assert!(!res.frontier.is_empty());
+        // Full depth is on the frontier unless another point has its quality for less work.
+        let full = &res.points[0];
+        assert_eq!(full.mac_reduction, 0.0);
+        assert_eq!(full.quality, res.full_quality.primary);
+        for &i in &res.frontier {
+            assert!(res.points[i].on_frontier);
+        }
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let stem = match task {
+            Task::Entail => "sweep_entail",
+            Task::Caption => "sweep_caption",
+        };
+        for ext in ["csv", "json", "svg"] {
+            assert!(names.contains(&format!("{stem}.{ext}")), "{names:?}");
+        }
+        for f in &files {
+            assert!(std::fs::metadata(f).unwrap().len() > 0);
+        }
+        let csv = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.csv"))).unwrap();
+        assert_eq!(csv.lines().count(), specs.len() + 1);
+        let svg = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.svg"))).unwrap();
+        assert!(svg.contains("<svg"));
+    }
+    // Restricting families.
+    let args = SweepArgs {
+        data: data_args(dir.path(), Task::Entail),
+        policies: vec!["static".into()],
+        grid: None,
+        kv_fill: "propagate".into(),
+        out_dir: out.path().join("s2"),
+    };
+    let (res, _) = sweep_with(&e, &args).unwrap();
+    assert_eq!(res.points.len(), 5);
+    assert!(res.points.iter().all(|p| p.family == "static"));
+}
+
+#[test]
+fn calibration_never_picks_a_point_below_target_on_its_split() {
+    let e = engine();
+    let dir = data_dir(3);
+    let out = tempfile::tempdir().unwrap();
+    let grid = out.path().join("grid.json");
+    let mut specs = Vec::new();
+    for t in [-2.0f32, 0.5, 1.0] {
+        specs.push(PolicySpec::Mue {
+            image: t,
+            text: t,
+            decoder: t,
+        });
+        specs.push(PolicySpec::Mue {
+            image: t,
+            text: 1.0,
+            decoder: 1.0,
+        });
+        specs.push(PolicySpec::Joint {
+            encoder: t,
+            decoder: 1.0,
+        });
+    }
+    std::fs::write(&grid, serde_json::to_string(&specs).unwrap()).unwrap();
+    let exits = out.path().join("model/exits.json");
+    let data = Dataset::load(&ve_path(dir.path()), Task::Entail, None).unwrap();
+    let saved = out.path().join("cal/sweep_entail.json");
+    for (k, target) in [1.0, 0.99, 0.8, 0.5].into_iter().enumerate() {
+        // The first target runs the sweep and saves it; the others reuse it.
+        let args = CalibrateArgs {
+            data: data_args(dir.path(), Task::Entail),
+            target: Some(target),
+            budget: None,
+            sweep: (k > 0).then(|| saved.clone()),
+            grid: Some(grid.clone()),
+            kv_fill: "propagate".into(),
+            out: Some(exits.clone()),
+            sweep_out: Some(out.path().join("cal")),
+        };
+        let cal = calibrate_with(&e, &args).unwrap();
+        // Re-evaluate the chosen thresholds on the calibration split.
+        let r = evaluate(&e, &data, &cal.policy, &opts()).unwrap();
+        assert!(
+            r.quality.primary >= target * r.full_quality.primary,
+            "target {target}: {} vs full {}",
+            r.quality.primary,
+            r.full_quality.primary
+        );
+        assert_eq!(r.quality.primary, cal.point.quality);
+        let stored = TaskThresholds::for_model(&out.path().join("model")).unwrap();
+        assert_eq!(stored.entail, cal.policy);
+        assert_eq!(stored.caption, TaskThresholds::default().caption);
+    }
+    // Budget: from the saved sweep, at most half the full-depth multiply-adds.
+    let args = CalibrateArgs {
+        data: data_args(dir.path(), Task::Entail),
+        target: None,
+        budget: Some(0.5),
+        sweep: Some(out.path().join("cal/sweep_entail.json")),
+        grid: None,
+        kv_fill: "propagate".into(),
+        out: Some(exits.clone()),
+        sweep_out: None,
+    };
+    let cal = calibrate_with(&e, &args).unwrap();
+    assert!(1.0 - cal.point.mac_reduction <= 0.5);
+}
+
+#[test]
+fn eval_command_runs_each_policy_kind() {
+    let e = engine();
+    let dir = data_dir(1);
+    let out = tempfile::tempdir().unwrap();
+    for kind in [
+        PolicyKind::Mue,
+        PolicyKind::Joint,
+        PolicyKind::Entropy,
+        PolicyKind::Patience,
+        PolicyKind::Margin,
+        PolicyKind::Static,
+        PolicyKind::Full,
+        PolicyKind::Oracle,
+    ] {
+        let path = out.path().join(format!("{kind:?}.json"));
+        let args = EvalArgs {
+            data: data_args(dir.path(), Task::Entail),
+            policy: kind,
+            threshold: Some(0.5),
+            patience: 2,
+            depth: 3,
+            exits: ExitArgs {
+                img_threshold: None,
+                text_threshold: None,
+                dec_threshold: None,
+                kv_fill: "propagate".into(),
+            },
+            out: Some(path.clone()),
+        };
+        let v = eval_with(&e, &args, TaskThresholds::default()).unwrap();
+        let back: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        // serde_json may differ in the last digit of a float: compare the report's fields.
+        assert_eq!(v["policy"], back["policy"]);
+        assert_eq!(v["examples"], back["examples"]);
+        assert_eq!(v["quality"]["primary"], back["quality"]["primary"]);
+        // Prediction policies pay for vocabulary projections: MACs may go up, never past 1.
+        assert!(v["reduction"]["macs"].as_f64().unwrap() < 1.0, "{kind:?}");
+    }
+    let mut args = EvalArgs {
+        data: data_args(dir.path(), Task::Entail),
+        policy: PolicyKind::Entropy,
+        threshold: None,
+        patience: 2,
+        depth: 3,
+        exits: ExitArgs {
+            img_threshold: None,
+            text_threshold: None,
+            dec_threshold: None,
+            kv_fill: "propagate".into(),
+        },
+        out: None,
+    };
+    assert!(eval_with(&e, &args, TaskThresholds::default()).is_err());
+    args.policy = PolicyKind::Static;
+    args.depth = 0;
+    assert!(eval_with(&e, &args, TaskThresholds::default()).is_err());
+}
+
+#[test]
+fn sweep_module_runs_directly() {
+    let e = engine();
+    let dir = data_dir(1);
+    let data = Dataset::load(&ve_path(dir.path()), Task::Entail, Some(2)).unwrap();
+    assert_eq!(data.len(), 2);
+    let res = sweep(&e, &data, &[PolicySpec::Static { depth: 1 }], &opts()).unwrap();
+    assert_eq!(res.points[0].report.exits.mean_image_layer, 1.0);
+    assert!(sweep(&e, &data, &[], &opts()).is_err());
+}
