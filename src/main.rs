@@ -21,6 +21,12 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Serve the model over HTTP (dynamic batching, per-request exits, metrics, demo page).
     Serve(cli::serve::ServeArgs),
+    /// Quality, exits and measured reductions of one policy on a TSV split.
+    Eval(cli::eval::EvalArgs),
+    /// Grid over thresholds / policy parameters: CSV, JSON, Pareto frontier, plots.
+    Sweep(cli::eval::SweepArgs),
+    /// Choose the cheapest thresholds that keep a target fraction of full-depth quality.
+    Calibrate(cli::eval::CalibrateArgs),
     /// Benchmark data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -66,6 +72,9 @@ fn main() -> Result<()> {
         Command::Demo(a) => cli::demo::main(a),
         Command::Run(a) => cli::run::main(a),
         Command::Serve(a) => cli::serve::main(a),
+        Command::Eval(a) => cli::eval::eval_main(a),
+        Command::Sweep(a) => cli::eval::sweep_main(a),
+        Command::Calibrate(a) => cli::eval::calibrate_main(a),
         Command::Data(DataCommand::Generate(a)) => {
             let opts = mue::data::GenerateOptions {
                 out_dir: a.out,
