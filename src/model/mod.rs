@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod layers;
+pub mod ofa;
 pub mod position;
 pub mod resnet;
 pub mod weights;
