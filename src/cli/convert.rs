@@ -60,9 +60,11 @@ pub fn convert(args: &ConvertArgs) -> Result<ConvertReport> {
     let (cfg, model, used) =
         ofa::load_ofa_dir_with_tensors(&args.ofa, args.image_size, args.mode, &Device::Cpu)?;
     if let Some(tok) = &tokenizer {
-        if tok.vocab_size() > cfg.vocab_size {
+        // OFA ids are positional (<mask>, <code_*>, <bin_*> follow the BPE entries), so
+        // the tokenizer must cover the model's vocabulary exactly.
+        if tok.vocab_size() != cfg.vocab_size {
             bail!(
-                "the tokenizer has {} tokens but the model's vocabulary is {}",
+                "the tokenizer (BPE files + OFA tokens) has {} tokens but the model's vocabulary is {}",
                 tok.vocab_size(),
                 cfg.vocab_size
             );
@@ -176,6 +178,27 @@ mod tests {
         let mut bad = args.clone();
         bad.vocab = Some(fixture().join("vocab.json"));
         assert!(convert(&bad).unwrap_err().to_string().contains("--merges"));
+        // A tokenizer that does not cover the vocabulary exactly is refused (9 BPE
+        // entries + <mask> + 9192 OFA tokens != 2000).
+        let tok_dir = tempfile::tempdir().unwrap();
+        let vocab: std::collections::BTreeMap<&str, u32> = [
+            "<s>", "<pad>", "</s>", "<unk>", ".", "\u{120}", "a", "b", "ab",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (*t, i as u32))
+        .collect();
+        let vp = tok_dir.path().join("vocab.json");
+        let mp = tok_dir.path().join("merges.txt");
+        std::fs::write(&vp, serde_json::to_string(&vocab).unwrap()).unwrap();
+        std::fs::write(&mp, "#version: 0.2\na b\n").unwrap();
+        let mut bad = args.clone();
+        bad.out = out_dir.path().join("with-tok");
+        bad.vocab = Some(vp);
+        bad.merges = Some(mp);
+        let err = format!("{:#}", convert(&bad).unwrap_err());
+        assert!(err.contains("vocabulary is 2000"), "{err}");
+        assert!(!bad.out.exists());
         let mut bad = args.clone();
         bad.ofa = out_dir.path().join("nope");
         assert!(convert(&bad).is_err());
