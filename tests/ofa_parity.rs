@@ -467,4 +467,11 @@ fn loader_errors_name_the_tensor() {
     .unwrap();
     let err = load_err(d.path());
     assert!(err.contains("pytorch_model.bin"), "{err}");
+
+    // Model::load_dir on an unconverted HF OFA directory points to `mue convert`.
+    let err = format!(
+        "{:#}",
+        Model::load_dir(&fixture_dir(), &Device::Cpu).unwrap_err()
+    );
+    assert!(err.contains("mue convert"), "{err}");
 }

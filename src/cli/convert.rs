@@ -6,7 +6,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::model::{ofa, EncoderMode, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConvertArgs {
@@ -96,13 +96,7 @@ pub fn main(args: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-/// True when `dir/config.json` is a Hugging Face OFA config (not yet converted).
-pub fn is_hf_ofa_dir(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|j| ofa::is_hf_ofa_config(&j))
-}
+pub use crate::model::ofa::is_hf_ofa_dir;
 
 #[cfg(test)]
 mod tests {

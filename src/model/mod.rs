@@ -306,6 +306,13 @@ impl Model {
         if !dir.is_dir() {
             bail!("model directory {} does not exist", dir.display());
         }
+        if ofa::is_hf_ofa_dir(dir) {
+            bail!(
+                "{} is a Hugging Face OFA checkpoint; convert it first: mue convert --ofa {} --out DIR",
+                dir.display(),
+                dir.display()
+            );
+        }
         let cfg = Config::load(&dir.join("config.json"))?;
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {

@@ -24,6 +24,14 @@ pub fn is_hf_ofa_config(json: &Value) -> bool {
     json.get("model_type").and_then(Value::as_str) == Some("ofa")
 }
 
+/// True when `dir/config.json` exists and is a Hugging Face OFA config.
+pub fn is_hf_ofa_dir(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|j| is_hf_ofa_config(&j))
+}
+
 fn req_usize(json: &Value, key: &str) -> Result<usize> {
     let v = json
         .get(key)
