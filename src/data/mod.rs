@@ -2,6 +2,7 @@
 //! OFA-style TSV input/output, image preprocessing and tokenization.
 
 pub mod benchmark;
+pub mod coco;
 pub mod preprocess;
 pub mod scene;
 pub mod tokenizer;

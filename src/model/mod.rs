@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod layers;
+pub mod ofa;
 pub mod position;
 pub mod resnet;
 pub mod weights;
@@ -316,6 +317,13 @@ impl Model {
     pub fn load_dir(dir: &Path, device: &Device) -> anyhow::Result<Self> {
         if !dir.is_dir() {
             bail!("model directory {} does not exist", dir.display());
+        }
+        if ofa::is_hf_ofa_dir(dir) {
+            bail!(
+                "{} is a Hugging Face OFA checkpoint; convert it first: mue convert --ofa {} --out DIR",
+                dir.display(),
+                dir.display()
+            );
         }
         let cfg = Config::load(&dir.join("config.json"))?;
         let weights = dir.join("model.safetensors");
