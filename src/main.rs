@@ -27,6 +27,8 @@ enum Command {
     Sweep(cli::eval::SweepArgs),
     /// Choose the cheapest thresholds that keep a target fraction of full-depth quality.
     Calibrate(cli::eval::CalibrateArgs),
+    /// Convert a Hugging Face OFA checkpoint into an engine model directory.
+    Convert(cli::convert::ConvertArgs),
     /// Benchmark data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -72,6 +74,7 @@ fn main() -> Result<()> {
         Command::Demo(a) => cli::demo::main(a),
         Command::Run(a) => cli::run::main(a),
         Command::Serve(a) => cli::serve::main(a),
+        Command::Convert(a) => cli::convert::main(a),
         Command::Eval(a) => cli::eval::eval_main(a),
         Command::Sweep(a) => cli::eval::sweep_main(a),
         Command::Calibrate(a) => cli::eval::calibrate_main(a),
