@@ -7,3 +7,4 @@ pub mod exit;
 pub mod generate;
 pub mod model;
 pub mod pipeline;
+pub mod train;

@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod run;
+pub mod train;
 
 use crate::exit::{DecoderThreshold, MuePolicy};
 use anyhow::{Context, Result};
