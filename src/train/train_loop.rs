@@ -261,7 +261,7 @@ pub fn load_state(dir: &Path) -> Result<TrainState> {
     let p = dir.join("train_state.json");
     let text =
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    Ok(serde_json::from_str(&text).with_context(|| format!("{} is invalid", p.display()))?)
+    serde_json::from_str(&text).with_context(|| format!("{} is invalid", p.display()))
 }
 
 fn resize_images(raw: &mut RawSplit, size: usize) {
