@@ -7,4 +7,8 @@ pub mod exit;
 pub mod generate;
 pub mod model;
 pub mod pipeline;
+<<<<<<< HEAD
 pub mod serve;
+=======
+pub mod train;
+>>>>>>> train

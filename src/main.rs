@@ -29,6 +29,8 @@ enum Command {
     Calibrate(cli::eval::CalibrateArgs),
     /// Convert a Hugging Face OFA checkpoint into an engine model directory.
     Convert(cli::convert::ConvertArgs),
+    /// Fine-tune with the layer-wise loss (decomposed encoder) on CPU.
+    Train(cli::train::TrainArgs),
     /// Benchmark data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -74,6 +76,7 @@ fn main() -> Result<()> {
         Command::Demo(a) => cli::demo::main(a),
         Command::Run(a) => cli::run::main(a),
         Command::Serve(a) => cli::serve::main(a),
+        Command::Train(a) => cli::train::main(a),
         Command::Convert(a) => cli::convert::main(a),
         Command::Eval(a) => cli::eval::eval_main(a),
         Command::Sweep(a) => cli::eval::sweep_main(a),

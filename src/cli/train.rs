@@ -1,0 +1,136 @@
+//! `mue train`: fine-tune a model with the layer-wise loss on the benchmark.
+
+use crate::train::{train, LossKind, TrainOptions};
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Benchmark directory (from `mue data generate`).
+    #[arg(long, default_value = "data/bench")]
+    pub data: PathBuf,
+    /// Output model directory (checkpoints go here too).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate (6% linear warm-up, then linear decay).
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// layer-wise (MuE) or final-only (ablation).
+    #[arg(long, value_enum, default_value = "layer-wise")]
+    pub loss: LossKind,
+    #[arg(long, default_value_t = 128)]
+    pub d_model: usize,
+    #[arg(long, default_value_t = 6)]
+    pub encoder_layers: usize,
+    #[arg(long, default_value_t = 6)]
+    pub decoder_layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 512)]
+    pub ffn_dim: usize,
+    #[arg(long, default_value_t = 8)]
+    pub patch: usize,
+    #[arg(long, default_value_t = 64)]
+    pub image_size: usize,
+    /// Vocabulary of the tokenizer trained on the train split.
+    #[arg(long, default_value_t = 1000)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f32,
+    /// Validate every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Questions / captions per validation.
+    #[arg(long, default_value_t = 100)]
+    pub eval_examples: usize,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue from OUT/train_state.json.
+    #[arg(long)]
+    pub resume: bool,
+    /// Start from an existing model directory (e.g. a converted OFA checkpoint).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Use only the first N training images.
+    #[arg(long)]
+    pub max_train_images: Option<usize>,
+    /// Captions used per training image.
+    #[arg(long, default_value_t = 3)]
+    pub captions_per_image: usize,
+    /// Stop (and checkpoint) after this many seconds.
+    #[arg(long)]
+    pub time_budget_secs: Option<f64>,
+    /// Stop (with a checkpoint) at this step, keeping the schedule of --steps.
+    #[arg(long)]
+    pub stop_at: Option<usize>,
+    /// Measure full-depth entailment accuracy on the whole valid and test splits at the end.
+    #[arg(long)]
+    pub final_eval: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    pub fn options(&self) -> TrainOptions {
+        let mut o = TrainOptions::new(&self.data, &self.out);
+        o.steps = self.steps;
+        o.batch_size = self.batch_size;
+        o.lr = self.lr;
+        o.seed = self.seed;
+        o.loss = self.loss;
+        o.d_model = self.d_model;
+        o.encoder_layers = self.encoder_layers;
+        o.decoder_layers = self.decoder_layers;
+        o.heads = self.heads;
+        o.ffn_dim = self.ffn_dim;
+        o.patch = self.patch;
+        o.image_size = self.image_size;
+        o.vocab_size = self.vocab_size;
+        o.dropout = self.dropout;
+        o.eval_every = self.eval_every;
+        o.eval_examples = self.eval_examples;
+        o.checkpoint_every = self.checkpoint_every;
+        o.resume = self.resume;
+        o.init = self.init.clone();
+        o.max_train_images = self.max_train_images;
+        o.captions_per_image = Some(self.captions_per_image);
+        o.time_budget_secs = self.time_budget_secs;
+        o.stop_at = self.stop_at;
+        o.final_eval = self.final_eval;
+        o.progress = !self.quiet;
+        o
+    }
+}
+
+pub fn main(args: TrainArgs) -> Result<()> {
+    let report = train(&args.options())?;
+    let last: Vec<f32> = report.losses.iter().rev().take(20).copied().collect();
+    let mean = last.iter().sum::<f32>() / last.len().max(1) as f32;
+    println!(
+        "steps {}..{} in {:.1}s ({:.0} tok/s), mean loss of the last {} steps {:.4}",
+        report.start_step,
+        report.end_step,
+        report.wall_secs,
+        report.tokens_per_sec,
+        last.len(),
+        mean
+    );
+    if let Some(e) = report.evals.last() {
+        println!(
+            "valid (first {} questions): VE accuracy {:.4}, caption token accuracy {:.4}",
+            e.result.ve_n, e.result.ve_accuracy, e.result.caption_token_accuracy
+        );
+    }
+    if let (Some(v), Some(t)) = (report.valid_ve_accuracy, report.test_ve_accuracy) {
+        println!("full-depth VE accuracy: valid {v:.4}, test {t:.4}");
+    }
+    Ok(())
+}

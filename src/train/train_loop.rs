@@ -1,0 +1,492 @@
+//! The training loop: multi-task batches, layer-wise loss, AdamW, checkpoints, resume,
+//! periodic validation.
+
+use super::data::{self, batch_indices, make_batch, Batch, Dataset, RawSplit};
+use super::eval::{entail_accuracy_dir, evaluate, EvalResult};
+use super::loss::{task_loss, LossKind, LossOutput};
+use super::optim::{lr_at, AdamW, AdamWParams};
+use crate::data::preprocess::resize_bicubic_pil;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::layers::Mode;
+use crate::model::{Config, EncoderMode, ImageEmbedder, Model};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything a training run needs.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Benchmark directory (`snli_ve_{split}.tsv`, `caption_{split}.tsv`).
+    pub data_dir: PathBuf,
+    /// Model directory written: config.json, model.safetensors, tokenizer.json,
+    /// optimizer.safetensors, train_state.json, train_log.jsonl.
+    pub out_dir: PathBuf,
+    pub d_model: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub heads: usize,
+    pub ffn_dim: usize,
+    pub patch: usize,
+    pub image_size: usize,
+    /// Tokenizer vocabulary trained when none is given.
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    /// Total optimiser steps (the schedule spans them; `resume` continues up to them).
+    pub steps: usize,
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub warmup_frac: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    pub clip_norm: f64,
+    pub dropout: f32,
+    /// Label smoothing on caption targets (entailment answers get none).
+    pub caption_smoothing: f32,
+    pub seed: u64,
+    pub loss: LossKind,
+    /// Validate every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Questions / captions used by the periodic validation.
+    pub eval_examples: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Continue from `out_dir/train_state.json`.
+    pub resume: bool,
+    /// Start from an existing model directory (its tokenizer too, if it has one); its
+    /// encoder is switched to decomposed mode.
+    pub init: Option<PathBuf>,
+    /// Use only the first images of the train split.
+    pub max_train_images: Option<usize>,
+    /// Captions used per training image (the benchmark has 7; entailment rows are all used).
+    pub captions_per_image: Option<usize>,
+    /// Stop early (with a checkpoint) after this many seconds.
+    pub time_budget_secs: Option<f64>,
+    /// Stop (with a checkpoint) once this step is reached, keeping the schedule of `steps`
+    /// (to continue later with `resume`).
+    pub stop_at: Option<usize>,
+    /// After training, measure full-depth entailment accuracy of the saved model on the
+    /// whole valid and test splits through the inference engine.
+    pub final_eval: bool,
+    pub progress: bool,
+}
+
+impl TrainOptions {
+    /// The default model of the repository (d 128, 6+6 layers, 4 heads, ffn 512, patch 8,
+    /// 64 px) with OFA-like fine-tuning hyper-parameters.
+    pub fn new(data_dir: impl Into<PathBuf>, out_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            out_dir: out_dir.into(),
+            d_model: 128,
+            encoder_layers: 6,
+            decoder_layers: 6,
+            heads: 4,
+            ffn_dim: 512,
+            patch: 8,
+            image_size: 64,
+            vocab_size: 1000,
+            max_positions: 128,
+            steps: 1000,
+            batch_size: 32,
+            lr: 5e-4,
+            warmup_frac: 0.06,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+            dropout: 0.1,
+            caption_smoothing: 0.1,
+            seed: 0,
+            loss: LossKind::LayerWise,
+            eval_every: 0,
+            eval_examples: 100,
+            checkpoint_every: 0,
+            resume: false,
+            init: None,
+            max_train_images: None,
+            captions_per_image: Some(3),
+            time_budget_secs: None,
+            stop_at: None,
+            final_eval: false,
+            progress: false,
+        }
+    }
+
+    /// Model configuration of a fresh model with a `vocab_size`-token vocabulary.
+    pub fn config(&self, vocab_size: usize) -> Config {
+        let grid = self.image_size / self.patch.max(1);
+        Config {
+            vocab_size,
+            d_model: self.d_model,
+            encoder_layers: self.encoder_layers,
+            decoder_layers: self.decoder_layers,
+            encoder_heads: self.heads,
+            decoder_heads: self.heads,
+            encoder_ffn_dim: self.ffn_dim,
+            decoder_ffn_dim: self.ffn_dim,
+            max_positions: self.max_positions,
+            token_bucket_size: 32.min(self.max_positions).max(2),
+            image_bucket_size: grid.max(1),
+            attn_scale_factor: 2.0,
+            layer_norm_eps: 1e-5,
+            image_size: self.image_size,
+            image_embedder: ImageEmbedder::Patch { patch: self.patch },
+            encoder_mode: EncoderMode::Decomposed,
+            bos_id: 0,
+            pad_id: 1,
+            eos_id: 2,
+        }
+    }
+}
+
+/// `train_state.json`: where a run stands. The data order is a pure function of
+/// (seed, batch size, step), so the step is the whole data position.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimiser steps completed.
+    pub step: usize,
+    pub total_steps: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub loss: LossKind,
+    /// Examples consumed (`step * batch_size`).
+    pub examples_seen: usize,
+    /// Whether `optimizer.safetensors` holds the AdamW moments of this step.
+    pub optimizer_state: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalPoint {
+    pub step: usize,
+    pub result: EvalResult,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub start_step: usize,
+    pub end_step: usize,
+    pub wall_secs: f64,
+    /// Loss of every step run (sum over the layers that carry it).
+    pub losses: Vec<f32>,
+    pub evals: Vec<EvalPoint>,
+    pub n_train_examples: usize,
+    pub n_params: usize,
+    pub tokens_per_sec: f64,
+    /// Full-depth entailment accuracy of the saved model (valid, test), when asked for.
+    pub valid_ve_accuracy: Option<f64>,
+    pub test_ve_accuracy: Option<f64>,
+    pub stopped_by_time_budget: bool,
+}
+
+/// Forward pass of a batch and its task loss.
+pub fn batch_loss(model: &Model, batch: &Batch, kind: LossKind, mode: Mode) -> Result<LossOutput> {
+    let enc = model.encode(&batch.images, &batch.enc_ids, &batch.enc_padding, mode)?;
+    let hidden = model.decode(&batch.dec_ids, Some(&batch.dec_padding), &enc, mode)?;
+    Ok(task_loss(model, &hidden, &batch.targets, kind, mode)?)
+}
+
+/// Weights of the trainable model by name.
+pub fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Overwrite every variable with the tensor of the same name in `model.safetensors` of
+/// `dir`. Errors name a missing or mis-shaped tensor.
+pub fn load_weights_into(varmap: &VarMap, dir: &Path, device: &Device) -> Result<()> {
+    let path = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, device)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let data = varmap.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let Some(t) = tensors.get(name) else {
+            bail!("{} lacks tensor {name}", path.display());
+        };
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: tensor {name} has shape {:?}, the model needs {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+fn save_checkpoint(
+    opts: &TrainOptions,
+    cfg: &Config,
+    varmap: &VarMap,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    step: usize,
+) -> Result<()> {
+    let dir = &opts.out_dir;
+    // The state file goes last and is removed first, so a half-written checkpoint is never
+    // taken for a complete one.
+    let state_path = dir.join("train_state.json");
+    if state_path.exists() {
+        std::fs::remove_file(&state_path)?;
+    }
+    Model::save_dir(dir, cfg, &varmap_tensors(varmap))?;
+    tok.save(dir.join("tokenizer.json"))?;
+    opt.save(&dir.join("optimizer.safetensors"))?;
+    let state = TrainState {
+        step,
+        total_steps: opts.steps,
+        seed: opts.seed,
+        batch_size: opts.batch_size,
+        loss: opts.loss,
+        examples_seen: step * opts.batch_size,
+        optimizer_state: true,
+    };
+    std::fs::write(&state_path, serde_json::to_string_pretty(&state)? + "\n")
+        .with_context(|| format!("cannot write {}", state_path.display()))?;
+    Ok(())
+}
+
+/// Read `train_state.json` of a model directory.
+pub fn load_state(dir: &Path) -> Result<TrainState> {
+    let p = dir.join("train_state.json");
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is invalid", p.display()))
+}
+
+fn resize_images(raw: &mut RawSplit, size: usize) {
+    for img in raw.images.iter_mut() {
+        if img.width() as usize != size || img.height() as usize != size {
+            *img = resize_bicubic_pil(img, size as u32, size as u32);
+        }
+    }
+}
+
+/// Train (or continue training) a model as `opts` says.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    let t0 = Instant::now();
+    if opts.batch_size == 0 || opts.steps == 0 {
+        bail!("steps and batch size must be positive");
+    }
+    let device = Device::Cpu;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
+    let mut train_raw = data::read_split(&opts.data_dir, "train", opts.max_train_images)?;
+    let mut valid_raw = data::read_split(&opts.data_dir, "valid", Some(opts.eval_examples))?;
+
+    // Tokenizer, configuration and starting weights.
+    let state = if opts.resume {
+        let s = load_state(&opts.out_dir)?;
+        if s.batch_size != opts.batch_size || s.seed != opts.seed {
+            bail!(
+                "cannot resume: checkpoint used batch size {} and seed {}, this run {} and {}",
+                s.batch_size,
+                s.seed,
+                opts.batch_size,
+                opts.seed
+            );
+        }
+        Some(s)
+    } else {
+        None
+    };
+    let (cfg, tok) = if state.is_some() {
+        let cfg = Config::load(&opts.out_dir.join("config.json"))?;
+        let tok = Tokenizer::from_file(opts.out_dir.join("tokenizer.json"))?;
+        (cfg, tok)
+    } else if let Some(init) = &opts.init {
+        let mut cfg = Config::load(&init.join("config.json"))?;
+        cfg.encoder_mode = EncoderMode::Decomposed;
+        let tp = init.join("tokenizer.json");
+        if !tp.is_file() {
+            bail!("init model {} has no tokenizer.json", init.display());
+        }
+        (cfg, Tokenizer::from_file(tp)?)
+    } else {
+        let tok = Tokenizer::train(
+            data::tokenizer_texts(&train_raw).into_iter(),
+            opts.vocab_size,
+        )?;
+        (opts.config(tok.vocab_size()), tok)
+    };
+    cfg.validate()?;
+    if tok.vocab_size() > cfg.vocab_size {
+        bail!(
+            "tokenizer has {} tokens, the model only {}",
+            tok.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    resize_images(&mut train_raw, cfg.image_size);
+    resize_images(&mut valid_raw, cfg.image_size);
+    let (model, varmap) = Model::init_trainable(&cfg, opts.seed, &device)?;
+    let mut opt = AdamW::new(
+        &varmap,
+        AdamWParams {
+            weight_decay: opts.weight_decay,
+            ..AdamWParams::default()
+        },
+    )?;
+    let start_step = match &state {
+        Some(s) => {
+            load_weights_into(&varmap, &opts.out_dir, &device)?;
+            if s.optimizer_state {
+                opt.load(&opts.out_dir.join("optimizer.safetensors"), s.step, &device)?;
+            }
+            s.step
+        }
+        None => {
+            if let Some(init) = &opts.init {
+                load_weights_into(&varmap, init, &device)?;
+            }
+            0
+        }
+    };
+    tok.save(opts.out_dir.join("tokenizer.json"))?;
+
+    let ds = Dataset::build(
+        &tok,
+        &train_raw,
+        opts.captions_per_image,
+        cfg.max_text_len(),
+    )?;
+    drop(train_raw);
+    let n_params: usize = varmap_tensors(&varmap)
+        .values()
+        .map(|t| t.elem_count())
+        .sum();
+    tracing::info!(
+        examples = ds.examples.len(),
+        skipped = ds.skipped,
+        params = n_params,
+        start_step,
+        "training"
+    );
+
+    let mode = Mode {
+        train: true,
+        dropout: opts.dropout,
+    };
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.out_dir.join("train_log.jsonl"))?;
+    let pb = if opts.progress {
+        indicatif::ProgressBar::new(opts.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap(),
+    );
+    pb.set_position(start_step as u64);
+    pb.reset_eta();
+
+    let mut losses = Vec::new();
+    let mut evals = Vec::new();
+    let (mut tokens, mut compute_secs) = (0usize, 0f64);
+    let mut step = start_step;
+    let mut stopped = false;
+    while step < opts.steps && opts.stop_at.is_none_or(|s| step < s) {
+        if let Some(budget) = opts.time_budget_secs {
+            if t0.elapsed().as_secs_f64() > budget {
+                stopped = true;
+                break;
+            }
+        }
+        let ts = Instant::now();
+        let idx = batch_indices(ds.examples.len(), opts.seed, opts.batch_size, step);
+        let batch = make_batch(
+            &ds,
+            &idx,
+            cfg.pad_id,
+            cfg.vocab_size,
+            opts.caption_smoothing,
+            &device,
+        )?;
+        let out = batch_loss(&model, &batch, opts.loss, mode)?;
+        let loss = out.total.to_scalar::<f32>()?;
+        if !loss.is_finite() {
+            bail!("loss is not finite at step {step}");
+        }
+        let grads = out.total.backward()?;
+        let lr = lr_at(step, opts.steps, opts.warmup_frac, opts.lr);
+        let st = opt.step(&grads, lr, Some(opts.clip_norm))?;
+        step += 1;
+        let dt = ts.elapsed().as_secs_f64();
+        tokens += batch.n_tokens;
+        compute_secs += dt;
+        losses.push(loss);
+        let per_layer: Vec<f32> = out
+            .per_layer
+            .iter()
+            .map(|t| t.to_scalar::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        writeln!(
+            log,
+            "{}",
+            serde_json::json!({"step": step, "loss": loss, "per_layer": per_layer, "lr": lr,
+                "grad_norm": st.grad_norm, "secs": dt})
+        )?;
+        pb.set_message(format!(
+            "loss {loss:.3} | last layer {:.3} | {:.0} tok/s",
+            per_layer.last().copied().unwrap_or(0.0),
+            tokens as f64 / compute_secs.max(1e-9)
+        ));
+        pb.set_position(step as u64);
+        if opts.eval_every > 0 && step % opts.eval_every == 0 && step < opts.steps {
+            let r = evaluate(&model, &tok, &valid_raw, opts.eval_examples)?;
+            pb.println(format!(
+                "step {step}: valid VE acc {:.3} ({}), caption token acc {:.3}",
+                r.ve_accuracy, r.ve_n, r.caption_token_accuracy
+            ));
+            writeln!(log, "{}", serde_json::json!({"step": step, "eval": &r}))?;
+            evals.push(EvalPoint { step, result: r });
+        }
+        if opts.checkpoint_every > 0 && step % opts.checkpoint_every == 0 && step < opts.steps {
+            save_checkpoint(opts, &cfg, &varmap, &tok, &opt, step)?;
+        }
+    }
+    pb.finish_and_clear();
+    save_checkpoint(opts, &cfg, &varmap, &tok, &opt, step)?;
+    let r = evaluate(&model, &tok, &valid_raw, opts.eval_examples)?;
+    writeln!(log, "{}", serde_json::json!({"step": step, "eval": &r}))?;
+    evals.push(EvalPoint { step, result: r });
+
+    let (mut valid_acc, mut test_acc) = (None, None);
+    if opts.final_eval {
+        valid_acc = Some(entail_accuracy_dir(&opts.out_dir, &opts.data_dir, "valid", None)?.0);
+        test_acc = Some(entail_accuracy_dir(&opts.out_dir, &opts.data_dir, "test", None)?.0);
+    }
+    let report = TrainReport {
+        start_step,
+        end_step: step,
+        wall_secs: t0.elapsed().as_secs_f64(),
+        losses,
+        evals,
+        n_train_examples: ds.examples.len(),
+        n_params,
+        tokens_per_sec: tokens as f64 / compute_secs.max(1e-9),
+        valid_ve_accuracy: valid_acc,
+        test_ve_accuracy: test_acc,
+        stopped_by_time_budget: stopped,
+    };
+    std::fs::write(
+        opts.out_dir.join("train_report.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    Ok(report)
+}

@@ -1,0 +1,430 @@
+//! Training: gradients reach every parameter, the layer-wise loss is what it claims, the
+//! optimiser lowers the loss, and `resume` continues a run exactly.
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use image::RgbImage;
+use mue::model::layers::Mode;
+use mue::model::{Config, EncoderMode, Model};
+use mue::train::data::{batch_indices, make_batch, Batch, Dataset, Example, TaskKind};
+use mue::train::{
+    batch_loss, layer_loss, lr_at, task_loss, AdamW, AdamWParams, LossKind, TrainOptions,
+};
+
+const TRAIN: Mode = Mode {
+    train: true,
+    dropout: 0.0,
+};
+
+fn tiny() -> (Model, VarMap) {
+    let cfg = Config::tiny(EncoderMode::Decomposed);
+    Model::init_trainable(&cfg, 7, &Device::Cpu).unwrap()
+}
+
+fn image(seed: u32, side: u32) -> RgbImage {
+    RgbImage::from_fn(side, side, |x, y| {
+        let v = (x * 31 + y * 17 + seed * 101) % 256;
+        image::Rgb([v as u8, (v * 3 % 256) as u8, (255 - v) as u8])
+    })
+}
+
+/// Two captions and two entailment questions of different lengths (padding on both sides).
+fn dataset() -> Dataset {
+    let cap = |image: usize, enc: Vec<u32>, cap: Vec<u32>| {
+        let mut dec = vec![0];
+        dec.extend(&cap);
+        let targets = cap.iter().copied().chain([2]).map(Some).collect();
+        Example {
+            task: TaskKind::Caption,
+            image,
+            enc_ids: enc,
+            dec_ids: dec,
+            targets,
+        }
+    };
+    let ve = |image: usize, prompt: Vec<u32>, answer: u32| {
+        let mut enc = vec![0];
+        enc.extend(&prompt);
+        enc.push(2);
+        let mut dec = vec![0];
+        dec.extend(&prompt);
+        dec.push(answer);
+        let mut targets = vec![None; dec.len()];
+        targets[dec.len() - 2] = Some(answer);
+        Example {
+            task: TaskKind::Entail,
+            image,
+            enc_ids: enc,
+            dec_ids: dec,
+            targets,
+        }
+    };
+    Dataset {
+        images: (0..3).map(|i| image(i, 16)).collect(),
+        examples: vec![
+            cap(0, vec![0, 10, 11, 12, 2], vec![20, 21, 22, 23, 24]),
+            ve(1, vec![30, 31, 32, 33, 34, 35], 40),
+            cap(2, vec![0, 10, 11, 12, 2], vec![25, 26]),
+            ve(0, vec![30, 36, 37], 41),
+        ],
+        skipped: 0,
+    }
+}
+
+fn batch(model: &Model, smoothing: f32) -> Batch {
+    let ds = dataset();
+    make_batch(
+        &ds,
+        &[0, 1, 2, 3],
+        model.cfg.pad_id,
+        model.cfg.vocab_size,
+        smoothing,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn scalar(t: &Tensor) -> f32 {
+    t.to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn every_parameter_gets_a_gradient_from_the_layerwise_loss() {
+    let (model, varmap) = tiny();
+    let b = batch(&model, 0.1);
+    let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+    let grads = out.total.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    assert!(names.len() > 50, "only {} variables", names.len());
+    let mut zero = Vec::new();
+    for name in names {
+        let g = grads
+            .get(data[name].as_tensor())
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let max = g
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max.is_finite(), "{name}: gradient not finite");
+        if max == 0.0 {
+            zero.push(name.clone());
+        }
+    }
+    assert!(
+        zero.is_empty(),
+        "parameters with an all-zero gradient: {zero:?}"
+    );
+}
+
+#[test]
+fn inference_kernels_would_not_train_every_parameter() {
+    // The reason for Mode::train: candle's fused softmax / layer norm have no backward.
+    let (model, varmap) = tiny();
+    let b = batch(&model, 0.1);
+    let out = batch_loss(&model, &b, LossKind::LayerWise, Mode::INFER).unwrap();
+    match out.total.backward() {
+        Err(_) => {}
+        Ok(grads) => {
+            let data = varmap.data().lock().unwrap();
+            let missing = data
+                .values()
+                .filter(|v| grads.get(v.as_tensor()).is_none())
+                .count();
+            assert!(missing > 0, "inference mode unexpectedly trains everything");
+        }
+    }
+}
+
+/// Reference: fairseq's label-smoothed NLL, computed on the host from full log-probs.
+fn reference_layer_loss(model: &Model, h: &Tensor, rows: &[(Vec<Option<u32>>, f32)]) -> f64 {
+    let lp = model
+        .log_probs(h, Mode::INFER)
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
+    let v = model.cfg.vocab_size as f64;
+    let active = rows
+        .iter()
+        .filter(|r| r.0.iter().any(|x| x.is_some()))
+        .count() as f64;
+    let mut total = 0.0;
+    for (i, (targets, eps)) in rows.iter().enumerate() {
+        let eps = *eps as f64;
+        let eps_i = eps / (v - 1.0);
+        let mut row = 0.0;
+        let mut n = 0.0;
+        for (j, t) in targets.iter().enumerate() {
+            if let Some(t) = t {
+                let nll = -(lp[i][j][*t as usize] as f64);
+                let smooth = -lp[i][j].iter().map(|&x| x as f64).sum::<f64>();
+                row += (1.0 - eps - eps_i) * nll + eps_i * smooth;
+                n += 1.0;
+            }
+        }
+        total += row / n / active;
+    }
+    total
+}
+
+#[test]
+fn layerwise_loss_is_the_sum_of_per_layer_losses_and_final_only_the_last() {
+    let (model, _) = tiny();
+    let b = batch(&model, 0.1);
+    let enc = model
+        .encode(&b.images, &b.enc_ids, &b.enc_padding, TRAIN)
+        .unwrap();
+    let hidden = model
+        .decode(&b.dec_ids, Some(&b.dec_padding), &enc, TRAIN)
+        .unwrap();
+    assert_eq!(hidden.len(), model.cfg.decoder_layers + 1);
+    let lw = task_loss(&model, &hidden, &b.targets, LossKind::LayerWise, TRAIN).unwrap();
+    let fo = task_loss(&model, &hidden, &b.targets, LossKind::FinalOnly, TRAIN).unwrap();
+    assert_eq!(lw.per_layer.len(), model.cfg.decoder_layers);
+    assert_eq!(fo.per_layer.len(), 1);
+
+    // Targets and smoothing per row as the batch holds them (captions 0.1, answers 0).
+    let ds = dataset();
+    let t = b.dec_ids.dim(1).unwrap();
+    let rows: Vec<(Vec<Option<u32>>, f32)> = ds
+        .examples
+        .iter()
+        .map(|e| {
+            let mut tg = e.targets.clone();
+            tg.resize(t, None);
+            (
+                tg,
+                if e.task == TaskKind::Caption {
+                    0.1
+                } else {
+                    0.0
+                },
+            )
+        })
+        .collect();
+    let mut sum = 0.0;
+    for (l, h) in hidden.iter().enumerate().skip(1) {
+        let separate = scalar(&layer_loss(&model, h, &b.targets, TRAIN).unwrap());
+        let reference = reference_layer_loss(&model, h, &rows);
+        assert!(
+            (separate as f64 - reference).abs() < 1e-4,
+            "layer {l}: {separate} vs reference {reference}"
+        );
+        assert!((scalar(&lw.per_layer[l - 1]) - separate).abs() < 1e-5);
+        sum += reference;
+    }
+    let total = scalar(&lw.total) as f64;
+    assert!(
+        (total - sum).abs() < 1e-3,
+        "layer-wise {total} vs sum {sum}"
+    );
+    let last = reference_layer_loss(&model, hidden.last().unwrap(), &rows);
+    let fo_total = scalar(&fo.total) as f64;
+    assert!(
+        (fo_total - last).abs() < 1e-4,
+        "final-only {fo_total} vs {last}"
+    );
+    // With several layers the two differ.
+    assert!(total > fo_total + 1.0);
+}
+
+#[test]
+fn label_smoothing_changes_the_loss_only_for_captions() {
+    let (model, _) = tiny();
+    let a = batch(&model, 0.0);
+    let b = batch(&model, 0.1);
+    let la = scalar(
+        &batch_loss(&model, &a, LossKind::FinalOnly, TRAIN)
+            .unwrap()
+            .total,
+    );
+    let lb = scalar(
+        &batch_loss(&model, &b, LossKind::FinalOnly, TRAIN)
+            .unwrap()
+            .total,
+    );
+    assert!((la - lb).abs() > 1e-6);
+}
+
+#[test]
+fn one_optimiser_step_lowers_the_loss_on_a_fixed_batch() {
+    let (model, varmap) = tiny();
+    let b = batch(&model, 0.1);
+    let mut opt = AdamW::new(&varmap, AdamWParams::default()).unwrap();
+    assert_eq!(opt.num_vars(), varmap.all_vars().len());
+    let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+    let before = scalar(&out.total);
+    let grads = out.total.backward().unwrap();
+    let st = opt.step(&grads, 1e-3, Some(1.0)).unwrap();
+    assert_eq!(st.missing, 0);
+    assert!(st.grad_norm > 0.0);
+    let after = scalar(
+        &batch_loss(&model, &b, LossKind::LayerWise, TRAIN)
+            .unwrap()
+            .total,
+    );
+    assert!(after < before, "loss {before} -> {after}");
+}
+
+#[test]
+fn gradient_clipping_bounds_the_global_norm() {
+    let (model, varmap) = tiny();
+    let b = batch(&model, 0.1);
+    let mut opt = AdamW::new(&varmap, AdamWParams::default()).unwrap();
+    let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+    let grads = out.total.backward().unwrap();
+    let norm = opt.grad_norm(&grads).unwrap();
+    let max = norm as f64 / 4.0;
+    let st = opt.step(&grads, 1e-4, Some(max)).unwrap();
+    assert!((st.grad_norm - norm).abs() < 1e-4 * norm);
+    assert!(((st.clip_scale * st.grad_norm) as f64 - max).abs() < 1e-3 * max);
+    let st2 = {
+        let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+        opt.step(&out.total.backward().unwrap(), 1e-4, Some(1e9))
+            .unwrap()
+    };
+    assert_eq!(st2.clip_scale, 1.0);
+}
+
+#[test]
+fn learning_rate_warms_up_then_decays_linearly() {
+    let peak = 1.0;
+    let lrs: Vec<f64> = (0..100).map(|s| lr_at(s, 100, 0.06, peak)).collect();
+    assert!((lrs[0] - 1.0 / 6.0).abs() < 1e-12);
+    assert!((lrs[5] - 1.0).abs() < 1e-12);
+    for s in 1..6 {
+        assert!(lrs[s] > lrs[s - 1]);
+    }
+    for s in 6..100 {
+        assert!(lrs[s] < lrs[s - 1] && lrs[s] > 0.0);
+    }
+    assert!(lrs[99] < 0.02);
+}
+
+#[test]
+fn batches_cover_each_epoch_once_in_a_seeded_order() {
+    let n = 10;
+    let mut seen: Vec<usize> = (0..5).flat_map(|s| batch_indices(n, 3, 2, s)).collect();
+    seen.sort();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    // Batches straddling epochs: 3 per batch, 10 examples.
+    let all: Vec<usize> = (0..10).flat_map(|s| batch_indices(n, 3, 3, s)).collect();
+    for e in 0..3 {
+        let mut ep = all[e * 10..e * 10 + 10].to_vec();
+        ep.sort();
+        assert_eq!(ep, (0..10).collect::<Vec<_>>());
+    }
+    assert_ne!(all[..10], all[10..20]);
+    assert_eq!(batch_indices(n, 3, 3, 4), batch_indices(n, 3, 3, 4));
+    assert_ne!(batch_indices(n, 3, 3, 0), batch_indices(n, 4, 3, 0));
+}
+
+fn tiny_options(data: &std::path::Path, out: &std::path::Path) -> TrainOptions {
+    let mut o = TrainOptions::new(data, out);
+    o.d_model = 32;
+    o.encoder_layers = 2;
+    o.decoder_layers = 2;
+    o.heads = 4;
+    o.ffn_dim = 64;
+    o.patch = 8;
+    o.image_size = 32;
+    o.vocab_size = 300;
+    o.max_positions = 64;
+    o.batch_size = 4;
+    o.steps = 3;
+    o.lr = 1e-3;
+    o.dropout = 0.0;
+    o.eval_examples = 4;
+    o
+}
+
+#[test]
+fn training_resumes_from_the_saved_step_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bench");
+    mue::data::generate(&mue::data::GenerateOptions {
+        out_dir: data.clone(),
+        seed: 1,
+        n_train: 6,
+        n_val: 3,
+        n_test: 3,
+        image_size: 32,
+    })
+    .unwrap();
+
+    // Uninterrupted: 3 steps.
+    let full = tmp.path().join("full");
+    let r = mue::train::train(&tiny_options(&data, &full)).unwrap();
+    assert_eq!((r.start_step, r.end_step), (0, 3));
+    assert_eq!(r.losses.len(), 3);
+
+    // Interrupted after the checkpoint at step 2, then resumed.
+    let part = tmp.path().join("part");
+    let mut o = tiny_options(&data, &part);
+    o.checkpoint_every = 2;
+    o.stop_at = Some(2);
+    let r1 = mue::train::train(&o).unwrap();
+    assert_eq!(r1.end_step, 2);
+    assert_eq!(mue::train::load_state(&part).unwrap().step, 2);
+    for (x, y) in r1.losses.iter().zip(&r.losses) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    assert_eq!(r1.losses.len(), 2);
+    o.stop_at = None;
+    o.resume = true;
+    let r2 = mue::train::train(&o).unwrap();
+    assert_eq!((r2.start_step, r2.end_step), (2, 3));
+    assert_eq!(r2.losses.len(), 1);
+    assert!(
+        (r2.losses[0] - r.losses[2]).abs() < 1e-4,
+        "resumed step loss {} vs {}",
+        r2.losses[0],
+        r.losses[2]
+    );
+    let st = mue::train::load_state(&part).unwrap();
+    assert_eq!(st.step, 3);
+    assert_eq!(st.examples_seen, 12);
+
+    // The saved weights load, as a model and through the engine, and match the
+    // uninterrupted run.
+    let a = Model::load_dir(&full, &Device::Cpu).unwrap();
+    let b = Model::load_dir(&part, &Device::Cpu).unwrap();
+    let diff = (&a.embed_tokens - &b.embed_tokens)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "resumed weights differ by {diff}");
+    let init = Model::init_trainable(&a.cfg, 0, &Device::Cpu).unwrap().0;
+    let moved = (&a.embed_tokens - &init.embed_tokens)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-4, "training did not change the weights");
+    assert_eq!(a.cfg.encoder_mode, EncoderMode::Decomposed);
+
+    // Training formats inputs exactly as the engine does.
+    let engine = mue::pipeline::Engine::load(&part).unwrap();
+    let hyp = "There is a Red circle.";
+    assert_eq!(
+        engine.entail_prompt(hyp, None).unwrap(),
+        mue::train::data::entail_prompt(&engine.tokenizer, hyp).unwrap()
+    );
+    // Resuming a finished run does nothing more.
+    let r3 = mue::train::train(&o).unwrap();
+    assert_eq!((r3.start_step, r3.end_step), (3, 3));
+    // The engine answers with the trained model (accuracy itself is not meaningful here).
+    let (acc, n) = mue::train::entail_accuracy_dir(&part, &data, "valid", None).unwrap();
+    assert!(n > 0 && (0.0..=1.0).contains(&acc));
+}
