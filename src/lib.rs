@@ -7,8 +7,5 @@ pub mod exit;
 pub mod generate;
 pub mod model;
 pub mod pipeline;
-<<<<<<< HEAD
 pub mod serve;
-=======
 pub mod train;
->>>>>>> train

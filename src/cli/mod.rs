@@ -4,11 +4,8 @@ pub mod convert;
 pub mod demo;
 pub mod eval;
 pub mod run;
-<<<<<<< HEAD
 pub mod serve;
-=======
 pub mod train;
->>>>>>> train
 
 use crate::exit::{DecoderThreshold, MuePolicy};
 use anyhow::{Context, Result};
