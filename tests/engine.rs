@@ -167,7 +167,7 @@ fn skipped_layers_get_keys_values_from_the_exit_state() {
         .decoder_cross_bias(&pos, &enc.positions.joint().unwrap())
         .unwrap();
     let l0 = &m.decoder.layers[0];
-    let (ck, cv) = l0.cross_key_value(&enc.memory).unwrap();
+    let (ck, cv) = l0.cross_key_value(&enc.memory, Mode::INFER).unwrap();
     let (h1, _) = l0
         .forward(&x0, None, Some(&sb[0]), (&ck, &cv), Some(&cb), Mode::INFER)
         .unwrap();

@@ -156,7 +156,7 @@ impl<'a> DecoderState<'a> {
             &self.model.device,
         )?;
         let mem = self.memory.index_select(&idx, 0)?;
-        let (k, v) = self.model.decoder.layers[layer].cross_key_value(&mem)?;
+        let (k, v) = self.model.decoder.layers[layer].cross_key_value(&mem, Mode::INFER)?;
         let d = self.model.cfg.d_model as u64;
         for (j, &s) in missing.iter().enumerate() {
             self.cross_kv[layer][s] = Some((k.narrow(0, j, 1)?, v.narrow(0, j, 1)?));

@@ -250,7 +250,7 @@ fn run_rows(
             .broadcast_add(&causal)?
             .broadcast_add(&key_padding_bias(&pad_a, dev)?)?;
         let cb = cross_bias.broadcast_add(&key_padding_bias(&mpad_a, dev)?)?;
-        let (k, v) = layer.cross_key_value(&memory.index_select(&idx, 0)?)?;
+        let (k, v) = layer.cross_key_value(&memory.index_select(&idx, 0)?, Mode::INFER)?;
         let (y, _) = layer.forward(&x, None, Some(&self_bias), (&k, &v), Some(&cb), mode)?;
         for &r in &active {
             let (s, tl) = (rows[r].0, rows[r].2.len() as u64);

@@ -1,7 +1,7 @@
 //! Transformer building blocks shared by encoder and decoder (OFA / NormFormer flavour).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// Switches between the fast inference kernels and the differentiable ones.
 /// (candle's fused softmax / layer norm have no backward pass.)
@@ -55,11 +55,78 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if mode.train {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+            // Differentiable; reductions run over the last dimension only (fast in candle).
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+            let xhat = xc.broadcast_div(&(var + self.eps as f64)?.sqrt()?)?;
+            xhat.mul(&rows_of(&self.weight, &xhat)?)?
+                .add(&rows_of(&self.bias, &xhat)?)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
         }
     }
+}
+
+/// A dense layer that multiplies all leading dimensions as one matrix: one large product
+/// instead of a batch of small ones, and in training a weight gradient without a
+/// per-batch copy to reduce (candle's `Linear` broadcasts the weight over the batch).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = matmul_flat(x, &self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    /// Training form: the bias enters through a product with a column of ones, so its
+    /// gradient is a matrix product too (candle's backward of a broadcast sums over leading
+    /// dimensions with a slow strided reduction).
+    pub fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if !mode.train {
+            return self.forward(x);
+        }
+        let y = matmul_flat(x, &self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.add(&rows_of(b, &y)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `v [n]` repeated over the leading dimensions of `like [..., n]`, built as a matrix
+/// product so that its backward pass is one.
+fn rows_of(v: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let n = v.dim(0)?;
+    let rows = like.elem_count() / n.max(1);
+    let ones = Tensor::ones((rows, 1), v.dtype(), v.device())?;
+    ones.matmul(&v.reshape((1, n))?)?.reshape(like.shape())
+}
+
+/// `x [..., k] @ w [k, n]` with the leading dimensions of `x` flattened.
+pub fn matmul_flat(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let rows = x.elem_count() / k.max(1);
+    let y = x.reshape((rows, k))?.matmul(w)?;
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(w.dim(1)?);
+    y.reshape(out)
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
@@ -109,14 +176,17 @@ impl Attention {
     }
 
     /// Scaled queries `[b, h, n, dh]`.
-    pub fn query(&self, x: &Tensor) -> Result<Tensor> {
-        split_heads(&(self.q_proj.forward(x)? * self.scaling)?, self.heads)
+    pub fn query(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        split_heads(
+            &(self.q_proj.forward_t(x, mode)? * self.scaling)?,
+            self.heads,
+        )
     }
 
     /// Keys and values `[b, h, n, dh]`.
-    pub fn key_value(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = split_heads(&self.k_proj.forward(x)?, self.heads)?;
-        let v = split_heads(&self.v_proj.forward(x)?, self.heads)?;
+    pub fn key_value(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        let k = split_heads(&self.k_proj.forward_t(x, mode)?, self.heads)?;
+        let v = split_heads(&self.v_proj.forward_t(x, mode)?, self.heads)?;
         Ok((k, v))
     }
 
@@ -140,7 +210,7 @@ impl Attention {
         let out = probs.matmul(v)?; // [b, h, nq, dh]
         let out = out.broadcast_mul(&self.c_attn.reshape((1, h, 1, 1))?)?;
         let out = out.transpose(1, 2)?.reshape((b, nq, h * dh))?;
-        self.out_proj.forward(&out)
+        self.out_proj.forward_t(&out, mode)
     }
 }
 
@@ -152,9 +222,9 @@ fn ffn(
     fc2: &Linear,
     mode: Mode,
 ) -> Result<Tensor> {
-    let h = fc1.forward(&norm.forward(x, mode)?)?.gelu_erf()?;
+    let h = fc1.forward_t(&norm.forward(x, mode)?, mode)?.gelu_erf()?;
     let h = mode.dropout(&h)?;
-    let h = fc2.forward(&mid.forward(&h, mode)?)?;
+    let h = fc2.forward_t(&mid.forward(&h, mode)?, mode)?;
     mode.dropout(&h)
 }
 
@@ -200,12 +270,12 @@ impl EncoderLayer {
         mode: Mode,
     ) -> Result<Tensor> {
         let hq = self.self_attn_layer_norm.forward(x_q, mode)?;
-        let q = self.self_attn.query(&hq)?;
+        let q = self.self_attn.query(&hq, mode)?;
         let (k, v) = match x_kv {
-            None => self.self_attn.key_value(&hq)?,
+            None => self.self_attn.key_value(&hq, mode)?,
             Some(kv) => self
                 .self_attn
-                .key_value(&self.self_attn_layer_norm.forward(kv, mode)?)?,
+                .key_value(&self.self_attn_layer_norm.forward(kv, mode)?, mode)?,
         };
         let a = self.self_attn.attend(&q, &k, &v, bias, mode)?;
         let a = mode.dropout(&self.self_attn_mid_layer_norm.forward(&a, mode)?)?;
@@ -264,12 +334,12 @@ impl DecoderLayer {
     /// Also how skipped layers fill their cache from an exit state ("propagate").
     pub fn self_key_value(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
         self.self_attn
-            .key_value(&self.self_attn_layer_norm.forward(x, mode)?)
+            .key_value(&self.self_attn_layer_norm.forward(x, mode)?, mode)
     }
 
     /// Cross-attention keys/values over the encoder memory.
-    pub fn cross_key_value(&self, memory: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.cross_attn.key_value(memory)
+    pub fn cross_key_value(&self, memory: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        self.cross_attn.key_value(memory, mode)
     }
 
     /// One layer over tokens `x` `[b, n, d]`. `past` holds earlier self-attention keys/values
@@ -299,8 +369,8 @@ impl DecoderLayer {
         mode: Mode,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let h = self.self_attn_layer_norm.forward(x, mode)?;
-        let q = self.self_attn.query(&h)?;
-        let (k_new, v_new) = self.self_attn.key_value(&h)?;
+        let q = self.self_attn.query(&h, mode)?;
+        let (k_new, v_new) = self.self_attn.key_value(&h, mode)?;
         let a = match past {
             Some((pk, pv)) => {
                 let k = Tensor::cat(&[pk, &k_new], 2)?;
@@ -322,7 +392,7 @@ impl DecoderLayer {
         mode: Mode,
     ) -> Result<Tensor> {
         let h = self.cross_attn_layer_norm.forward(x, mode)?;
-        let q = self.cross_attn.query(&h)?;
+        let q = self.cross_attn.query(&h, mode)?;
         let a = self.cross_attn.attend(&q, kv.0, kv.1, bias, mode)?;
         let a = mode.dropout(&self.cross_attn_mid_layer_norm.forward(&a, mode)?)?;
         x + a

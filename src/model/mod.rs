@@ -12,12 +12,14 @@ pub mod weights;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::path::Path;
 
 pub use config::{Config, EncoderMode, ImageEmbedder};
-use layers::{linear, split_heads, DecoderLayer, EncoderLayer, LayerNorm, Mode};
+use layers::{
+    linear, matmul_flat, split_heads, DecoderLayer, EncoderLayer, LayerNorm, Linear, Mode,
+};
 
 /// Pixel patches (the project's own small models) or a convolutional trunk.
 #[derive(Debug, Clone)]
@@ -582,7 +584,7 @@ impl Model {
         let mut x = self.embed_decoder(ids, mode)?;
         let mut hidden = vec![x.clone()];
         for (layer, sb) in self.decoder.layers.iter().zip(&self_biases) {
-            let (k, v) = layer.cross_key_value(&enc.memory)?;
+            let (k, v) = layer.cross_key_value(&enc.memory, mode)?;
             let bias = sb.broadcast_add(&self_mask)?;
             x = layer
                 .forward(&x, None, Some(&bias), (&k, &v), Some(&cross), mode)?
@@ -595,7 +597,7 @@ impl Model {
     /// Vocabulary logits from a decoder state: final layer norm, then the tied projection.
     pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.decoder.layer_norm.forward(h, mode)?;
-        x.broadcast_matmul(&self.embed_tokens.t()?)
+        matmul_flat(&x, &self.embed_tokens.t()?)
     }
 
     /// Log-probabilities over the vocabulary (differentiable).
