@@ -56,6 +56,31 @@ pub struct Prediction {
     pub margin: f32,
 }
 
+impl Prediction {
+    /// Top-1 token, entropy (nats) and top-1 minus top-2 probability of a distribution.
+    pub fn from_probs(p: &[f32]) -> Self {
+        let (mut i1, mut p1, mut p2) = (0usize, f32::MIN, f32::MIN);
+        let mut entropy = 0.0f32;
+        for (i, &v) in p.iter().enumerate() {
+            if v > 0.0 {
+                entropy -= v * v.ln();
+            }
+            if v > p1 {
+                p2 = p1;
+                p1 = v;
+                i1 = i;
+            } else if v > p2 {
+                p2 = v;
+            }
+        }
+        Prediction {
+            top1: i1 as u32,
+            entropy,
+            margin: p1 - p2.max(0.0),
+        }
+    }
+}
+
 /// Decides, after each layer, whether a stream or a token stops.
 pub trait ExitPolicy: Send + Sync + std::fmt::Debug {
     fn name(&self) -> String;

@@ -210,30 +210,7 @@ impl<'a> DecoderState<'a> {
         let probs = candle_nn::ops::softmax_last_dim(&logits)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
-        Ok(probs
-            .iter()
-            .map(|p| {
-                let (mut i1, mut p1, mut p2) = (0usize, f32::MIN, f32::MIN);
-                let mut entropy = 0.0f32;
-                for (i, &v) in p.iter().enumerate() {
-                    if v > 0.0 {
-                        entropy -= v * v.ln();
-                    }
-                    if v > p1 {
-                        p2 = p1;
-                        p1 = v;
-                        i1 = i;
-                    } else if v > p2 {
-                        p2 = v;
-                    }
-                }
-                Prediction {
-                    top1: i1 as u32,
-                    entropy,
-                    margin: p1 - p2.max(0.0),
-                }
-            })
-            .collect())
+        Ok(probs.iter().map(|p| Prediction::from_probs(p)).collect())
     }
 
     /// Feed one token per row at position `self.t`; returns next-token logits.

@@ -132,7 +132,7 @@ fn row_prediction(model: &Model, h: &Tensor, scored: &[usize]) -> Result<Predict
         .to_vec2::<f32>()?;
     let mut out: Option<Prediction> = None;
     for p in &probs {
-        let q = summarize(p);
+        let q = Prediction::from_probs(p);
         out = Some(match out {
             None => q,
             Some(o) => Prediction {
@@ -143,29 +143,6 @@ fn row_prediction(model: &Model, h: &Tensor, scored: &[usize]) -> Result<Predict
         });
     }
     out.ok_or_else(|| candle_core::Error::Msg("row without scored positions".into()))
-}
-
-/// Top-1 token, entropy (nats) and top-1 minus top-2 probability of a distribution.
-fn summarize(p: &[f32]) -> Prediction {
-    let (mut i1, mut p1, mut p2) = (0usize, f32::MIN, f32::MIN);
-    let mut entropy = 0.0f32;
-    for (i, &v) in p.iter().enumerate() {
-        if v > 0.0 {
-            entropy -= v * v.ln();
-        }
-        if v > p1 {
-            p2 = p1;
-            p1 = v;
-            i1 = i;
-        } else if v > p2 {
-            p2 = v;
-        }
-    }
-    Prediction {
-        top1: i1 as u32,
-        entropy,
-        margin: p1 - p2.max(0.0),
-    }
 }
 
 type RowSpec = (usize, Option<usize>, Vec<u32>, Vec<usize>);

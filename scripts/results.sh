@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Reproduces the figures of README "Results" and of models/default/MODEL_CARD.md on the
+# shipped model: full-depth quality, the one-layer check, thresholds calibrated on the
+# validation split and evaluated on the test split, and the baseline sweep with plots.
+# About 20-30 minutes on a 2-core machine. Outputs go to results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q
+mue=./target/release/mue
+M=${MODEL:-models/default}
+D=${DATA:-data/bench}
+R=${RESULTS:-results}
+[ -f "$D/snli_ve_test.tsv" ] || $mue data generate --out "$D" --seed 0 --train 3000 --valid 200 --test 200 >/dev/null
+mkdir -p "$R"
+q="--quiet"
+
+# Full depth, and every stream / token leaving after its first layer.
+$mue eval --model "$M" --data "$D/snli_ve_test.tsv" --task entail --policy full $q > "$R/entail_test_full.json"
+$mue eval --model "$M" --data "$D/snli_ve_test.tsv" --task entail --policy static --depth 1 $q > "$R/entail_test_depth1.json"
+$mue eval --model "$M" --data "$D/caption_test.tsv" --task caption --policy full $q > "$R/caption_test_full.json"
+
+# Thresholds chosen on the validation split, reported on the test split.
+$mue calibrate --model "$M" --data "$D/snli_ve_valid.tsv" --task entail --target 0.99 \
+    --grid scripts/grid_entail_mue.json --limit 300 --sweep-out "$R/calibrate_entail" $q
+$mue calibrate --model "$M" --data "$D/caption_valid.tsv" --task caption --target 0.96 \
+    --grid scripts/grid_caption_mue.json --limit 60 --sweep-out "$R/calibrate_caption" $q
+$mue eval --model "$M" --data "$D/snli_ve_test.tsv" --task entail --policy mue $q > "$R/entail_test_mue.json"
+$mue eval --model "$M" --data "$D/caption_test.tsv" --task caption --policy mue $q > "$R/caption_test_mue.json"
+
+# MuE beside the baselines on the test split (CSV, JSON, Pareto frontier, PNG/SVG plot).
+$mue sweep --model "$M" --data "$D/snli_ve_test.tsv" --task entail --grid scripts/grid_baselines.json \
+    --out-dir "$R/sweep" $q > /dev/null
+echo "results in $R/"
