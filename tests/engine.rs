@@ -33,16 +33,7 @@ fn inputs(cfg: &Config, n: usize) -> Vec<Input> {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    mue::model::max_abs_diff(a, b).unwrap()
 }
 
 /// Teacher-forced full-depth logits `[t, V]` for one sample and decoder ids.

@@ -38,19 +38,7 @@ fn load(file: &str) -> Model {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    mue::model::max_abs_diff(a, b).unwrap()
 }
 
 /// Records the max abs error of one tensor and fails above `tol`.

@@ -156,16 +156,7 @@ mod tests {
         let enc = model
             .encode(&o["patch_images"], &ids, &padding, Mode::INFER)
             .unwrap();
-        let err = (enc.memory - &o["encoder_last_hidden_state"])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = crate::model::max_abs_diff(&enc.memory, &o["encoder_last_hidden_state"]).unwrap();
         assert!(err <= 6e-5, "encoder_last_hidden_state max abs error {err}");
 
         // --vocab without --merges is refused; a missing OFA directory is an error.

@@ -49,6 +49,17 @@ impl ImageTrunk {
     }
 }
 
+/// Largest absolute elementwise difference of two tensors of the same shape (in f32):
+/// how parity and equivalence checks compare outputs.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("shape mismatch: {:?} vs {:?}", a.dims(), b.dims());
+    }
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
 /// Padding flags of the encoder memory `[image patches; text]`: patches are never padding.
 pub fn memory_padding(text_padding: &[Vec<bool>], patches: usize) -> Vec<Vec<bool>> {
     text_padding
