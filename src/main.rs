@@ -21,6 +21,8 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Serve the model over HTTP (dynamic batching, per-request exits, metrics, demo page).
     Serve(cli::serve::ServeArgs),
+    /// Load figures for the server: throughput and p50/p99 at 1x and 2x saturation.
+    ServeBench(cli::serve::ServeBenchArgs),
     /// Quality, exits and measured reductions of one policy on a TSV split.
     Eval(cli::eval::EvalArgs),
     /// Grid over thresholds / policy parameters: CSV, JSON, Pareto frontier, plots.
@@ -76,6 +78,7 @@ fn main() -> Result<()> {
         Command::Demo(a) => cli::demo::main(a),
         Command::Run(a) => cli::run::main(a),
         Command::Serve(a) => cli::serve::main(a),
+        Command::ServeBench(a) => cli::serve::bench_main(a),
         Command::Train(a) => cli::train::main(a),
         Command::Convert(a) => cli::convert::main(a),
         Command::Eval(a) => cli::eval::eval_main(a),

@@ -390,6 +390,7 @@ fn eval_command_runs_each_policy_kind() {
         PolicyKind::Oracle,
     ] {
         let path = out.path().join(format!("{kind:?}.json"));
+        let preds = out.path().join(format!("{kind:?}.jsonl"));
         let args = EvalArgs {
             data: data_args(dir.path(), Task::Entail),
             policy: kind,
@@ -403,8 +404,19 @@ fn eval_command_runs_each_policy_kind() {
                 kv_fill: "propagate".into(),
             },
             out: Some(path.clone()),
+            predictions: (kind != PolicyKind::Oracle).then(|| preds.clone()),
         };
         let v = eval_with(&e, &args, TaskThresholds::default()).unwrap();
+        if kind != PolicyKind::Oracle {
+            // One JSON line per example, in split order.
+            let text = std::fs::read_to_string(&preds).unwrap();
+            let rows: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(rows.len() as u64, v["examples"].as_u64().unwrap());
+            assert!(rows.iter().all(|r| r["prediction"].is_string()));
+        }
         let back: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         // serde_json may differ in the last digit of a float: compare the report's fields.
@@ -427,6 +439,7 @@ fn eval_command_runs_each_policy_kind() {
             kv_fill: "propagate".into(),
         },
         out: None,
+        predictions: None,
     };
     assert!(eval_with(&e, &args, TaskThresholds::default()).is_err());
     args.policy = PolicyKind::Static;

@@ -461,42 +461,37 @@ async fn load_test_reports() {
     server.shutdown().await.unwrap();
 }
 
-/// The numbers in docs/serve.md:
-/// `cargo test --release --test serve -- --ignored --nocapture load_numbers`
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore]
-async fn load_numbers() {
-    let engine = Arc::new(random_engine(0).unwrap());
-    let cfg = ServeConfig::default();
-    let server = Server::start("127.0.0.1:0", engine, cfg).await.unwrap();
-    let requests: usize = std::env::var("MUE_LOAD_REQUESTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(48);
-    for task in [Task::Caption, Task::Entail] {
-        for (name, exits) in [
-            ("mue", None),
-            (
-                "full",
-                Some(json!({"image": 1.0, "text": 1.0, "decoder": 1.0})),
-            ),
-        ] {
-            for concurrency in [1usize, 8] {
-                let spec = load::LoadSpec {
-                    concurrency,
-                    requests,
-                    task,
-                    image: png_bytes(),
-                    hypothesis: "there is a red circle".into(),
-                    exits: exits.clone(),
-                };
-                let r = load::load_test_with(server.addr, &spec).await.unwrap();
-                println!(
-                    "| {task:?} | {name} | {concurrency} | {requests} | {:.1} | {:.1} | {:.1} | {:.2} | {:.3} | {} |",
-                    r.throughput, r.p50, r.p99, r.mean_batch, r.mean_saved_fraction, r.errors
-                );
-            }
-        }
-    }
+async fn open_loop_overload_rejects_but_never_fails() {
+    let spec = load::LoadSpec {
+        concurrency: 1,
+        requests: 1,
+        task: Task::Entail,
+        image: png_bytes(),
+        hypothesis: "there is a red circle".into(),
+        exits: None,
+    };
+    // Light load on a roomy queue: every request is answered.
+    let (server, _) = start(config()).await;
+    let r = load::open_loop(server.addr, &spec, 20.0, 0.5)
+        .await
+        .unwrap();
+    assert_eq!((r.sent, r.ok, r.rejected, r.failed), (10, 10, 0, 0));
+    assert!(r.p99 >= r.p50 && r.p50 > 0.0 && r.peak_rss_mib > 0.0);
+    server.shutdown().await.unwrap();
+    // A burst far above capacity on a 2-slot queue: refused with 503, accepted ones succeed.
+    let cfg = ServeConfig {
+        queue: 2,
+        max_batch: 2,
+        ..config()
+    };
+    let (server, _) = start(cfg).await;
+    let r = load::open_loop(server.addr, &spec, 2000.0, 0.05)
+        .await
+        .unwrap();
+    assert_eq!(r.sent, 100);
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert_eq!(r.ok + r.rejected, r.sent);
+    assert!(r.rejected > 0 && r.ok > 0, "{r:?}");
     server.shutdown().await.unwrap();
 }

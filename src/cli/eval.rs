@@ -98,6 +98,9 @@ pub struct EvalArgs {
     /// Write the JSON report here (it is always printed).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write each example's prediction, exits and multiply-adds here (JSON lines).
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -191,8 +194,25 @@ pub fn eval_with(
     let data = args.data.load()?;
     let opts = args.data.options(&args.exits.kv_fill)?;
     let value = match build_policy(args, base)? {
-        Some(p) => serde_json::to_value(ev::evaluate(engine, &data, p.as_ref(), &opts)?)?,
-        None => serde_json::to_value(ev::oracle(engine, &data, &opts)?)?,
+        Some(p) => {
+            let (report, outputs) = ev::evaluate_with_outputs(engine, &data, p.as_ref(), &opts)?;
+            if let Some(path) = &args.predictions {
+                let mut lines = String::new();
+                for e in &outputs.examples {
+                    lines.push_str(&serde_json::to_string(e)?);
+                    lines.push('\n');
+                }
+                std::fs::write(path, lines)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            serde_json::to_value(report)?
+        }
+        None => {
+            if args.predictions.is_some() {
+                bail!("--predictions is not available for the oracle (it reports depths)");
+            }
+            serde_json::to_value(ev::oracle(engine, &data, &opts)?)?
+        }
     };
     if let Some(out) = &args.out {
         write_json(out, &value)?;

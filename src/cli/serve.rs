@@ -107,3 +107,152 @@ pub fn main(args: ServeArgs) -> Result<()> {
         serve::run(listener, Arc::new(engine), cfg, shutdown_signal()).await
     })
 }
+
+/// `mue serve-bench`: load figures for the server, measured in one run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeBenchArgs {
+    /// Model directory; without config.json there a RANDOM model is used.
+    #[arg(long, default_value_os_t = super::default_model_dir())]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "entail")]
+    pub task: super::Task,
+    /// Seconds of each open-loop phase (and of the saturation probe).
+    #[arg(long, default_value_t = 15.0)]
+    pub seconds: f64,
+    /// Most requests per engine call.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// How long a request waits for others to batch with, in ms.
+    #[arg(long, default_value_t = 10)]
+    pub max_wait_ms: u64,
+    /// Bound of the request queue.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One row of the serve-bench table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServeBenchRow {
+    /// `mue` (the model's calibrated thresholds) or `full` (every layer).
+    pub exits: &'static str,
+    /// Offered load as a multiple of the measured saturation throughput.
+    pub load: f64,
+    #[serde(flatten)]
+    pub report: serve::load::OpenLoopReport,
+}
+
+/// For MuE exits and for full depth: the saturation throughput of a closed loop with
+/// 2 x max-batch clients, then open-loop phases at 1x and 2x that rate.
+pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.seconds.is_finite() && args.seconds > 0.0,
+        "--seconds must be positive, got {}",
+        args.seconds
+    );
+    anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    let (engine, thresholds) = if args.model.join("config.json").is_file() {
+        (
+            Engine::load(&args.model)?,
+            TaskThresholds::for_model(&args.model)?,
+        )
+    } else {
+        eprintln!(
+            "note: no trained model at {}; benchmarking a RANDOM model",
+            args.model.display()
+        );
+        (random_engine(0)?, TaskThresholds::default())
+    };
+    let cfg = ServeConfig {
+        max_batch: args.max_batch,
+        max_wait: Duration::from_millis(args.max_wait_ms),
+        queue: args.queue,
+        thresholds,
+        ..ServeConfig::default()
+    };
+    let image_path = super::demo::examples_dir().join("example_0.png");
+    let image = std::fs::read(&image_path)
+        .with_context(|| format!("cannot read {}", image_path.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let rows = rt.block_on(async move {
+        let server = serve::Server::start("127.0.0.1:0", Arc::new(engine), cfg).await?;
+        let rss_start = serve::load::rss_bytes().unwrap_or(0);
+        let mut rows = Vec::new();
+        let full = serde_json::json!({"image": 2.0, "text": 2.0, "decoder": 2.0});
+        for (name, exits) in [("mue", None), ("full", Some(full))] {
+            let spec = serve::load::LoadSpec {
+                concurrency: 2 * args.max_batch,
+                requests: 4 * args.max_batch,
+                task: args.task,
+                image: image.clone(),
+                hypothesis: "there is a red circle".into(),
+                exits,
+            };
+            // A short closed loop to warm up and estimate the rate, then one of `seconds`.
+            let probe = serve::load::load_test_with(server.addr, &spec).await?;
+            let spec = serve::load::LoadSpec {
+                requests: ((probe.throughput * args.seconds).ceil() as usize).max(spec.requests),
+                ..spec
+            };
+            let saturation = serve::load::load_test_with(server.addr, &spec).await?;
+            anyhow::ensure!(
+                saturation.throughput > 0.0,
+                "no request succeeded while measuring saturation ({} errors)",
+                saturation.errors
+            );
+            for load in [1.0, 2.0] {
+                let report = serve::load::open_loop(
+                    server.addr,
+                    &spec,
+                    load * saturation.throughput,
+                    args.seconds,
+                )
+                .await?;
+                rows.push(ServeBenchRow {
+                    exits: name,
+                    load,
+                    report,
+                });
+            }
+        }
+        server.shutdown().await?;
+        let rss_end = serve::load::rss_bytes().unwrap_or(0);
+        eprintln!(
+            "resident memory: {:.0} MiB after start, {:.0} MiB at the end",
+            rss_start as f64 / 1048576.0,
+            rss_end as f64 / 1048576.0
+        );
+        anyhow::Ok(rows)
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "| exits | load | offered req/s | ok req/s | p50 ms | p99 ms | rejected (503) | failed | mean batch | saved MACs | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let p = &r.report;
+        println!(
+            "| {} | {:.0}x | {:.1} | {:.1} | {:.1} | {:.1} | {} / {} | {} | {:.2} | {:.1}% | {:.0} |",
+            r.exits,
+            r.load,
+            p.offered_rate,
+            p.throughput,
+            p.p50,
+            p.p99,
+            p.rejected,
+            p.sent,
+            p.failed,
+            p.mean_batch,
+            100.0 * p.mean_saved_fraction,
+            p.peak_rss_mib
+        );
+    }
+    Ok(())
+}

@@ -404,10 +404,20 @@ pub fn evaluate(
     policy: &dyn ExitPolicy,
     opts: &EvalOptions,
 ) -> Result<EvalReport> {
+    Ok(evaluate_with_outputs(engine, data, policy, opts)?.0)
+}
+
+/// `evaluate`, also returning the policy's per-example outputs.
+pub fn evaluate_with_outputs(
+    engine: &Engine,
+    data: &Dataset,
+    policy: &dyn ExitPolicy,
+    opts: &EvalOptions,
+) -> Result<(EvalReport, RunOutputs)> {
     let full = run(engine, data, &FullDepth, opts)?;
     let full_quality = quality(data, &full)?;
     let r = run(engine, data, policy, opts)?;
-    report(data, &r, &full, full_quality)
+    Ok((report(data, &r, &full, full_quality)?, r))
 }
 
 /// The oracle: for each example the shallowest uniform depth (every stream and token

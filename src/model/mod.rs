@@ -635,11 +635,23 @@ fn reinit_seeded(varmap: &VarMap, seed: u64) -> Result<()> {
             || name.contains("layernorm")
             || name.ends_with("_ln.weight")
             || name.ends_with("_ln.bias");
+        // Dense layers get unit-variance outputs (std 1/sqrt(fan_in)): with BERT's fixed
+        // 0.02 at d = 128 attention logits start near zero, attention stays uniform for a
+        // long time and the model learns to read only the mean of the image tokens.
+        let dense = shape.rank() == 2
+            && ["_proj.weight", "fc1.weight", "fc2.weight", "_linear.weight"]
+                .iter()
+                .any(|s| name.ends_with(s));
         let values: Vec<f32> = if name.ends_with("c_attn") || (is_norm && name.ends_with(".weight"))
         {
             vec![1.0; n]
         } else if name.ends_with(".bias") {
             vec![0.0; n]
+        } else if dense {
+            let std = (shape.dims()[1] as f32).powf(-0.5);
+            (0..n)
+                .map(|_| std * normal.sample(&mut rng) / 0.02)
+                .collect()
         } else {
             (0..n).map(|_| normal.sample(&mut rng)).collect()
         };

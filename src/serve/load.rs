@@ -63,8 +63,8 @@ pub async fn load_test(
     .await
 }
 
-/// `spec.concurrency` clients each send requests back to back until `spec.requests` are sent.
-pub async fn load_test_with(addr: SocketAddr, spec: &LoadSpec) -> Result<Report> {
+/// The route and JSON body of `spec`'s request.
+fn request_body(spec: &LoadSpec) -> Result<(&'static str, Vec<u8>)> {
     let mut body = serde_json::json!({
         "image_base64": base64::engine::general_purpose::STANDARD.encode(&spec.image),
     });
@@ -74,11 +74,44 @@ pub async fn load_test_with(addr: SocketAddr, spec: &LoadSpec) -> Result<Report>
     if let Some(e) = &spec.exits {
         body["exits"] = e.clone();
     }
-    let body = Arc::new(serde_json::to_vec(&body)?);
     let path = match spec.task {
         Task::Caption => "/v1/caption",
         Task::Entail => "/v1/entail",
     };
+    Ok((path, serde_json::to_vec(&body)?))
+}
+
+/// What one request came back with.
+enum Outcome {
+    /// Latency ms, saved fraction, batch size.
+    Ok(f64, f64, f64),
+    /// 503 / 429: refused by backpressure, never accepted.
+    Rejected,
+    /// Any other status, or a transport error.
+    Failed,
+}
+
+async fn send(addr: SocketAddr, path: &str, body: &[u8]) -> Outcome {
+    let t = Instant::now();
+    match client::request(addr, "POST", path, Some("application/json"), body).await {
+        Ok(r) if r.status == 200 => {
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let v = r.json().unwrap_or_default();
+            Outcome::Ok(
+                ms,
+                v["saved_fraction"].as_f64().unwrap_or(0.0),
+                v["batch_size"].as_f64().unwrap_or(0.0),
+            )
+        }
+        Ok(r) if r.status == 503 || r.status == 429 => Outcome::Rejected,
+        _ => Outcome::Failed,
+    }
+}
+
+/// `spec.concurrency` clients each send requests back to back until `spec.requests` are sent.
+pub async fn load_test_with(addr: SocketAddr, spec: &LoadSpec) -> Result<Report> {
+    let (path, body) = request_body(spec)?;
+    let body = Arc::new(body);
     let next = Arc::new(AtomicUsize::new(0));
     let total = spec.requests;
     let start = Instant::now();
@@ -86,48 +119,173 @@ pub async fn load_test_with(addr: SocketAddr, spec: &LoadSpec) -> Result<Report>
     for _ in 0..spec.concurrency.max(1) {
         let (body, next) = (body.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
-            // (latency ms, saved fraction, batch size) per success; error count.
-            let mut ok = Vec::new();
-            let mut errors = 0usize;
+            let mut out = Vec::new();
             while next.fetch_add(1, Ordering::SeqCst) < total {
-                let t = Instant::now();
-                match client::request(addr, "POST", path, Some("application/json"), &body).await {
-                    Ok(r) if r.status == 200 => {
-                        let ms = t.elapsed().as_secs_f64() * 1e3;
-                        let v = r.json().unwrap_or_default();
-                        ok.push((
-                            ms,
-                            v["saved_fraction"].as_f64().unwrap_or(0.0),
-                            v["batch_size"].as_f64().unwrap_or(0.0),
-                        ));
-                    }
-                    _ => errors += 1,
-                }
+                out.push(send(addr, path, &body).await);
             }
-            (ok, errors)
+            out
         }));
     }
-    let mut ok = Vec::new();
-    let mut errors = 0;
+    let mut outcomes = Vec::new();
     for t in tasks {
-        let (o, e) = t.await?;
-        ok.extend(o);
-        errors += e;
+        outcomes.extend(t.await?);
     }
-    let wall = start.elapsed().as_secs_f64();
-    let mut lat: Vec<f64> = ok.iter().map(|o| o.0).collect();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let n = ok.len().max(1) as f64;
+    let s = Summary::of(&outcomes);
     Ok(Report {
         requests: total,
         concurrency: spec.concurrency,
-        throughput: ok.len() as f64 / wall,
-        p50: percentile(&lat, 0.50),
-        p99: percentile(&lat, 0.99),
-        errors,
-        mean_saved_fraction: ok.iter().map(|o| o.1).sum::<f64>() / n,
-        mean_batch: ok.iter().map(|o| o.2).sum::<f64>() / n,
+        throughput: s.ok as f64 / start.elapsed().as_secs_f64(),
+        p50: s.p50,
+        p99: s.p99,
+        errors: s.rejected + s.failed,
+        mean_saved_fraction: s.mean_saved_fraction,
+        mean_batch: s.mean_batch,
     })
+}
+
+/// Latency percentiles and means over the successful outcomes.
+struct Summary {
+    ok: usize,
+    rejected: usize,
+    failed: usize,
+    p50: f64,
+    p99: f64,
+    mean_saved_fraction: f64,
+    mean_batch: f64,
+}
+
+impl Summary {
+    fn of(outcomes: &[Outcome]) -> Summary {
+        let mut lat = Vec::new();
+        let (mut saved, mut batch, mut rejected, mut failed) = (0.0, 0.0, 0, 0);
+        for o in outcomes {
+            match o {
+                Outcome::Ok(ms, s, b) => {
+                    lat.push(*ms);
+                    saved += s;
+                    batch += b;
+                }
+                Outcome::Rejected => rejected += 1,
+                Outcome::Failed => failed += 1,
+            }
+        }
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let n = lat.len().max(1) as f64;
+        Summary {
+            ok: lat.len(),
+            rejected,
+            failed,
+            p50: percentile(&lat, 0.50),
+            p99: percentile(&lat, 0.99),
+            mean_saved_fraction: saved / n,
+            mean_batch: batch / n,
+        }
+    }
+}
+
+/// One open-loop phase: requests start on a fixed schedule, whatever the server does, so
+/// an overloaded server meets its queue bound instead of slowing the clients down.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoopReport {
+    /// Requests per second sent.
+    pub offered_rate: f64,
+    pub sent: usize,
+    pub ok: usize,
+    /// Refused with 503/429 (backpressure): never accepted.
+    pub rejected: usize,
+    /// Accepted requests that did not answer 200, and transport errors.
+    pub failed: usize,
+    /// Successful requests per second, first send to last answer.
+    pub throughput: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub mean_batch: f64,
+    pub mean_saved_fraction: f64,
+    /// Largest resident set size of this process seen during the phase, in MiB
+    /// (the server runs in-process in `mue serve-bench`).
+    pub peak_rss_mib: f64,
+}
+
+/// Send `rate` requests per second for `seconds`.
+pub async fn open_loop(
+    addr: SocketAddr,
+    spec: &LoadSpec,
+    rate: f64,
+    seconds: f64,
+) -> Result<OpenLoopReport> {
+    anyhow::ensure!(
+        rate.is_finite() && rate > 0.0 && seconds > 0.0,
+        "open-loop rate and duration must be positive (got {rate} req/s for {seconds} s)"
+    );
+    let (path, body) = request_body(spec)?;
+    let body = Arc::new(body);
+    let sent = ((rate * seconds).round() as usize).max(1);
+    let rss = RssSampler::start();
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(sent);
+    for i in 0..sent {
+        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(i as f64 / rate)).await;
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move { send(addr, path, &body).await }));
+    }
+    let mut outcomes = Vec::with_capacity(sent);
+    for t in tasks {
+        outcomes.push(t.await?);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let s = Summary::of(&outcomes);
+    Ok(OpenLoopReport {
+        offered_rate: rate,
+        sent,
+        ok: s.ok,
+        rejected: s.rejected,
+        failed: s.failed,
+        throughput: s.ok as f64 / wall,
+        p50: s.p50,
+        p99: s.p99,
+        mean_batch: s.mean_batch,
+        mean_saved_fraction: s.mean_saved_fraction,
+        peak_rss_mib: rss.stop().await as f64 / (1024.0 * 1024.0),
+    })
+}
+
+/// Resident set size of this process in bytes (Linux; None elsewhere).
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Polls `rss_bytes` every 20 ms in the background and keeps the maximum.
+struct RssSampler {
+    peak: Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start() -> RssSampler {
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(rss_bytes().unwrap_or(0)));
+        let (stop, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let p = peak.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                p.fetch_max(rss_bytes().unwrap_or(0), Ordering::SeqCst);
+                tokio::select! {
+                    _ = &mut rx => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        RssSampler { peak, stop, task }
+    }
+
+    async fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        self.peak.load(Ordering::SeqCst)
+    }
 }
 
 /// Nearest-rank percentile of sorted values (0 when empty).
