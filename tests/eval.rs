@@ -46,6 +46,7 @@ fn opts() -> EvalOptions {
             ..SearchConfig::default()
         },
         progress: false,
+        premise: false,
     }
 }
 
@@ -154,6 +155,33 @@ fn entail_eval_reports_reductions() {
 }
 
 #[test]
+fn premise_enters_the_prompt_only_when_asked() {
+    let e = engine();
+    let dir = data_dir(1);
+    let data = Dataset::load(&ve_path(dir.path()), Task::Entail, None).unwrap();
+    let bare = mue::eval::eval::run(&e, &data, &FullDepth, &opts()).unwrap();
+    let with = mue::eval::eval::run(
+        &e,
+        &data,
+        &FullDepth,
+        &EvalOptions {
+            premise: true,
+            ..opts()
+        },
+    )
+    .unwrap();
+    // The premise lengthens the encoder text, so full-depth work grows on every row.
+    for (b, w) in bare.examples.iter().zip(&with.examples) {
+        assert!(
+            w.macs_full > b.macs_full,
+            "{} vs {}",
+            w.macs_full,
+            b.macs_full
+        );
+    }
+}
+
+#[test]
 fn caption_eval_scores_against_references() {
     let e = engine();
     let dir = data_dir(2);
@@ -230,6 +258,7 @@ fn data_args(dir: &Path, task: Task) -> DataArgs {
         beam: 2,
         max_len: 5,
         quiet: true,
+        premise: false,
     }
 }
 

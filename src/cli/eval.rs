@@ -58,6 +58,10 @@ pub struct DataArgs {
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Entailment: put the split's premise (a caption) into the prompt, as OFA's
+    /// `--add-caption` does. Only for models trained that way; the project's are not.
+    #[arg(long)]
+    pub premise: bool,
 }
 
 impl DataArgs {
@@ -71,6 +75,7 @@ impl DataArgs {
                 ..SearchConfig::default()
             },
             progress: !self.quiet,
+            premise: self.premise,
         })
     }
 

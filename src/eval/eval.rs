@@ -79,6 +79,10 @@ pub struct EvalOptions {
     pub search: SearchConfig,
     /// Show progress bars.
     pub progress: bool,
+    /// Put the split's premise into the entailment prompt. Off by default: the project's
+    /// models are trained on image + hypothesis, and a prompt format the model never saw
+    /// silently costs accuracy.
+    pub premise: bool,
 }
 
 impl Default for EvalOptions {
@@ -87,6 +91,7 @@ impl Default for EvalOptions {
             batch: 8,
             search: SearchConfig::default(),
             progress: false,
+            premise: false,
         }
     }
 }
@@ -156,7 +161,8 @@ pub fn run(
                     .map(|r| EntailRequest {
                         image: DynamicImage::ImageRgb8(r.image.clone()),
                         hypothesis: r.hypothesis.clone(),
-                        premise: Some(r.premise.clone()).filter(|p| !p.trim().is_empty()),
+                        premise: Some(r.premise.clone())
+                            .filter(|p| opts.premise && !p.trim().is_empty()),
                     })
                     .collect();
                 let start = Instant::now();
