@@ -445,6 +445,24 @@ fn eval_command_runs_each_policy_kind() {
                 .collect();
             assert_eq!(rows.len() as u64, v["examples"].as_u64().unwrap());
             assert!(rows.iter().all(|r| r["prediction"].is_string()));
+            // The generator's metadata is beside the split: tiers partition the examples and
+            // their accuracies average to the overall one.
+            let groups = v["breakdown"].as_array().expect("breakdown");
+            let tiers: Vec<&serde_json::Value> = groups
+                .iter()
+                .filter(|g| g["group"].as_str().unwrap().starts_with("tier="))
+                .collect();
+            let n: u64 = tiers.iter().map(|g| g["examples"].as_u64().unwrap()).sum();
+            assert_eq!(n, v["examples"].as_u64().unwrap());
+            let hits: f64 = tiers
+                .iter()
+                .map(|g| g["accuracy"].as_f64().unwrap() * g["examples"].as_f64().unwrap())
+                .sum();
+            let acc = v["quality"]["accuracy"].as_f64().unwrap();
+            assert!(
+                (hits / n as f64 - acc).abs() < 1e-9,
+                "{hits} / {n} vs {acc}"
+            );
         }
         let back: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -1,6 +1,7 @@
 //! `mue eval`, `mue sweep`, `mue calibrate`: evaluation of exit policies on TSV splits.
 
 use super::{ExitArgs, Task, TaskThresholds};
+use crate::eval::breakdown;
 use crate::eval::calibrate::{self, Calibration, Objective};
 use crate::eval::eval::{self as ev, Dataset, EvalOptions};
 use crate::eval::sweep::{self, PolicySpec, SweepResult};
@@ -200,7 +201,8 @@ pub fn eval_with(
     let opts = args.data.options(&args.exits.kv_fill)?;
     let value = match build_policy(args, base)? {
         Some(p) => {
-            let (report, outputs) = ev::evaluate_with_outputs(engine, &data, p.as_ref(), &opts)?;
+            let (report, outputs, full) =
+                ev::evaluate_with_outputs(engine, &data, p.as_ref(), &opts)?;
             if let Some(path) = &args.predictions {
                 let mut lines = String::new();
                 for e in &outputs.examples {
@@ -210,7 +212,14 @@ pub fn eval_with(
                 std::fs::write(path, lines)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
-            serde_json::to_value(report)?
+            let mut value = serde_json::to_value(report)?;
+            // The benchmark's tiers and hypothesis types, when its metadata is beside the split.
+            if let Some(meta) = breakdown::meta_path(&args.data.data) {
+                let meta = breakdown::load_meta(&meta)?;
+                value["breakdown"] =
+                    serde_json::to_value(breakdown::breakdown(&data, &outputs, &full, &meta))?;
+            }
+            value
         }
         None => {
             if args.predictions.is_some() {

@@ -413,17 +413,17 @@ pub fn evaluate(
     Ok(evaluate_with_outputs(engine, data, policy, opts)?.0)
 }
 
-/// `evaluate`, also returning the policy's per-example outputs.
+/// `evaluate`, also returning the per-example outputs of the policy and of full depth.
 pub fn evaluate_with_outputs(
     engine: &Engine,
     data: &Dataset,
     policy: &dyn ExitPolicy,
     opts: &EvalOptions,
-) -> Result<(EvalReport, RunOutputs)> {
+) -> Result<(EvalReport, RunOutputs, RunOutputs)> {
     let full = run(engine, data, &FullDepth, opts)?;
     let full_quality = quality(data, &full)?;
     let r = run(engine, data, policy, opts)?;
-    Ok((report(data, &r, &full, full_quality)?, r))
+    Ok((report(data, &r, &full, full_quality)?, r, full))
 }
 
 /// The oracle: for each example the shallowest uniform depth (every stream and token

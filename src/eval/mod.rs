@@ -1,6 +1,7 @@
 //! Evaluation utilities: captioning metrics (BLEU, CIDEr-D, ROUGE-L) matching
 //! the COCO caption evaluation toolkit, and classification accuracy.
 
+pub mod breakdown;
 pub mod calibrate;
 #[allow(clippy::module_inception)]
 pub mod eval;
