@@ -29,6 +29,8 @@ enum Command {
     Sweep(cli::eval::SweepArgs),
     /// Choose the cheapest thresholds that keep a target fraction of full-depth quality.
     Calibrate(cli::eval::CalibrateArgs),
+    /// Regenerate docs/results.md: calibrate, sweep every baseline, ablations, the table.
+    Report(cli::report::ReportArgs),
     /// Convert a Hugging Face OFA checkpoint into an engine model directory.
     Convert(cli::convert::ConvertArgs),
     /// Fine-tune with the layer-wise loss (decomposed encoder) on CPU.
@@ -84,6 +86,7 @@ fn main() -> Result<()> {
         Command::Eval(a) => cli::eval::eval_main(a),
         Command::Sweep(a) => cli::eval::sweep_main(a),
         Command::Calibrate(a) => cli::eval::calibrate_main(a),
+        Command::Report(a) => cli::report::main(a),
         Command::Data(DataCommand::Generate(a)) => {
             let opts = mue::data::GenerateOptions {
                 out_dir: a.out,

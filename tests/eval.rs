@@ -1,14 +1,16 @@
 //! Evaluation, sweeps, calibration and the prediction-based policies on the random engine
 //! and a few generated benchmark examples.
 
-use mue::cli::demo::random_engine;
+use mue::cli::demo::{random_engine, write_random_model};
 use mue::cli::eval::{
     calibrate_with, eval_with, sweep_with, CalibrateArgs, DataArgs, EvalArgs, PolicyKind, SweepArgs,
 };
+use mue::cli::report::{report_with, ReportArgs};
 use mue::cli::{ExitArgs, Task, TaskThresholds};
 use mue::data::tokenizer::VE_ANSWERS;
 use mue::data::{generate, GenerateOptions};
 use mue::eval::eval::{evaluate, oracle, quality, run, Dataset, EvalOptions};
+use mue::eval::report::Ablation;
 use mue::eval::sweep::{sweep, PolicySpec};
 use mue::exit::{EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy, StaticDepth};
 use mue::generate::SearchConfig;
@@ -503,4 +505,228 @@ fn sweep_module_runs_directly() {
     let res = sweep(&e, &data, &[PolicySpec::Static { depth: 1 }], &opts()).unwrap();
     assert_eq!(res.points[0].report.exits.mean_image_layer, 1.0);
     assert!(sweep(&e, &data, &[], &opts()).is_err());
+}
+
+fn report_args(root: &Path, data: &Path) -> ReportArgs {
+    ReportArgs {
+        model: root.join("model"),
+        data: Some(data.to_path_buf()),
+        ablation_model: Some(root.join("ablation")),
+        results: root.join("results"),
+        out: root.join("docs/results.md"),
+        tasks: vec![Task::Entail, Task::Caption],
+        limit: Some(3),
+        caption_limit: Some(2),
+        entail_target: 0.99,
+        caption_target: 0.96,
+        entail_grid: Some(root.join("cal.json")),
+        caption_grid: Some(root.join("cal.json")),
+        sweep_grid: Some(root.join("sweep.json")),
+        batch: 4,
+        beam: 2,
+        max_len: 5,
+        kv_fill: "propagate".into(),
+        render_only: false,
+        quiet: true,
+    }
+}
+
+#[test]
+fn report_runs_end_to_end_and_writes_page_and_results() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let bench = r.join("bench");
+    generate(&GenerateOptions {
+        out_dir: bench.clone(),
+        seed: 7,
+        n_train: 0,
+        n_val: 2,
+        n_test: 2,
+        image_size: 64,
+    })
+    .unwrap();
+    // The same tiny model twice: the ablation row must then equal the MuE row.
+    write_random_model(&r.join("model"), 3).unwrap();
+    write_random_model(&r.join("ablation"), 3).unwrap();
+    let m = |i: f32, t: f32, d: f32| PolicySpec::Mue {
+        image: i,
+        text: t,
+        decoder: d,
+    };
+    let cal = vec![m(0.5, 0.5, 0.5), m(-2.0, 1.0, 1.0)];
+    std::fs::write(r.join("cal.json"), serde_json::to_string(&cal).unwrap()).unwrap();
+    let sweep_grid = vec![
+        PolicySpec::Entropy { threshold: 1e9 },
+        PolicySpec::Patience { patience: 1 },
+        PolicySpec::Margin { threshold: 0.5 },
+        PolicySpec::Joint {
+            encoder: -2.0,
+            decoder: 1.0,
+        },
+        m(-2.0, -2.0, -2.0),
+        PolicySpec::Static { depth: 1 },
+    ];
+    std::fs::write(
+        r.join("sweep.json"),
+        serde_json::to_string(&sweep_grid).unwrap(),
+    )
+    .unwrap();
+    let args = report_args(r, &bench);
+    let (data, page) = report_with(&args).unwrap();
+    assert_eq!(page, r.join("docs/results.md"));
+    let text = std::fs::read_to_string(&page).unwrap();
+    for s in [
+        "## Summary, laid out as the paper's table",
+        "## Visual entailment",
+        "## Captioning",
+        "| Full model (6+6 layers) |",
+        "| Smaller model (static depth 4) | depth=4 |",
+        "| Smaller model (static depth 2) | depth=2 |",
+        "| DeeBERT (entropy) | threshold=1000000000;",
+        "| PABEE (patience) | patience=1;",
+        "| CALM (softmax margin) | threshold=0.5;",
+        "| **MuE** |",
+        "| MuE w/o modality decomposition (`joint`) | encoder=-2 decoder=1;",
+        "| MuE w/o layer-wise loss |",
+        "](../results/sweep/sweep_entail.",
+        "](../results/sweep/sweep_caption.",
+        "(`nproc`)",
+        "mue report --model ",
+        "baseline points of the test sweep",
+    ] {
+        assert!(text.contains(s), "page lacks {s:?}:\n{text}");
+    }
+    assert!(!text.contains("not run"));
+    let res = r.join("results");
+    for f in [
+        "report.json",
+        "report/exits.json",
+        "report/grid_entail_calibrate.json",
+        "report/grid_entail_test.json",
+        "report/grid_caption_test.json",
+        "calibrate_entail/sweep_entail.json",
+        "calibrate_caption/sweep_caption.csv",
+        "sweep/sweep_entail.csv",
+        "sweep/sweep_entail.json",
+        "sweep/sweep_entail.svg",
+        "sweep/sweep_caption.json",
+        "ablation/exits.json",
+        "ablation/calibrate_entail/sweep_entail.json",
+        "ablation/entail_test_mue.json",
+        "ablation/caption_test_mue.json",
+    ] {
+        let p = res.join(f);
+        assert!(
+            std::fs::metadata(&p).map(|m| m.len() > 0).unwrap_or(false),
+            "{f}"
+        );
+    }
+    assert_eq!(data.tasks.len(), 2);
+    for t in &data.tasks {
+        let limit = if t.task == Task::Entail { 3 } else { 2 };
+        assert_eq!(t.sweep.examples, limit);
+        assert_eq!(t.valid_examples, limit);
+        // Calibration keeps the target on valid, and its point is in the test sweep.
+        let c = &t.calibration;
+        assert!(c.point.quality >= t.target * c.full_quality);
+        let on_test = t
+            .sweep
+            .points
+            .iter()
+            .find(|p| p.spec == c.point.spec)
+            .expect("calibrated point in the test sweep");
+        assert!(t.sweep.points.iter().any(|p| p.spec == PolicySpec::Full));
+        // Same weights: the ablation calibrates to the same point and scores the same.
+        match &t.ablation {
+            Ablation::Run {
+                calibration,
+                report,
+            } => {
+                assert_eq!(calibration.point.spec, c.point.spec);
+                assert_eq!(report.quality.primary, on_test.quality);
+                assert_eq!(report.reduction.macs, on_test.mac_reduction);
+                assert_eq!(report.full_quality.primary, t.sweep.full_quality.primary);
+            }
+            Ablation::NotRun { reason } => panic!("ablation not run: {reason}"),
+        }
+    }
+    // The written exits are the calibrated thresholds; the model's own folder is untouched.
+    let exits = TaskThresholds::for_model(&res.join("report")).unwrap();
+    assert_eq!(exits.entail, data.tasks[0].calibration.policy);
+    assert!(!r.join("model/exits.json").exists());
+
+    // Re-rendering from report.json gives the same page, without the models.
+    std::fs::remove_file(&page).unwrap();
+    let mut again = args.clone();
+    again.render_only = true;
+    again.model = r.join("gone");
+    again.data = None;
+    report_with(&again).unwrap();
+    assert_eq!(std::fs::read_to_string(&page).unwrap(), text);
+    // Elsewhere, the plot links follow the page.
+    again.out = r.join("page.md");
+    report_with(&again).unwrap();
+    let moved = std::fs::read_to_string(r.join("page.md")).unwrap();
+    assert!(moved.contains("](results/sweep/sweep_entail."));
+}
+
+#[test]
+fn report_rejects_bad_input_before_running() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let bench = data_dir(1);
+    write_random_model(&r.join("model"), 3).unwrap();
+    std::fs::write(r.join("cal.json"), "[]").unwrap();
+    std::fs::write(r.join("sweep.json"), "[]").unwrap();
+    let err = |a: &ReportArgs| format!("{:#}", report_with(a).unwrap_err());
+    // No ablation model there.
+    let args = report_args(r, bench.path());
+    let e = err(&args);
+    assert!(
+        e.contains("--ablation-model") && e.contains("not a model directory"),
+        "{e}"
+    );
+    // No test split in the benchmark folder.
+    std::fs::remove_file(bench.path().join("snli_ve_test.tsv")).unwrap();
+    let mut a = args.clone();
+    a.ablation_model = None;
+    let e = err(&a);
+    assert!(e.contains("snli_ve_test.tsv is missing"), "{e}");
+    a.limit = Some(0);
+    assert!(err(&a).contains("--limit must be at least 1"));
+    a.limit = None;
+    a.entail_target = 1.5;
+    assert!(err(&a).contains("--entail-target"));
+    a.entail_target = 0.99;
+    a.kv_fill = "nope".into();
+    assert!(err(&a).contains("nope"));
+    // Render-only without an earlier run.
+    a.render_only = true;
+    assert!(err(&a).contains("report.json"));
+    // Grid flags: `default` is the built-in grid; absent, the repository's script grid.
+    let mut a = report_args(r, bench.path());
+    a.entail_grid = Some("default".into());
+    a.sweep_grid = None;
+    let c = a.config().unwrap();
+    assert_eq!(c.entail_grid, None);
+    assert_eq!(
+        c.sweep_grid,
+        Some(PathBuf::from("scripts/grid_baselines.json"))
+    );
+    // The binary: a clear message, no panic.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mue"))
+        .args(["report", "--model"])
+        .arg(r.join("model"))
+        .arg("--data")
+        .arg(bench.path())
+        .arg("--ablation-model")
+        .arg(r.join("missing"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a model directory") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }

@@ -14,6 +14,8 @@ use crate::pipeline::Engine;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+pub use crate::eval::sweep::read_grid;
+
 /// The policies `mue eval` can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PolicyKind {
@@ -229,7 +231,7 @@ pub fn eval_with(
         }
     };
     if let Some(out) = &args.out {
-        write_json(out, &value)?;
+        crate::eval::write_json(out, &value)?;
     }
     Ok(value)
 }
@@ -242,47 +244,13 @@ pub fn eval_main(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Read a grid file (a JSON array of policy points).
-pub fn read_grid(path: &Path) -> Result<Vec<PolicySpec>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a grid file", path.display()))
-}
-
 /// The grid of a sweep: the file if given, else the default grid, restricted to `families`.
 pub fn sweep_grid(
     engine: &Engine,
     grid: Option<&Path>,
     families: &[String],
 ) -> Result<Vec<PolicySpec>> {
-    let g = match grid {
-        Some(p) => read_grid(p)?,
-        None => sweep::default_grid(engine.model.cfg.decoder_layers),
-    };
-    for f in families {
-        if !sweep::FAMILIES.contains(&f.as_str()) {
-            bail!(
-                "unknown policy family {f:?}; expected one of {}",
-                sweep::FAMILIES.join(", ")
-            );
-        }
-    }
-    let g: Vec<PolicySpec> = g
-        .into_iter()
-        .filter(|s| families.is_empty() || families.iter().any(|f| f == s.family()))
-        .collect();
-    if g.is_empty() {
-        bail!("the sweep grid is empty");
-    }
-    Ok(g)
+    sweep::select_grid(grid, engine.model.cfg.decoder_layers, families)
 }
 
 /// `mue sweep` on a loaded engine; returns the result and the files written.
@@ -339,7 +307,7 @@ pub fn objective(args: &CalibrateArgs) -> Result<Objective> {
 /// `mue calibrate` on a loaded engine: writes the exits file, returns the calibration.
 pub fn calibrate_with(engine: &Engine, args: &CalibrateArgs) -> Result<Calibration> {
     let objective = objective(args)?;
-    let result: SweepResult = match &args.sweep {
+    let cal = match &args.sweep {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
@@ -348,21 +316,17 @@ pub fn calibrate_with(engine: &Engine, args: &CalibrateArgs) -> Result<Calibrati
             if r.task != args.data.task {
                 bail!("{} is a sweep of the other task", p.display());
             }
-            r
+            calibrate::calibrate(&r, objective)?
         }
         None => {
             let data = args.data.load()?;
             let opts = args.data.options(&args.kv_fill)?;
             let fams = ["mue".to_string(), "joint".to_string()];
             let grid = sweep_grid(engine, args.grid.as_deref(), &fams)?;
-            let r = sweep::sweep(engine, &data, &grid, &opts)?;
-            if let Some(dir) = &args.sweep_out {
-                sweep::write_outputs(&r, dir)?;
-            }
-            r
+            let sweep_out = args.sweep_out.as_deref();
+            calibrate::calibrate_on(engine, &data, &grid, objective, &opts, sweep_out)?.0
         }
     };
-    let cal = calibrate::calibrate(&result, objective)?;
     let out = args
         .out
         .clone()

@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod demo;
 pub mod eval;
+pub mod report;
 pub mod run;
 pub mod serve;
 pub mod train;
@@ -25,6 +26,16 @@ pub fn default_model_dir() -> PathBuf {
 pub enum Task {
     Caption,
     Entail,
+}
+
+impl Task {
+    /// The name on the command line and in file names.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::Caption => "caption",
+            Task::Entail => "entail",
+        }
+    }
 }
 
 /// Per-task MuE thresholds, as `exits.json` in a model directory stores them.

@@ -2,9 +2,11 @@
 //! lowest cost keeping at least a target fraction of full-depth quality, or of best quality
 //! within a cost budget, and store them in a model directory's `exits.json`.
 
-use super::sweep::{SweepPoint, SweepResult};
+use super::eval::{Dataset, EvalOptions};
+use super::sweep::{self, PolicySpec, SweepPoint, SweepResult};
 use crate::cli::{Task, TaskThresholds};
 use crate::exit::MuePolicy;
+use crate::pipeline::Engine;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -93,6 +95,24 @@ pub fn calibrate(result: &SweepResult, objective: Objective) -> Result<Calibrati
         point,
         full_quality: result.full_quality.primary,
     })
+}
+
+/// Sweep `grid` on `data` (saving the sweep into `sweep_out` when given, even if no point
+/// satisfies the objective) and calibrate on it.
+pub fn calibrate_on(
+    engine: &Engine,
+    data: &Dataset,
+    grid: &[PolicySpec],
+    objective: Objective,
+    opts: &EvalOptions,
+    sweep_out: Option<&Path>,
+) -> Result<(Calibration, SweepResult)> {
+    objective.validate()?;
+    let result = sweep::sweep(engine, data, grid, opts)?;
+    if let Some(dir) = sweep_out {
+        sweep::write_outputs(&result, dir)?;
+    }
+    Ok((calibrate(&result, objective)?, result))
 }
 
 /// Store the calibrated thresholds for the task in `path` (an `exits.json`), keeping the

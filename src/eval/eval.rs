@@ -360,6 +360,7 @@ pub struct EvalReport {
     pub quality: Quality,
     pub full_quality: Quality,
     /// quality.primary / full_quality.primary (1 when both are 0).
+    #[serde(deserialize_with = "super::f64_or_nan")]
     pub relative_quality: f64,
     pub exits: ExitStats,
     pub reduction: Reduction,

@@ -153,6 +153,42 @@ pub fn default_grid(decoder_layers: usize) -> Vec<PolicySpec> {
     g
 }
 
+/// Read a grid file (a JSON array of policy points).
+pub fn read_grid(path: &Path) -> Result<Vec<PolicySpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a grid file", path.display()))
+}
+
+/// The grid file if given, else the default grid for `decoder_layers`, restricted to
+/// `families` (all when empty).
+pub fn select_grid(
+    grid: Option<&Path>,
+    decoder_layers: usize,
+    families: &[String],
+) -> Result<Vec<PolicySpec>> {
+    for f in families {
+        if !FAMILIES.contains(&f.as_str()) {
+            bail!(
+                "unknown policy family {f:?}; expected one of {}",
+                FAMILIES.join(", ")
+            );
+        }
+    }
+    let g = match grid {
+        Some(p) => read_grid(p)?,
+        None => default_grid(decoder_layers),
+    };
+    let g: Vec<PolicySpec> = g
+        .into_iter()
+        .filter(|s| families.is_empty() || families.iter().any(|f| f == s.family()))
+        .collect();
+    if g.is_empty() {
+        bail!("the sweep grid is empty");
+    }
+    Ok(g)
+}
+
 /// One evaluated grid point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SweepPoint {
@@ -161,6 +197,7 @@ pub struct SweepPoint {
     pub params: String,
     /// Primary quality metric (accuracy or CIDEr-D).
     pub quality: f64,
+    #[serde(deserialize_with = "super::f64_or_nan")]
     pub relative_quality: f64,
     pub layer_reduction: f64,
     pub mac_reduction: f64,
@@ -292,10 +329,7 @@ pub fn to_csv(result: &SweepResult) -> String {
          wall_reduction,mean_image_layer,mean_text_layer,mean_token_layer,on_frontier,\
          on_family_frontier\n",
     );
-    let task = match result.task {
-        Task::Caption => "caption",
-        Task::Entail => "entail",
-    };
+    let task = result.task.name();
     for p in &result.points {
         let e = &p.report.exits;
         let _ = writeln!(

@@ -21,6 +21,16 @@ pub enum KvFill {
     Copy,
 }
 
+impl KvFill {
+    /// The name `FromStr` reads.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KvFill::Propagate => "propagate",
+            KvFill::Copy => "copy",
+        }
+    }
+}
+
 impl std::str::FromStr for KvFill {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
