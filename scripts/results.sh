@@ -27,6 +27,16 @@ $mue calibrate --model "$M" --data "$D/caption_valid.tsv" --task caption --targe
 $mue eval --model "$M" --data "$D/snli_ve_test.tsv" --task entail --policy mue $q > "$R/entail_test_mue.json"
 $mue eval --model "$M" --data "$D/caption_test.tsv" --task caption --policy mue $q > "$R/caption_test_mue.json"
 
+# The final-only ablation (train it with the model card's command plus --loss final-only
+# and pass its folder as ABLATION=...): calibrated on valid the same way, evaluated on test.
+if [ -n "${ABLATION:-}" ]; then
+  $mue calibrate --model "$ABLATION" --data "$D/snli_ve_valid.tsv" --task entail --target 0.99 \
+      --grid scripts/grid_entail_mue.json --limit 300 --sweep-out "$R/calibrate_entail_ablation" $q
+  $mue eval --model "$ABLATION" --data "$D/snli_ve_test.tsv" --task entail --policy full $q > "$R/entail_test_full_ablation.json"
+  $mue eval --model "$ABLATION" --data "$D/snli_ve_test.tsv" --task entail --policy static --depth 1 $q > "$R/entail_test_depth1_ablation.json"
+  $mue eval --model "$ABLATION" --data "$D/snli_ve_test.tsv" --task entail --policy mue $q > "$R/entail_test_mue_ablation.json"
+fi
+
 # MuE beside the baselines on the test split (CSV, JSON, Pareto frontier, PNG/SVG plot).
 $mue sweep --model "$M" --data "$D/snli_ve_test.tsv" --task entail --grid scripts/grid_baselines.json \
     --out-dir "$R/sweep" $q > /dev/null
