@@ -48,6 +48,20 @@ pub fn write_examples(dir: &Path, n: usize, image_size: u32) -> Result<()> {
     Ok(())
 }
 
+/// The model in `dir` with its calibrated thresholds, or, without `config.json` there, a
+/// random model with the default thresholds and a note on stderr saying what is `doing`
+/// with it (commands must still run, e.g. for testing, before a model exists).
+pub fn engine_or_random(dir: &Path, doing: &str) -> Result<(Engine, TaskThresholds)> {
+    if dir.join("config.json").is_file() {
+        return Ok((Engine::load(dir)?, TaskThresholds::for_model(dir)?));
+    }
+    eprintln!(
+        "note: no trained model at {}; {doing} a RANDOM model (predictions are meaningless, exits and costs are real)",
+        dir.display()
+    );
+    Ok((random_engine(0)?, TaskThresholds::default()))
+}
+
 /// A random model with a tokenizer trained on benchmark text: what the demo runs when no
 /// trained model is present.
 pub fn random_engine(seed: u64) -> Result<Engine> {
@@ -117,18 +131,7 @@ pub struct DemoArgs {
 }
 
 pub fn main(args: DemoArgs) -> Result<()> {
-    let (engine, thresholds) = if args.model.join("config.json").is_file() {
-        (
-            Engine::load(&args.model)?,
-            TaskThresholds::for_model(&args.model)?,
-        )
-    } else {
-        eprintln!(
-            "note: no trained model at {}; running a RANDOM model (predictions are meaningless, exits and costs are real)",
-            args.model.display()
-        );
-        (random_engine(0)?, TaskThresholds::default())
-    };
+    let (engine, thresholds) = engine_or_random(&args.model, "running")?;
     let dir = examples_dir();
     let list: Vec<Example> = serde_json::from_str(
         &std::fs::read_to_string(dir.join("examples.json"))

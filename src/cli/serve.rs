@@ -1,9 +1,8 @@
 //! `mue serve`: the HTTP API (see `crate::serve`).
 
-use super::demo::random_engine;
+use super::demo::engine_or_random;
 use super::TaskThresholds;
 use crate::generate::SearchConfig;
-use crate::pipeline::Engine;
 use crate::serve::{self, ServeConfig};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -83,18 +82,7 @@ async fn shutdown_signal() {
 }
 
 pub fn main(args: ServeArgs) -> Result<()> {
-    let (engine, thresholds) = if args.model.join("config.json").is_file() {
-        (
-            Engine::load(&args.model)?,
-            TaskThresholds::for_model(&args.model)?,
-        )
-    } else {
-        eprintln!(
-            "note: no trained model at {}; serving a RANDOM model (predictions are meaningless, exits and costs are real)",
-            args.model.display()
-        );
-        (random_engine(0)?, TaskThresholds::default())
-    };
+    let (engine, thresholds) = engine_or_random(&args.model, "serving")?;
     let cfg = args.config(thresholds);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -153,18 +141,7 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
         args.seconds
     );
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
-    let (engine, thresholds) = if args.model.join("config.json").is_file() {
-        (
-            Engine::load(&args.model)?,
-            TaskThresholds::for_model(&args.model)?,
-        )
-    } else {
-        eprintln!(
-            "note: no trained model at {}; benchmarking a RANDOM model",
-            args.model.display()
-        );
-        (random_engine(0)?, TaskThresholds::default())
-    };
+    let (engine, thresholds) = engine_or_random(&args.model, "benchmarking")?;
     let cfg = ServeConfig {
         max_batch: args.max_batch,
         max_wait: Duration::from_millis(args.max_wait_ms),

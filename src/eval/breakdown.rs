@@ -1,7 +1,7 @@
 //! Quality and exits per group of examples (difficulty tier, hypothesis type), read from
 //! the benchmark's `meta_<split>.tsv`: early exiting should spend less on easy inputs.
 
-use super::eval::{exit_stats, Dataset, ExitStats, RunOutputs};
+use super::eval::{exit_stats, mac_reduction, Dataset, ExitStats, RunOutputs};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -103,18 +103,12 @@ pub fn breakdown(
                 examples: idx.iter().map(|&i| run.examples[i].clone()).collect(),
                 wall_ms: 0.0,
             };
-            let exec: u64 = subset.examples.iter().map(|e| e.macs_executed).sum();
-            let all: u64 = subset.examples.iter().map(|e| e.macs_full).sum();
             GroupReport {
                 examples: idx.len(),
                 accuracy: accuracy(run, &idx),
                 full_accuracy: accuracy(full, &idx),
                 exits: exit_stats(&subset),
-                macs_reduction: if all == 0 {
-                    0.0
-                } else {
-                    1.0 - exec as f64 / all as f64
-                },
+                macs_reduction: mac_reduction(&subset.examples),
                 group,
             }
         })

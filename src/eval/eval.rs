@@ -326,6 +326,17 @@ pub fn exit_stats(run: &RunOutputs) -> ExitStats {
     }
 }
 
+/// 1 - executed / full-depth multiply-adds summed over `examples` (0 when there are none).
+pub fn mac_reduction(examples: &[ExampleOutput]) -> f64 {
+    let exec: u64 = examples.iter().map(|e| e.macs_executed).sum();
+    let all: u64 = examples.iter().map(|e| e.macs_full).sum();
+    if all == 0 {
+        0.0
+    } else {
+        1.0 - exec as f64 / all as f64
+    }
+}
+
 /// Reduction of `run` against the full-depth run `full` of the same split.
 pub fn reduction(run: &RunOutputs, full: &RunOutputs) -> Reduction {
     let n = run.examples.len().max(1) as f64;
@@ -335,13 +346,7 @@ pub fn reduction(run: &RunOutputs, full: &RunOutputs) -> Reduction {
         .map(|e| e.exits.layer_reduction())
         .sum::<f64>()
         / n;
-    let exec: u64 = run.examples.iter().map(|e| e.macs_executed).sum();
-    let all: u64 = run.examples.iter().map(|e| e.macs_full).sum();
-    let macs = if all == 0 {
-        0.0
-    } else {
-        1.0 - exec as f64 / all as f64
-    };
+    let macs = mac_reduction(&run.examples);
     let wall = if full.wall_ms > 0.0 {
         1.0 - run.wall_ms / full.wall_ms
     } else {
