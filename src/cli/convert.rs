@@ -31,7 +31,7 @@ pub struct ConvertArgs {
     pub merges: Option<PathBuf>,
 }
 
-fn parse_mode(s: &str) -> Result<EncoderMode> {
+pub(crate) fn parse_mode(s: &str) -> Result<EncoderMode> {
     match s {
         "joint" => Ok(EncoderMode::Joint),
         "decomposed" => Ok(EncoderMode::Decomposed),

@@ -58,6 +58,13 @@ pub struct TrainArgs {
     /// Start from an existing model directory (e.g. a converted OFA checkpoint).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Encoder of the trained model: `decomposed` (MuE), or `joint` for a pre-training
+    /// stage that a decomposed run continues with --init.
+    #[arg(long, default_value = "decomposed", value_parser = crate::cli::convert::parse_mode)]
+    pub encoder_mode: crate::model::EncoderMode,
+    /// Attention temperature of a new model: logits scaled by (head_dim * F)^-0.5 (OFA: 2).
+    #[arg(long, default_value_t = 2.0)]
+    pub attn_scale_factor: f64,
     /// Use only the first N training images.
     #[arg(long)]
     pub max_train_images: Option<usize>,
@@ -100,6 +107,8 @@ impl TrainArgs {
         o.checkpoint_every = self.checkpoint_every;
         o.resume = self.resume;
         o.init = self.init.clone();
+        o.encoder_mode = self.encoder_mode;
+        o.attn_scale_factor = self.attn_scale_factor;
         o.max_train_images = self.max_train_images;
         o.captions_per_image = Some(self.captions_per_image);
         o.time_budget_secs = self.time_budget_secs;

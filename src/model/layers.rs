@@ -3,6 +3,17 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+thread_local! {
+    static DROPOUT_RNG: std::cell::RefCell<rand_chacha::ChaCha8Rng> =
+        std::cell::RefCell::new(rand::SeedableRng::seed_from_u64(0));
+}
+
+/// Restart this thread's dropout stream at `seed` (the trainer does so before every step,
+/// from the run's seed and the step, so resumed runs draw the same masks).
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|rng| *rng.borrow_mut() = rand::SeedableRng::seed_from_u64(seed));
+}
+
 /// Switches between the fast inference kernels and the differentiable ones.
 /// (candle's fused softmax / layer norm have no backward pass.)
 #[derive(Debug, Clone, Copy, Default)]
@@ -18,12 +29,27 @@ impl Mode {
         dropout: 0.0,
     };
 
+    /// Inverted dropout with masks drawn from this thread's seeded stream (see
+    /// [`seed_dropout`]), so a training run is reproducible; candle's own dropout draws
+    /// from an unseeded generator.
     pub fn dropout(&self, x: &Tensor) -> Result<Tensor> {
-        if self.train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(x, self.dropout)
-        } else {
-            Ok(x.clone())
+        if !(self.train && self.dropout > 0.0) {
+            return Ok(x.clone());
         }
+        let p = self.dropout;
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout must be in [0, 1), got {p}");
+        }
+        let scale = 1.0 / (1.0 - p);
+        let mask: Vec<f32> = DROPOUT_RNG.with(|rng| {
+            use rand::Rng;
+            let mut rng = rng.borrow_mut();
+            (0..x.elem_count())
+                .map(|_| if rng.random::<f32>() < p { 0.0 } else { scale })
+                .collect()
+        });
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
     }
 
     pub fn softmax(&self, x: &Tensor) -> Result<Tensor> {
@@ -432,4 +458,37 @@ pub fn causal_bias(t: usize, device: &candle_core::Device) -> Result<Tensor> {
 
 pub fn to_f32(x: &Tensor) -> Result<Tensor> {
     x.to_dtype(DType::F32)
+}
+
+#[cfg(test)]
+mod dropout_tests {
+    use super::*;
+
+    #[test]
+    fn dropout_is_seeded_and_keeps_the_mean() {
+        let x = Tensor::ones((64, 64), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let mode = Mode {
+            train: true,
+            dropout: 0.25,
+        };
+        let draw = |seed| {
+            seed_dropout(seed);
+            mode.dropout(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (a, b, c) = (draw(3), draw(3), draw(4));
+        assert_eq!(a, b, "same seed, different masks");
+        assert_ne!(a, c, "different seeds, same mask");
+        let zeros = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.03, "dropped fraction {zeros}");
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let infer = Mode::INFER.dropout(&x).unwrap();
+        assert_eq!(infer.sum_all().unwrap().to_scalar::<f32>().unwrap(), 4096.0);
+    }
 }

@@ -59,8 +59,13 @@ pub struct TrainOptions {
     /// Continue from `out_dir/train_state.json`.
     pub resume: bool,
     /// Start from an existing model directory (its tokenizer too, if it has one); its
-    /// encoder is switched to decomposed mode.
+    /// encoder is switched to `encoder_mode`.
     pub init: Option<PathBuf>,
+    /// Encoder of the trained model: decomposed (MuE) or joint (for a joint pre-training
+    /// stage that a decomposed run then continues with `init`).
+    pub encoder_mode: EncoderMode,
+    /// OFA's attention temperature: logits are scaled by `(head_dim * f)^-0.5`.
+    pub attn_scale_factor: f64,
     /// Use only the first images of the train split.
     pub max_train_images: Option<usize>,
     /// Captions used per training image (the benchmark has 7; entailment rows are all used).
@@ -107,6 +112,8 @@ impl TrainOptions {
             checkpoint_every: 0,
             resume: false,
             init: None,
+            encoder_mode: EncoderMode::Decomposed,
+            attn_scale_factor: 2.0,
             max_train_images: None,
             captions_per_image: Some(3),
             time_budget_secs: None,
@@ -131,11 +138,11 @@ impl TrainOptions {
             max_positions: self.max_positions,
             token_bucket_size: 32.min(self.max_positions).max(2),
             image_bucket_size: grid.max(1),
-            attn_scale_factor: 2.0,
+            attn_scale_factor: self.attn_scale_factor,
             layer_norm_eps: 1e-5,
             image_size: self.image_size,
             image_embedder: ImageEmbedder::Patch { patch: self.patch },
-            encoder_mode: EncoderMode::Decomposed,
+            encoder_mode: self.encoder_mode,
             bos_id: 0,
             pad_id: 1,
             eos_id: 2,
@@ -306,7 +313,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (cfg, tok)
     } else if let Some(init) = &opts.init {
         let mut cfg = Config::load(&init.join("config.json"))?;
-        cfg.encoder_mode = EncoderMode::Decomposed;
+        cfg.encoder_mode = opts.encoder_mode;
         let tp = init.join("tokenizer.json");
         if !tp.is_file() {
             bail!("init model {} has no tokenizer.json", init.display());
@@ -408,6 +415,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             }
         }
         let ts = Instant::now();
+        crate::model::layers::seed_dropout(
+            opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64,
+        );
         let idx = batch_indices(ds.examples.len(), opts.seed, opts.batch_size, step);
         let batch = make_batch(
             &ds,
