@@ -370,6 +370,7 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
             data: data_args(dir.path(), Task::Entail),
             target: Some(target),
             budget: None,
+            delta: None,
             sweep: (k > 0).then(|| saved.clone()),
             grid: Some(grid.clone()),
             kv_fill: "propagate".into(),
@@ -395,6 +396,7 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
         data: data_args(dir.path(), Task::Entail),
         target: None,
         budget: Some(0.5),
+        delta: None,
         sweep: Some(out.path().join("cal/sweep_entail.json")),
         grid: None,
         kv_fill: "propagate".into(),
@@ -403,6 +405,43 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
     };
     let cal = calibrate_with(&e, &args).unwrap();
     assert!(1.0 - cal.point.mac_reduction <= 0.5);
+
+    // Every point's accuracy loss is covered by the answers it harmed; the never-exit
+    // points harm nothing.
+    let sweep: mue::eval::sweep::SweepResult =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    let n = sweep.examples as f64;
+    for p in &sweep.points {
+        let h = p.harmed.expect("the sweep records harmed outputs") as f64;
+        assert!(h <= n);
+        assert!(
+            sweep.full_quality.primary - p.quality <= h / n + 1e-9,
+            "{}",
+            p.params
+        );
+        if p.params.contains("image=1 text=1 decoder=1") {
+            assert_eq!(h, 0.0, "{}", p.params);
+        }
+    }
+    // With --delta the pick is certified at the Bonferroni level, or the command says why not.
+    let mut args = args;
+    args.budget = None;
+    args.target = Some(0.5);
+    args.delta = Some(0.5);
+    match calibrate_with(&e, &args) {
+        Ok(cal) => {
+            let m = sweep.points.len() as f64;
+            assert!(cal.p_value.unwrap() <= 0.5 / m);
+            assert!(cal.point.quality >= 0.5 * cal.full_quality);
+        }
+        Err(err) => assert!(err.to_string().contains("can be certified"), "{err}"),
+    }
+    args.budget = Some(0.5);
+    let err = calibrate_with(&e, &args).unwrap_err().to_string();
+    assert!(
+        err.contains("--target or --budget") || err.contains("--delta"),
+        "{err}"
+    );
 }
 
 #[test]

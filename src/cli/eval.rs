@@ -140,6 +140,11 @@ pub struct CalibrateArgs {
     /// Best quality executing at most this fraction of full-depth multiply-adds.
     #[arg(long)]
     pub budget: Option<f64>,
+    /// With --target: a Learn-then-Test guarantee. Only thresholds whose rate of outputs
+    /// differing from full depth is, with probability >= 1 - DELTA, within what the target
+    /// allows (exact binomial test, Bonferroni over the grid) are eligible.
+    #[arg(long)]
+    pub delta: Option<f64>,
     /// Calibrate from this sweep JSON (of the same split) instead of running a sweep.
     #[arg(long)]
     pub sweep: Option<PathBuf>,
@@ -295,10 +300,15 @@ pub fn sweep_main(args: SweepArgs) -> Result<()> {
 
 /// The objective of `mue calibrate` (default: target 0.99).
 pub fn objective(args: &CalibrateArgs) -> Result<Objective> {
-    let o = match (args.target, args.budget) {
-        (Some(_), Some(_)) => bail!("give either --target or --budget"),
-        (_, Some(b)) => Objective::Budget(b),
-        (t, None) => Objective::Target(t.unwrap_or(0.99)),
+    let o = match (args.target, args.budget, args.delta) {
+        (Some(_), Some(_), _) => bail!("give either --target or --budget"),
+        (_, Some(_), Some(_)) => bail!("--delta goes with --target, not --budget"),
+        (_, Some(b), None) => Objective::Budget(b),
+        (t, None, Some(delta)) => Objective::Guarantee {
+            target: t.unwrap_or(0.99),
+            delta,
+        },
+        (t, None, None) => Objective::Target(t.unwrap_or(0.99)),
     };
     o.validate()?;
     Ok(o)
@@ -352,6 +362,22 @@ pub fn calibrate_main(args: CalibrateArgs) -> Result<()> {
         100.0 * cal.point.mac_reduction,
         100.0 * cal.point.layer_reduction
     );
+    if let (Objective::Guarantee { target, delta }, Some(harmed)) =
+        (cal.objective, cal.point.harmed)
+    {
+        println!(
+            "  {harmed} of {} outputs harmed ({}); allowed rate {:.4} holds with \
+             probability >= {:.2} (p-value {:.3e})",
+            cal.examples,
+            match cal.task {
+                Task::Entail => "correct at full depth, wrong here",
+                Task::Caption => "caption differs from full depth",
+            },
+            calibrate::guarantee_alpha(cal.task, cal.full_quality, target),
+            1.0 - delta,
+            cal.p_value.unwrap_or(f64::NAN)
+        );
+    }
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -20,6 +20,11 @@ pub enum Objective {
     Target(f64),
     /// Best quality with cost <= budget.
     Budget(f64),
+    /// Learn-then-Test: lowest cost among thresholds for which, with probability at least
+    /// `1 - delta` over the calibration split, the rate of harmed outputs
+    /// ([`crate::eval::eval::harmed`]) is at most `alpha` (see [`guarantee_alpha`]). For
+    /// entailment that bounds the accuracy kept at `target` of full depth.
+    Guarantee { target: f64, delta: f64 },
 }
 
 impl Objective {
@@ -31,6 +36,12 @@ impl Objective {
             Objective::Budget(b) if !(0.0..=1.0).contains(&b) => {
                 bail!("--budget must lie in [0, 1], got {b}")
             }
+            Objective::Guarantee { target, .. } if !(0.0..=1.0).contains(&target) => {
+                bail!("--target must lie in [0, 1], got {target}")
+            }
+            Objective::Guarantee { delta, .. } if !(delta > 0.0 && delta < 1.0) => {
+                bail!("--delta must lie in (0, 1), got {delta}")
+            }
             _ => Ok(()),
         }
     }
@@ -39,6 +50,47 @@ impl Objective {
 /// Whether a point meets the quality target (exact comparison, no tolerance).
 pub fn meets_target(p: &SweepPoint, full_quality: f64, target: f64) -> bool {
     p.quality >= target * full_quality
+}
+
+/// Largest rate of harmed outputs a `--delta` calibration allows: for entailment
+/// `(1 - target) * full-depth accuracy` of answers lost (gains only help); for captioning,
+/// whose per-image CIDEr-D has no useful bound at these sample sizes, the stricter
+/// `1 - target` of captions differing from the full-depth caption at all.
+pub fn guarantee_alpha(task: Task, full_quality: f64, target: f64) -> f64 {
+    match task {
+        Task::Entail => (1.0 - target) * full_quality,
+        Task::Caption => 1.0 - target,
+    }
+}
+
+/// Exact binomial p-value of the null "the harm rate exceeds `alpha`" after `k` harmed
+/// in `n` examples: `P(Binomial(n, alpha) <= k)`, summed in log space.
+pub fn binomial_p_value(k: usize, n: usize, alpha: f64) -> f64 {
+    // With no change allowed nothing can be certified: the null is never rejected.
+    if k >= n || alpha >= 1.0 || alpha <= 0.0 {
+        return 1.0;
+    }
+    let (la, lb) = (alpha.ln(), (1.0 - alpha).ln());
+    // log C(n, i) alpha^i (1 - alpha)^(n - i), built up term by term.
+    let mut log_term = n as f64 * lb;
+    let mut log_sum = log_term;
+    for i in 0..k {
+        log_term += ((n - i) as f64).ln() - ((i + 1) as f64).ln() + la - lb;
+        let (hi, lo) = if log_sum > log_term {
+            (log_sum, log_term)
+        } else {
+            (log_term, log_sum)
+        };
+        log_sum = hi + (lo - hi).exp().ln_1p();
+    }
+    log_sum.exp().min(1.0)
+}
+
+/// Learn-then-Test p-value of a point (None when the sweep did not record changes).
+pub fn point_p_value(result: &SweepResult, p: &SweepPoint, target: f64) -> Option<f64> {
+    let alpha = guarantee_alpha(result.task, result.full_quality.primary, target);
+    p.harmed
+        .map(|k| binomial_p_value(k, result.examples, alpha))
 }
 
 /// Index of the chosen point among those with MuE thresholds (`mue` and `joint` families),
@@ -57,6 +109,19 @@ pub fn pick(result: &SweepResult, objective: Objective) -> Option<usize> {
                     // Among equals prefer the earlier grid point.
                     .then(b.cmp(&a))
             }),
+        Objective::Guarantee { target, delta } => {
+            let cand: Vec<usize> = cand.collect();
+            // Bonferroni over every candidate: valid whatever the order of testing.
+            let level = delta / cand.len().max(1) as f64;
+            cand.into_iter()
+                .filter(|&i| point_p_value(result, p(i), target).is_some_and(|pv| pv <= level))
+                .max_by(|&a, &b| {
+                    p(a).mac_reduction
+                        .total_cmp(&p(b).mac_reduction)
+                        .then(p(a).quality.total_cmp(&p(b).quality))
+                        .then(b.cmp(&a))
+                })
+        }
         Objective::Budget(budget) => {
             cand.filter(|&i| 1.0 - p(i).mac_reduction <= budget)
                 .max_by(|&a, &b| {
@@ -77,23 +142,65 @@ pub struct Calibration {
     pub policy: MuePolicy,
     pub point: SweepPoint,
     pub full_quality: f64,
+    /// Examples of the calibration split.
+    #[serde(default)]
+    pub examples: usize,
+    /// Learn-then-Test p-value of the chosen point (with `--delta`).
+    #[serde(default)]
+    pub p_value: Option<f64>,
 }
 
 pub fn calibrate(result: &SweepResult, objective: Objective) -> Result<Calibration> {
     objective.validate()?;
+    if matches!(objective, Objective::Guarantee { .. })
+        && result
+            .points
+            .iter()
+            .any(|p| p.spec.as_mue().is_some() && p.harmed.is_none())
+    {
+        bail!(
+            "this sweep does not record how many outputs each point harmed (an older mue \
+             wrote it); rerun the sweep to calibrate with --delta"
+        );
+    }
     let Some(i) = pick(result, objective) else {
+        if let Objective::Guarantee { target, delta } = objective {
+            let alpha = guarantee_alpha(result.task, result.full_quality.primary, target);
+            let m = result
+                .points
+                .iter()
+                .filter(|p| p.spec.as_mue().is_some())
+                .count()
+                .max(1);
+            let best = binomial_p_value(0, result.examples, alpha);
+            bail!(
+                "no MuE grid point can be certified at target {target} with delta {delta}: \
+                 {} examples allow a harmed-output rate of {alpha:.4}, and even a point that \
+                 harms nothing has p-value {best:.3e} against the Bonferroni level \
+                 {:.3e} ({m} points); use a larger calibration split, a lower target, a \
+                 larger --delta or a smaller grid",
+                result.examples,
+                delta / m as f64
+            );
+        }
         bail!(
             "no MuE grid point satisfies {objective:?} on the calibration split; \
              add thresholds of 1.0 (never exit) to the grid or relax the objective"
         );
     };
     let point = result.points[i].clone();
+    let p_value = match objective {
+        Objective::Guarantee { target, .. } => point_p_value(result, &point, target),
+        _ => None,
+    };
     Ok(Calibration {
         task: result.task,
         objective,
         policy: point.spec.as_mue().expect("picked among MuE points"),
         point,
         full_quality: result.full_quality.primary,
+        examples: result.examples,
+        p_value,
     })
 }
 
@@ -179,6 +286,7 @@ mod tests {
             wall_reduction: red,
             on_frontier: false,
             on_family_frontier: false,
+            harmed: None,
             report: EvalReport {
                 task: Task::Entail,
                 policy: spec.family().into(),
@@ -251,6 +359,106 @@ mod tests {
         assert_eq!(pick(&none, Objective::Target(1.0)), None);
         assert!(calibrate(&none, Objective::Target(1.0)).is_err());
         assert!(calibrate(&s, Objective::Target(1.5)).is_err());
+    }
+
+    #[test]
+    fn binomial_p_values_match_closed_forms() {
+        // P(Bin(10, 0.1) <= 0) = 0.9^10; P(Bin(4, 0.5) <= 1) = 5/16.
+        assert!((binomial_p_value(0, 10, 0.1) - 0.9f64.powi(10)).abs() < 1e-12);
+        assert!((binomial_p_value(1, 4, 0.5) - 5.0 / 16.0).abs() < 1e-12);
+        assert!((binomial_p_value(2, 5, 0.3) - 0.83692).abs() < 1e-5);
+        assert_eq!(binomial_p_value(5, 5, 0.3), 1.0);
+        assert_eq!(binomial_p_value(0, 5, 0.0), 1.0);
+        assert_eq!(binomial_p_value(1, 5, 0.0), 1.0);
+        // Large n does not underflow to a wrong answer: 0 changes in 100k at 1%.
+        assert_eq!(binomial_p_value(0, 100_000, 0.01), 0.0);
+        let mid = binomial_p_value(1000, 100_000, 0.01);
+        assert!(mid > 0.4 && mid < 0.6, "{mid}");
+        // Monotone in k.
+        let ps: Vec<f64> = (0..20).map(|k| binomial_p_value(k, 200, 0.05)).collect();
+        assert!(ps.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn guarantee_is_never_less_conservative_than_the_plain_target() {
+        // 1000 questions, full depth 0.8 correct; harmed never fewer than lost answers.
+        let mut s = sweep();
+        s.examples = 1000;
+        // Points 2 and 3 lose 5 and 10 correct answers net, so harm at least that many.
+        let changes = [0, 0, 5, 12, 250, 0, 120];
+        for (p, c) in s.points.iter_mut().zip(changes) {
+            p.harmed = Some(c);
+        }
+        let g = |t, d| {
+            pick(
+                &s,
+                Objective::Guarantee {
+                    target: t,
+                    delta: d,
+                },
+            )
+        };
+        // Bonferroni level 0.1 / 5 candidates = 0.02.
+        // target 0.99: alpha = 8 per 1000; P(Bin <= 5) = 0.19, so only the unchanged point.
+        assert_eq!(g(0.99, 0.1), Some(1));
+        assert_eq!(pick(&s, Objective::Target(0.99)), Some(2));
+        // target 0.98: alpha = 16; 5 changes pass (p 0.0013), 12 do not (p 0.19).
+        assert_eq!(g(0.98, 0.1), Some(2));
+        // target 0.97: alpha = 24; 12 changes pass (p 0.005).
+        assert_eq!(g(0.97, 0.1), Some(3));
+        // A tiny delta leaves only the never-changing point.
+        assert_eq!(g(0.97, 1e-9), Some(1));
+        for t in [0.9, 0.95, 0.97, 0.98, 0.99, 1.0] {
+            for d in [0.01, 0.05, 0.2] {
+                if let Some(i) = g(t, d) {
+                    let plain = pick(&s, Objective::Target(t)).unwrap();
+                    assert!(
+                        s.points[i].mac_reduction <= s.points[plain].mac_reduction,
+                        "target {t} delta {d}: {i} vs {plain}"
+                    );
+                    let pv = point_p_value(&s, &s.points[i], t).unwrap();
+                    assert!(pv <= d / 5.0, "p {pv} above delta / m");
+                }
+            }
+        }
+        // Sweeps without recorded harm are refused, not silently treated as harmless.
+        let old = sweep();
+        let err = calibrate(
+            &old,
+            Objective::Guarantee {
+                target: 0.99,
+                delta: 0.1,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rerun the sweep"), "{err}");
+        assert!(calibrate(
+            &s,
+            Objective::Guarantee {
+                target: 0.99,
+                delta: 0.0
+            }
+        )
+        .is_err());
+        assert!(calibrate(
+            &s,
+            Objective::Guarantee {
+                target: 0.99,
+                delta: 1.0
+            }
+        )
+        .is_err());
+        let cal = calibrate(
+            &s,
+            Objective::Guarantee {
+                target: 0.99,
+                delta: 0.1,
+            },
+        )
+        .unwrap();
+        assert!(cal.p_value.unwrap() <= 0.02);
+        assert_eq!(cal.examples, 1000);
     }
 
     #[test]

@@ -265,6 +265,28 @@ pub fn quality(data: &Dataset, run: &RunOutputs) -> Result<Quality> {
     }
 }
 
+/// Examples `run` may have made worse than `full`, which a `--delta` calibration bounds:
+/// for entailment the answers correct at full depth and wrong in `run` (accuracy can drop
+/// by no more than their rate); for captioning the captions that differ from full depth at
+/// all (per-image CIDEr-D has no useful bound at these sample sizes).
+pub fn harmed(data: &Dataset, run: &RunOutputs, full: &RunOutputs) -> Result<usize> {
+    if run.examples.len() != data.len() || full.examples.len() != data.len() {
+        bail!("runs and split differ in length");
+    }
+    Ok(match data {
+        Dataset::Entail(rows) => rows
+            .iter()
+            .zip(run.examples.iter().zip(&full.examples))
+            .filter(|(r, (o, f))| {
+                r.label.as_str() == f.prediction && r.label.as_str() != o.prediction
+            })
+            .count(),
+        Dataset::Caption(_) => (0..data.len())
+            .filter(|&i| !run.same_output(full, i))
+            .count(),
+    })
+}
+
 /// Where rows exited, averaged over the split.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ExitStats {

@@ -1558,6 +1558,7 @@ mod tests {
             wall_reduction: r.reduction.wall,
             on_frontier: false,
             on_family_frontier: false,
+            harmed: None,
             report: r,
         }
     }
@@ -1626,6 +1627,8 @@ mod tests {
                 policy: cal.as_mue().unwrap(),
                 point: cal_point,
                 full_quality: full,
+                examples: 10,
+                p_value: None,
             },
             sweep,
             plot_file: Some(format!("results/sweep/sweep_{}.png", task.name()).into()),

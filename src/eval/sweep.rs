@@ -206,6 +206,10 @@ pub struct SweepPoint {
     pub on_frontier: bool,
     /// On the Pareto frontier of its own family.
     pub on_family_frontier: bool,
+    /// Examples this point may have made worse than full depth ([`eval::harmed`]); what a
+    /// `--delta` calibration bounds. Absent in sweeps written before it was recorded.
+    #[serde(default)]
+    pub harmed: Option<usize>,
     pub report: EvalReport,
 }
 
@@ -269,6 +273,7 @@ pub fn sweep(
         pb.set_message(format!("{} {}", spec.family(), spec.params()));
         let r = run(engine, data, policy.as_ref(), &inner)?;
         let rep = report(data, &r, &full, full_quality)?;
+        let harmed = eval::harmed(data, &r, &full)?;
         points.push(SweepPoint {
             spec: *spec,
             family: spec.family().into(),
@@ -280,6 +285,7 @@ pub fn sweep(
             wall_reduction: rep.reduction.wall,
             on_frontier: false,
             on_family_frontier: false,
+            harmed: Some(harmed),
             report: rep,
         });
         pb.inc(1);
