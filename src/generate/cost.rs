@@ -1,7 +1,7 @@
 //! Analytic multiply-add (MAC) counts of what a request actually ran.
 //!
 //! Counted: every matrix product (projections, attention scores and weighted sums, FFN,
-//! patch projection, position biases, vocabulary projections). Not counted: layer norms,
+//! patch projection, ResNet convolutions, position biases, vocabulary projections). Not counted: layer norms,
 //! softmax, activations and copies, which are small next to the products.
 
 use serde::{Deserialize, Serialize};

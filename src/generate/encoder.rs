@@ -124,6 +124,7 @@ pub fn run_encoder(
     let mut macs = vec![Macs::default(); b];
     for (m, &lt) in macs.iter_mut().zip(&text_len) {
         let (pu, lu) = (p as u64, lt as u64);
+        m.fixed(model.encoder.image_trunk.macs(cfg.image_size));
         m.fixed(pu * cfg.image_feature_dim() as u64 * d);
         // The absolute position bias is computed once for all layers.
         m.fixed(cost::position_bias(pu + lu, pu + lu, d));

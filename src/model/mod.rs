@@ -29,6 +29,15 @@ pub enum ImageTrunk {
 }
 
 impl ImageTrunk {
+    /// Multiply-adds of the trunk for one `side` x `side` image (0 for patches: their
+    /// projection is counted with the encoder).
+    pub fn macs(&self, side: usize) -> u64 {
+        match self {
+            ImageTrunk::Patch(_) => 0,
+            ImageTrunk::Resnet(net) => net.macs(side, side),
+        }
+    }
+
     /// `[b, 3, s, s]` -> `[b, p, f]` features in row-major patch order.
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         match self {

@@ -75,6 +75,20 @@ impl ConvBn {
         })
     }
 
+    /// Output side for an input side `h` (torch's floor arithmetic; the strided 1x1 path
+    /// keeps every `stride`-th pixel, which gives the same size).
+    fn out_side(&self, h: usize) -> usize {
+        (h + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1
+    }
+
+    /// Multiply-adds on an `h` x `w` input, and the output size.
+    fn macs(&self, h: usize, w: usize) -> (u64, usize, usize) {
+        let (c_out, c_in) = (self.weight.dim(0).unwrap_or(0), self.weight.dim(1).unwrap_or(0));
+        let (oh, ow) = (self.out_side(h), self.out_side(w));
+        let k2 = (self.kernel * self.kernel) as u64;
+        ((oh * ow) as u64 * c_in as u64 * c_out as u64 * k2, oh, ow)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.kernel == 1 {
             // 1x1 convolution as a matrix product over the (subsampled) pixels.
@@ -137,6 +151,14 @@ impl Bottleneck {
         })
     }
 
+    fn macs(&self, h: usize, w: usize) -> (u64, usize, usize) {
+        let (m1, h1, w1) = self.conv1.macs(h, w);
+        let (m2, h2, w2) = self.conv2.macs(h1, w1);
+        let (m3, h3, w3) = self.conv3.macs(h2, w2);
+        let ds = self.downsample.as_ref().map_or(0, |d| d.macs(h, w).0);
+        (m1 + m2 + m3 + ds, h3, w3)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv1.forward(x)?.relu()?;
         let y = self.conv2.forward(&y)?.relu()?;
@@ -184,6 +206,19 @@ impl ResNet {
         Ok(Self { stem, blocks: all })
     }
 
+    /// Multiply-adds of one `h` x `w` image through the trunk (convolutions only).
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let (mut total, h, w) = self.stem.macs(h, w);
+        // 3x3/2 max pool, padding 1.
+        let (mut h, mut w) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+        for block in &self.blocks {
+            let (m, bh, bw) = block.macs(h, w);
+            total += m;
+            (h, w) = (bh, bw);
+        }
+        total
+    }
+
     /// `x`: `[B, 3, H, W]` f32 normalised pixels -> `[B, 1024, H/16, W/16]`
     /// (exactly torch's sizes for any H, W: conv/pool arithmetic with floor).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -207,6 +242,24 @@ impl ResNet {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn macs_count_every_convolution() {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let net = ResNet::load(vb, [1, 1, 1]).unwrap();
+        // 64 x 64 input: stem -> 32, pool -> 16, stage 1 at 16, stage 2 -> 8, stage 3 -> 4.
+        let stem = 32 * 32 * 3 * 64 * 49;
+        let stage1 = 256 * (64 * 64 + 64 * 64 * 9 + 64 * 256 + 64 * 256);
+        let stage2 = 256 * 256 * 128 + 64 * (128 * 128 * 9 + 128 * 512 + 256 * 512);
+        let stage3 = 64 * 512 * 256 + 16 * (256 * 256 * 9 + 256 * 1024 + 512 * 1024);
+        assert_eq!(net.macs(64, 64), (stem + stage1 + stage2 + stage3) as u64);
+        // Every size halves exactly from 128 to 64.
+        assert_eq!(net.macs(128, 128), 4 * net.macs(64, 64));
+        // The count matches the shapes forward produces.
+        let y = net.forward(&Tensor::zeros((1, 3, 48, 80), DType::F32, &Device::Cpu).unwrap());
+        assert_eq!(y.unwrap().dims(), &[1, 1024, 3, 5]);
+        assert!(net.macs(48, 80) > 0);
+    }
 
     fn fixture(name: &str) -> std::path::PathBuf {
         std::path::Path::new(concat!(
