@@ -83,7 +83,10 @@ impl ConvBn {
 
     /// Multiply-adds on an `h` x `w` input, and the output size.
     fn macs(&self, h: usize, w: usize) -> (u64, usize, usize) {
-        let (c_out, c_in) = (self.weight.dim(0).unwrap_or(0), self.weight.dim(1).unwrap_or(0));
+        let (c_out, c_in) = (
+            self.weight.dim(0).unwrap_or(0),
+            self.weight.dim(1).unwrap_or(0),
+        );
         let (oh, ow) = (self.out_side(h), self.out_side(w));
         let k2 = (self.kernel * self.kernel) as u64;
         ((oh * ow) as u64 * c_in as u64 * c_out as u64 * k2, oh, ow)
