@@ -429,3 +429,43 @@ fn training_resumes_from_the_saved_step_exactly() {
     let (acc, n) = mue::train::entail_accuracy_dir(&part, &data, "valid", None).unwrap();
     assert!(n > 0 && (0.0..=1.0).contains(&acc));
 }
+
+#[test]
+fn joint_pretraining_continues_as_a_decomposed_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bench");
+    mue::data::generate(&mue::data::GenerateOptions {
+        out_dir: data.clone(),
+        seed: 2,
+        n_train: 4,
+        n_val: 2,
+        n_test: 2,
+        image_size: 32,
+    })
+    .unwrap();
+    let joint = tmp.path().join("joint");
+    let mut o = tiny_options(&data, &joint);
+    o.steps = 1;
+    o.encoder_mode = EncoderMode::Joint;
+    o.attn_scale_factor = 1.0;
+    mue::train::train(&o).unwrap();
+    let cfg = mue::model::Config::load(&joint.join("config.json")).unwrap();
+    assert_eq!(cfg.encoder_mode, EncoderMode::Joint);
+    assert_eq!(cfg.attn_scale_factor, 1.0);
+
+    // Continue from it: same weights, decomposed encoder.
+    let dec = tmp.path().join("dec");
+    let mut o = tiny_options(&data, &dec);
+    o.steps = 1;
+    o.init = Some(joint.clone());
+    mue::train::train(&o).unwrap();
+    let cfg = mue::model::Config::load(&dec.join("config.json")).unwrap();
+    assert_eq!(cfg.encoder_mode, EncoderMode::Decomposed);
+    assert_eq!(
+        cfg.attn_scale_factor, 1.0,
+        "the init model's architecture is kept"
+    );
+    let a = Model::load_dir(&joint, &Device::Cpu).unwrap();
+    let b = Model::load_dir(&dec, &Device::Cpu).unwrap();
+    assert_eq!(a.embed_tokens.dims(), b.embed_tokens.dims());
+}
