@@ -323,6 +323,21 @@ fn batches_cover_each_epoch_once_in_a_seeded_order() {
     assert_ne!(batch_indices(n, 3, 3, 0), batch_indices(n, 4, 3, 0));
 }
 
+/// A benchmark of 6 train, 3 valid and 3 test images of 32 px under `root/bench`.
+fn tiny_benchmark(root: &std::path::Path) -> std::path::PathBuf {
+    let data = root.join("bench");
+    mue::data::generate(&mue::data::GenerateOptions {
+        out_dir: data.clone(),
+        seed: 1,
+        n_train: 6,
+        n_val: 3,
+        n_test: 3,
+        image_size: 32,
+    })
+    .unwrap();
+    data
+}
+
 fn tiny_options(data: &std::path::Path, out: &std::path::Path) -> TrainOptions {
     let mut o = TrainOptions::new(data, out);
     o.d_model = 32;
@@ -346,16 +361,7 @@ fn tiny_options(data: &std::path::Path, out: &std::path::Path) -> TrainOptions {
 #[test]
 fn training_resumes_from_the_saved_step_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("bench");
-    mue::data::generate(&mue::data::GenerateOptions {
-        out_dir: data.clone(),
-        seed: 1,
-        n_train: 6,
-        n_val: 3,
-        n_test: 3,
-        image_size: 32,
-    })
-    .unwrap();
+    let data = tiny_benchmark(tmp.path());
 
     // Uninterrupted: 3 steps.
     let full = tmp.path().join("full");
@@ -433,16 +439,7 @@ fn training_resumes_from_the_saved_step_exactly() {
 #[test]
 fn joint_pretraining_continues_as_a_decomposed_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("bench");
-    mue::data::generate(&mue::data::GenerateOptions {
-        out_dir: data.clone(),
-        seed: 2,
-        n_train: 4,
-        n_val: 2,
-        n_test: 2,
-        image_size: 32,
-    })
-    .unwrap();
+    let data = tiny_benchmark(tmp.path());
     let joint = tmp.path().join("joint");
     let mut o = tiny_options(&data, &joint);
     o.steps = 1;

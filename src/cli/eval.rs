@@ -140,9 +140,10 @@ pub struct CalibrateArgs {
     /// Best quality executing at most this fraction of full-depth multiply-adds.
     #[arg(long)]
     pub budget: Option<f64>,
-    /// With --target: a Learn-then-Test guarantee. Only thresholds whose rate of outputs
-    /// differing from full depth is, with probability >= 1 - DELTA, within what the target
-    /// allows (exact binomial test, Bonferroni over the grid) are eligible.
+    /// With --target: a Learn-then-Test guarantee. Only thresholds whose rate of harmed
+    /// outputs (entailment: correct at full depth, wrong with exits; captioning: caption
+    /// changed) is, with probability >= 1 - DELTA, within what the target allows (exact
+    /// binomial test, Bonferroni over the grid) are eligible.
     #[arg(long)]
     pub delta: Option<f64>,
     /// Calibrate from this sweep JSON (of the same split) instead of running a sweep.

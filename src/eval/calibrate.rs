@@ -86,7 +86,19 @@ pub fn binomial_p_value(k: usize, n: usize, alpha: f64) -> f64 {
     log_sum.exp().min(1.0)
 }
 
-/// Learn-then-Test p-value of a point (None when the sweep did not record changes).
+/// Bonferroni level of a `--delta` calibration: `delta` over the number of MuE-threshold
+/// points tested, and that number.
+fn bonferroni_level(result: &SweepResult, delta: f64) -> (f64, usize) {
+    let m = result
+        .points
+        .iter()
+        .filter(|p| p.spec.as_mue().is_some())
+        .count()
+        .max(1);
+    (delta / m as f64, m)
+}
+
+/// Learn-then-Test p-value of a point (None when the sweep did not record harm).
 pub fn point_p_value(result: &SweepResult, p: &SweepPoint, target: f64) -> Option<f64> {
     let alpha = guarantee_alpha(result.task, result.full_quality.primary, target);
     p.harmed
@@ -110,11 +122,9 @@ pub fn pick(result: &SweepResult, objective: Objective) -> Option<usize> {
                     .then(b.cmp(&a))
             }),
         Objective::Guarantee { target, delta } => {
-            let cand: Vec<usize> = cand.collect();
             // Bonferroni over every candidate: valid whatever the order of testing.
-            let level = delta / cand.len().max(1) as f64;
-            cand.into_iter()
-                .filter(|&i| point_p_value(result, p(i), target).is_some_and(|pv| pv <= level))
+            let (level, _) = bonferroni_level(result, delta);
+            cand.filter(|&i| point_p_value(result, p(i), target).is_some_and(|pv| pv <= level))
                 .max_by(|&a, &b| {
                     p(a).mac_reduction
                         .total_cmp(&p(b).mac_reduction)
@@ -166,21 +176,15 @@ pub fn calibrate(result: &SweepResult, objective: Objective) -> Result<Calibrati
     let Some(i) = pick(result, objective) else {
         if let Objective::Guarantee { target, delta } = objective {
             let alpha = guarantee_alpha(result.task, result.full_quality.primary, target);
-            let m = result
-                .points
-                .iter()
-                .filter(|p| p.spec.as_mue().is_some())
-                .count()
-                .max(1);
+            let (level, m) = bonferroni_level(result, delta);
             let best = binomial_p_value(0, result.examples, alpha);
             bail!(
                 "no MuE grid point can be certified at target {target} with delta {delta}: \
                  {} examples allow a harmed-output rate of {alpha:.4}, and even a point that \
                  harms nothing has p-value {best:.3e} against the Bonferroni level \
-                 {:.3e} ({m} points); use a larger calibration split, a lower target, a \
-                 larger --delta or a smaller grid",
+                 {level:.3e} ({m} points); use a larger calibration split, a lower target, \
+                 a larger --delta or a smaller grid",
                 result.examples,
-                delta / m as f64
             );
         }
         bail!(

@@ -1,8 +1,9 @@
 //! Analytic multiply-add (MAC) counts of what a request actually ran.
 //!
 //! Counted: every matrix product (projections, attention scores and weighted sums, FFN,
-//! patch projection, ResNet convolutions, position biases, vocabulary projections). Not counted: layer norms,
-//! softmax, activations and copies, which are small next to the products.
+//! patch projection, ResNet convolutions, position biases, vocabulary projections). Not
+//! counted: layer norms, softmax, activations and copies, which are small next to the
+//! products.
 
 use serde::{Deserialize, Serialize};
 

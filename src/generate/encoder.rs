@@ -121,10 +121,11 @@ pub fn run_encoder(
         .iter()
         .map(|r| r.iter().filter(|&&x| !x).count())
         .collect();
+    let trunk_macs = model.encoder.image_trunk.macs(cfg.image_size);
     let mut macs = vec![Macs::default(); b];
     for (m, &lt) in macs.iter_mut().zip(&text_len) {
         let (pu, lu) = (p as u64, lt as u64);
-        m.fixed(model.encoder.image_trunk.macs(cfg.image_size));
+        m.fixed(trunk_macs);
         m.fixed(pu * cfg.image_feature_dim() as u64 * d);
         // The absolute position bias is computed once for all layers.
         m.fixed(cost::position_bias(pu + lu, pu + lu, d));
