@@ -4,7 +4,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use mue::exit::{ExitPolicy, FullDepth, LayerSignal, MuePolicy, Site};
 use mue::generate::{self, run_encoder, DecoderState, Input, KvFill, SearchConfig};
 use mue::model::layers::Mode;
-use mue::model::{Config, EncoderMode, Model};
+use mue::model::{Config, EncoderMode, ImageEmbedder, Model};
 use std::collections::HashMap;
 
 const DEV: Device = Device::Cpu;
@@ -366,6 +366,42 @@ fn mac_counter_matches_hand_count() {
         encoder + decoder - enc_layer(p) - enc_layer(l) - dec_layer
     );
     assert_eq!(r1[0].exits.token_layers, vec![1]);
+}
+
+#[test]
+fn conv_stem_costs_are_counted_and_bad_strides_refused() {
+    let patch_cfg = Config::tiny(EncoderMode::Decomposed);
+    let mut cfg = patch_cfg.clone();
+    cfg.image_embedder = ImageEmbedder::Conv {
+        stem: vec![4],
+        patch: 2,
+    };
+    cfg.validate().unwrap();
+    assert_eq!(cfg.num_patches(), 16);
+    assert_eq!(cfg.image_feature_dim(), 16);
+    let macs = |cfg: &Config| {
+        let (m, _) = Model::random(cfg, 3, &DEV).unwrap();
+        let inp = inputs(cfg, 1);
+        let cands = vec![vec![30u32], vec![31]];
+        let r = generate::classify(&m, &inp, &[vec![0u32, 20]], &cands, &FullDepth).unwrap();
+        r[0].cost.macs_full
+    };
+    // 8x8 outputs x 4 channels x 27 taps, and a 16-wide instead of 48-wide projection.
+    let stem = 8 * 8 * 4 * 27;
+    let proj_delta = 16 * 32 * (48 - 16);
+    assert_eq!(macs(&cfg), macs(&patch_cfg) + stem - proj_delta);
+
+    let mut bad = cfg.clone();
+    bad.image_size = 18;
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("conv stem"), "{err}");
+    bad.image_embedder = ImageEmbedder::Conv {
+        stem: vec![0],
+        patch: 2,
+    };
+    bad.image_size = 16;
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("channels must be positive"), "{err}");
 }
 
 #[test]

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use image::RgbImage;
 use mue::model::layers::Mode;
-use mue::model::{Config, EncoderMode, Model};
+use mue::model::{Config, EncoderMode, ImageEmbedder, Model};
 use mue::train::data::{batch_indices, make_batch, Batch, Dataset, Example, TaskKind};
 use mue::train::{
     batch_loss, layer_loss, lr_at, task_loss, AdamW, AdamWParams, LossKind, TrainOptions,
@@ -90,7 +90,30 @@ fn scalar(t: &Tensor) -> f32 {
 
 #[test]
 fn every_parameter_gets_a_gradient_from_the_layerwise_loss() {
-    let (model, varmap) = tiny();
+    assert_every_parameter_gets_a_gradient(tiny());
+}
+
+#[test]
+fn every_conv_stem_parameter_gets_a_gradient() {
+    let mut cfg = Config::tiny(EncoderMode::Decomposed);
+    cfg.image_embedder = ImageEmbedder::Conv {
+        stem: vec![4, 6],
+        patch: 1,
+    };
+    assert_eq!(
+        cfg.num_patches(),
+        Config::tiny(EncoderMode::Decomposed).num_patches()
+    );
+    let (model, varmap) = Model::init_trainable(&cfg, 7, &Device::Cpu).unwrap();
+    assert!(varmap
+        .data()
+        .lock()
+        .unwrap()
+        .contains_key("encoder.embed_images.stem.1.weight"));
+    assert_every_parameter_gets_a_gradient((model, varmap));
+}
+
+fn assert_every_parameter_gets_a_gradient((model, varmap): (Model, VarMap)) {
     let b = batch(&model, 0.1);
     let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
     let grads = out.total.backward().unwrap();

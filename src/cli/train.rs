@@ -34,8 +34,13 @@ pub struct TrainArgs {
     pub heads: usize,
     #[arg(long, default_value_t = 512)]
     pub ffn_dim: usize,
+    /// Patch side, in pixels of the image (or of the conv stem's feature map).
     #[arg(long, default_value_t = 8)]
     pub patch: usize,
+    /// Conv stem in front of the patches: output channels of each 3x3 stride-2
+    /// convolution, e.g. `--stem 32` (none by default).
+    #[arg(long, value_delimiter = ',')]
+    pub stem: Vec<usize>,
     #[arg(long, default_value_t = 64)]
     pub image_size: usize,
     /// Vocabulary of the tokenizer trained on the train split.
@@ -99,6 +104,7 @@ impl TrainArgs {
         o.heads = self.heads;
         o.ffn_dim = self.ffn_dim;
         o.patch = self.patch;
+        o.stem = self.stem.clone();
         o.image_size = self.image_size;
         o.vocab_size = self.vocab_size;
         o.dropout = self.dropout;

@@ -22,6 +22,9 @@ pub enum ImageEmbedder {
     Patch { patch: usize },
     /// OFA's ResNet trunk (stages 1-3, output stride 16, 1024 channels).
     Resnet { blocks: [usize; 3] },
+    /// 3x3 stride-2 convolutions with these output channels (GELU after each), then
+    /// `patch` x `patch` patches of the feature map. The project's own models only.
+    Conv { stem: Vec<usize>, patch: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +112,9 @@ impl Config {
         match &self.image_embedder {
             ImageEmbedder::Patch { patch } => self.image_size / patch,
             ImageEmbedder::Resnet { .. } => self.image_size.div_ceil(16),
+            ImageEmbedder::Conv { stem, patch } => {
+                (self.image_size >> stem.len()) / (*patch).max(1)
+            }
         }
     }
 
@@ -121,6 +127,9 @@ impl Config {
         match &self.image_embedder {
             ImageEmbedder::Patch { patch } => 3 * patch * patch,
             ImageEmbedder::Resnet { .. } => 1024,
+            ImageEmbedder::Conv { stem, patch } => {
+                stem.last().copied().unwrap_or(3) * patch * patch
+            }
         }
     }
 
@@ -160,13 +169,31 @@ impl Config {
         if self.token_bucket_size < 2 {
             bail!("config: token_bucket_size must be at least 2");
         }
-        if let ImageEmbedder::Patch { patch } = self.image_embedder {
-            if patch == 0 || self.image_size % patch != 0 {
-                bail!(
-                    "config: image_size {} is not a multiple of the patch size {patch}",
-                    self.image_size
-                );
+        match &self.image_embedder {
+            ImageEmbedder::Patch { patch } => {
+                if *patch == 0 || self.image_size % patch != 0 {
+                    bail!(
+                        "config: image_size {} is not a multiple of the patch size {patch}",
+                        self.image_size
+                    );
+                }
             }
+            ImageEmbedder::Conv { stem, patch } => {
+                let stride = (1usize << stem.len().min(16)) * patch;
+                if *patch == 0 || stem.len() > 16 || self.image_size % stride != 0 {
+                    bail!(
+                        "config: image_size {} is not a multiple of the conv stem's stride {} \
+                         ({} stride-2 convolutions, patch {patch})",
+                        self.image_size,
+                        stride,
+                        stem.len()
+                    );
+                }
+                if stem.contains(&0) {
+                    bail!("config: conv stem channels must be positive, got {stem:?}");
+                }
+            }
+            ImageEmbedder::Resnet { .. } => {}
         }
         let side = self.grid_side();
         if side == 0 || side > self.image_bucket_size {

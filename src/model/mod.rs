@@ -8,6 +8,7 @@ pub mod layers;
 pub mod ofa;
 pub mod position;
 pub mod resnet;
+pub mod stem;
 pub mod weights;
 
 use anyhow::{bail, Context};
@@ -21,10 +22,11 @@ use layers::{
     linear, matmul_flat, split_heads, DecoderLayer, EncoderLayer, LayerNorm, Linear, Mode,
 };
 
-/// Pixel patches (the project's own small models) or a convolutional trunk.
+/// Pixel patches or a small conv stem (the project's own models), or OFA's ResNet.
 #[derive(Debug, Clone)]
 pub enum ImageTrunk {
     Patch(usize),
+    Conv(stem::ConvStem),
     Resnet(resnet::ResNet),
 }
 
@@ -34,6 +36,7 @@ impl ImageTrunk {
     pub fn macs(&self, side: usize) -> u64 {
         match self {
             ImageTrunk::Patch(_) => 0,
+            ImageTrunk::Conv(s) => s.macs(side),
             ImageTrunk::Resnet(net) => net.macs(side, side),
         }
     }
@@ -41,14 +44,8 @@ impl ImageTrunk {
     /// `[b, 3, s, s]` -> `[b, p, f]` features in row-major patch order.
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
         match self {
-            ImageTrunk::Patch(p) => {
-                let (b, c, h, w) = images.dims4()?;
-                let (gh, gw) = (h / p, w / p);
-                images
-                    .reshape((b, c, gh, *p, gw, *p))?
-                    .permute((0, 2, 4, 1, 3, 5))?
-                    .reshape((b, gh * gw, c * p * p))
-            }
+            ImageTrunk::Patch(p) => stem::patchify(images, *p),
+            ImageTrunk::Conv(s) => stem::patchify(&s.feature_map(images)?, s.patch),
             ImageTrunk::Resnet(net) => {
                 let f = net.forward(images)?; // [b, 1024, h, w]
                 let (b, c, h, w) = f.dims4()?;
@@ -198,6 +195,9 @@ impl Model {
         let ve = vb.pp("encoder");
         let image_trunk = match &cfg.image_embedder {
             ImageEmbedder::Patch { patch } => ImageTrunk::Patch(*patch),
+            ImageEmbedder::Conv { stem, patch } => {
+                ImageTrunk::Conv(stem::ConvStem::load(stem, *patch, ve.pp("embed_images"))?)
+            }
             ImageEmbedder::Resnet { blocks } => {
                 ImageTrunk::Resnet(resnet::ResNet::load(ve.pp("embed_images"), *blocks)?)
             }
@@ -647,13 +647,25 @@ fn reinit_seeded(varmap: &VarMap, seed: u64) -> Result<()> {
         // Dense layers get unit-variance outputs (std 1/sqrt(fan_in)): with BERT's fixed
         // 0.02 at d = 128 attention logits start near zero, attention stays uniform for a
         // long time and the model learns to read only the mean of the image tokens.
+        // The position-bias projections (`pos_q_linear`, ...) keep 0.02: at unit scale the
+        // absolute position bias starts as large as the content logits, and a 6-layer
+        // encoder then kept a 1-layer decoder image-blind for 1000 steps, where with 0.02 it
+        // learned as fast as a 1-layer encoder (models/default/MODEL_CARD.md).
         let dense = shape.rank() == 2
-            && ["_proj.weight", "fc1.weight", "fc2.weight", "_linear.weight"]
+            && ["_proj.weight", "fc1.weight", "fc2.weight"]
                 .iter()
                 .any(|s| name.ends_with(s));
+        // Convolutions feed a GELU: He initialisation, std sqrt(2 / fan_in).
+        let conv = shape.rank() == 4 && name.ends_with(".weight");
         let values: Vec<f32> = if name.ends_with("c_attn") || (is_norm && name.ends_with(".weight"))
         {
             vec![1.0; n]
+        } else if conv {
+            let fan_in: usize = shape.dims()[1..].iter().product();
+            let std = (2.0 / fan_in as f32).sqrt();
+            (0..n)
+                .map(|_| std * normal.sample(&mut rng) / 0.02)
+                .collect()
         } else if name.ends_with(".bias") {
             vec![0.0; n]
         } else if dense {

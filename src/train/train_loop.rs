@@ -32,6 +32,9 @@ pub struct TrainOptions {
     pub heads: usize,
     pub ffn_dim: usize,
     pub patch: usize,
+    /// Output channels of the 3x3 stride-2 convolutions in front of the patches (empty:
+    /// plain pixel patches).
+    pub stem: Vec<usize>,
     pub image_size: usize,
     /// Tokenizer vocabulary trained when none is given.
     pub vocab_size: usize,
@@ -94,6 +97,7 @@ impl TrainOptions {
             heads: 4,
             ffn_dim: 512,
             patch: 8,
+            stem: Vec::new(),
             image_size: 64,
             vocab_size: 1000,
             max_positions: 128,
@@ -125,7 +129,7 @@ impl TrainOptions {
 
     /// Model configuration of a fresh model with a `vocab_size`-token vocabulary.
     pub fn config(&self, vocab_size: usize) -> Config {
-        let grid = self.image_size / self.patch.max(1);
+        let grid = (self.image_size >> self.stem.len().min(16)) / self.patch.max(1);
         Config {
             vocab_size,
             d_model: self.d_model,
@@ -141,7 +145,14 @@ impl TrainOptions {
             attn_scale_factor: self.attn_scale_factor,
             layer_norm_eps: 1e-5,
             image_size: self.image_size,
-            image_embedder: ImageEmbedder::Patch { patch: self.patch },
+            image_embedder: if self.stem.is_empty() {
+                ImageEmbedder::Patch { patch: self.patch }
+            } else {
+                ImageEmbedder::Conv {
+                    stem: self.stem.clone(),
+                    patch: self.patch,
+                }
+            },
             encoder_mode: self.encoder_mode,
             bos_id: 0,
             pad_id: 1,
