@@ -113,7 +113,11 @@ impl Config {
             ImageEmbedder::Patch { patch } => self.image_size / patch,
             ImageEmbedder::Resnet { .. } => self.image_size.div_ceil(16),
             ImageEmbedder::Conv { stem, patch } => {
-                (self.image_size >> stem.len()) / (*patch).max(1)
+                let map = u32::try_from(stem.len())
+                    .ok()
+                    .and_then(|n| self.image_size.checked_shr(n))
+                    .unwrap_or(0);
+                map / (*patch).max(1)
             }
         }
     }
