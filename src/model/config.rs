@@ -110,7 +110,7 @@ impl Config {
     /// Side of the patch grid.
     pub fn grid_side(&self) -> usize {
         match &self.image_embedder {
-            ImageEmbedder::Patch { patch } => self.image_size / patch,
+            ImageEmbedder::Patch { patch } => self.image_size / (*patch).max(1),
             ImageEmbedder::Resnet { .. } => self.image_size.div_ceil(16),
             ImageEmbedder::Conv { stem, patch } => {
                 let map = u32::try_from(stem.len())

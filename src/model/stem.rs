@@ -129,12 +129,17 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
+    /// A He-initialised convolution (a throwaway VarMap holds its weights).
+    fn conv(c_in: usize, c_out: usize) -> Conv3x3 {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        Conv3x3::load(c_in, c_out, vb).unwrap()
+    }
+
     #[test]
     fn im2col_convolution_matches_candle_conv2d() {
         let dev = Device::Cpu;
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let conv = Conv3x3::load(3, 5, vb).unwrap();
+        let conv = conv(3, 5);
         let bias = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0, 0.5], &dev).unwrap();
         let conv = Conv3x3 {
             weight: conv.weight,
@@ -155,12 +160,8 @@ mod tests {
 
     #[test]
     fn odd_feature_maps_are_refused() {
-        let dev = Device::Cpu;
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let conv = Conv3x3::load(3, 4, vb).unwrap();
-        let x = Tensor::zeros((1, 3, 7, 8), DType::F32, &dev).unwrap();
-        let err = conv.forward(&x).unwrap_err().to_string();
+        let x = Tensor::zeros((1, 3, 7, 8), DType::F32, &Device::Cpu).unwrap();
+        let err = conv(3, 4).forward(&x).unwrap_err().to_string();
         assert!(err.contains("7x8"), "{err}");
     }
 }

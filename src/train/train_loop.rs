@@ -129,8 +129,7 @@ impl TrainOptions {
 
     /// Model configuration of a fresh model with a `vocab_size`-token vocabulary.
     pub fn config(&self, vocab_size: usize) -> Config {
-        let grid = (self.image_size >> self.stem.len().min(16)) / self.patch.max(1);
-        Config {
+        let mut cfg = Config {
             vocab_size,
             d_model: self.d_model,
             encoder_layers: self.encoder_layers,
@@ -141,7 +140,8 @@ impl TrainOptions {
             decoder_ffn_dim: self.ffn_dim,
             max_positions: self.max_positions,
             token_bucket_size: 32.min(self.max_positions).max(2),
-            image_bucket_size: grid.max(1),
+            // Set below from the patch grid, which the embedder determines.
+            image_bucket_size: 1,
             attn_scale_factor: self.attn_scale_factor,
             layer_norm_eps: 1e-5,
             image_size: self.image_size,
@@ -157,7 +157,9 @@ impl TrainOptions {
             bos_id: 0,
             pad_id: 1,
             eos_id: 2,
-        }
+        };
+        cfg.image_bucket_size = cfg.grid_side().max(1);
+        cfg
     }
 }
 
