@@ -11,7 +11,7 @@
 use candle_core::Device;
 use image::RgbImage;
 use mue::model::layers::Mode;
-use mue::model::Model;
+use mue::model::{BranchInit, Model};
 use mue::train::data::{make_batch, Dataset, Example, TaskKind};
 use mue::train::{batch_loss, AdamW, AdamWParams, LossKind, TrainOptions};
 use std::time::Instant;
@@ -95,7 +95,7 @@ fn main() {
     );
     let mut steps = Vec::new();
     for dropout in [0.0f32, 0.1] {
-        let (model, varmap) = Model::init_trainable(&cfg, 0, &dev).unwrap();
+        let (model, varmap) = Model::init_trainable(&cfg, 0, BranchInit::Unit, &dev).unwrap();
         let mut opt = AdamW::new(&varmap, AdamWParams::default()).unwrap();
         let mode = Mode {
             train: true,

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use image::RgbImage;
 use mue::model::layers::Mode;
-use mue::model::{Config, EncoderMode, ImageEmbedder, Model};
+use mue::model::{BranchInit, Config, EncoderMode, ImageEmbedder, Model};
 use mue::train::data::{batch_indices, make_batch, Batch, Dataset, Example, TaskKind};
 use mue::train::{
     batch_loss, layer_loss, lr_at, task_loss, AdamW, AdamWParams, LossKind, TrainOptions,
@@ -18,7 +18,7 @@ const TRAIN: Mode = Mode {
 
 fn tiny() -> (Model, VarMap) {
     let cfg = Config::tiny(EncoderMode::Decomposed);
-    Model::init_trainable(&cfg, 7, &Device::Cpu).unwrap()
+    Model::init_trainable(&cfg, 7, BranchInit::Unit, &Device::Cpu).unwrap()
 }
 
 fn image(seed: u32, side: u32) -> RgbImage {
@@ -104,7 +104,7 @@ fn every_conv_stem_parameter_gets_a_gradient() {
         cfg.num_patches(),
         Config::tiny(EncoderMode::Decomposed).num_patches()
     );
-    let (model, varmap) = Model::init_trainable(&cfg, 7, &Device::Cpu).unwrap();
+    let (model, varmap) = Model::init_trainable(&cfg, 7, BranchInit::Unit, &Device::Cpu).unwrap();
     assert!(varmap
         .data()
         .lock()
@@ -142,6 +142,47 @@ fn assert_every_parameter_gets_a_gradient((model, varmap): (Model, VarMap)) {
         zero.is_empty(),
         "parameters with an all-zero gradient: {zero:?}"
     );
+}
+
+#[test]
+fn zero_encoder_branches_start_as_the_identity_and_still_learn() {
+    let cfg = Config::tiny(EncoderMode::Decomposed);
+    let (model, varmap) =
+        Model::init_trainable(&cfg, 7, BranchInit::ZeroEncoder, &Device::Cpu).unwrap();
+    let b = batch(&model, 0.1);
+    let enc = model
+        .encode(&b.images, &b.enc_ids, &b.enc_padding, TRAIN)
+        .unwrap();
+    let first = &enc.hidden[0];
+    for (l, h) in enc.hidden.iter().enumerate().skip(1) {
+        let d = mue::model::max_abs_diff(first, h).unwrap();
+        assert_eq!(d, 0.0, "encoder layer {l} changed its input at init");
+    }
+    // The decoder keeps unit branches: its layers move the state from the start.
+    let data = varmap.data().lock().unwrap();
+    let gain = |name: &str| {
+        data[name]
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(gain("encoder.layers.0.ffn_layer_norm.weight"), 0.0);
+    assert_eq!(gain("decoder.layers.0.ffn_layer_norm.weight"), 1.0);
+    // The zero gains get a gradient, so the branches open in the first step.
+    let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+    let grads = out.total.backward().unwrap();
+    for l in 0..cfg.encoder_layers {
+        for part in ["self_attn_mid_layer_norm", "ffn_layer_norm"] {
+            let name = format!("encoder.layers.{l}.{part}.weight");
+            let g = grads.get(data[&name].as_tensor()).unwrap();
+            let max = g.abs().unwrap().max_all().unwrap();
+            assert!(scalar(&max) > 0.0, "{name} gets no gradient");
+        }
+    }
 }
 
 #[test]
@@ -432,7 +473,9 @@ fn training_resumes_from_the_saved_step_exactly() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(diff < 1e-4, "resumed weights differ by {diff}");
-    let init = Model::init_trainable(&a.cfg, 0, &Device::Cpu).unwrap().0;
+    let init = Model::init_trainable(&a.cfg, 0, BranchInit::Unit, &Device::Cpu)
+        .unwrap()
+        .0;
     let moved = (&a.embed_tokens - &init.embed_tokens)
         .unwrap()
         .abs()

@@ -1,5 +1,6 @@
 //! `mue train`: fine-tune a model with the layer-wise loss on the benchmark.
 
+use crate::model::BranchInit;
 use crate::train::{train, LossKind, TrainOptions};
 use anyhow::Result;
 use std::path::PathBuf;
@@ -41,6 +42,10 @@ pub struct TrainArgs {
     /// convolution, e.g. `--stem 32` (none by default).
     #[arg(long, value_delimiter = ',')]
     pub stem: Vec<usize>,
+    /// How a fresh model's residual branches start: zero-encoder makes every encoder
+    /// layer the identity at step 0 (see the model card for why).
+    #[arg(long, value_enum, default_value = "zero-encoder")]
+    pub branch_init: BranchInit,
     #[arg(long, default_value_t = 64)]
     pub image_size: usize,
     /// Vocabulary of the tokenizer trained on the train split.
@@ -105,6 +110,7 @@ impl TrainArgs {
         o.ffn_dim = self.ffn_dim;
         o.patch = self.patch;
         o.stem = self.stem.clone();
+        o.branch_init = self.branch_init;
         o.image_size = self.image_size;
         o.vocab_size = self.vocab_size;
         o.dropout = self.dropout;

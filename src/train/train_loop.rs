@@ -8,7 +8,7 @@ use super::optim::{lr_at, AdamW, AdamWParams};
 use crate::data::preprocess::resize_bicubic_pil;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::layers::Mode;
-use crate::model::{Config, EncoderMode, ImageEmbedder, Model};
+use crate::model::{BranchInit, Config, EncoderMode, ImageEmbedder, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -35,6 +35,8 @@ pub struct TrainOptions {
     /// Output channels of the 3x3 stride-2 convolutions in front of the patches (empty:
     /// plain pixel patches).
     pub stem: Vec<usize>,
+    /// How the residual branches of a fresh model start (ignored with `init`).
+    pub branch_init: BranchInit,
     pub image_size: usize,
     /// Tokenizer vocabulary trained when none is given.
     pub vocab_size: usize,
@@ -98,6 +100,7 @@ impl TrainOptions {
             ffn_dim: 512,
             patch: 8,
             stem: Vec::new(),
+            branch_init: BranchInit::ZeroEncoder,
             image_size: 64,
             vocab_size: 1000,
             max_positions: 128,
@@ -349,7 +352,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
     resize_images(&mut train_raw, cfg.image_size);
     resize_images(&mut valid_raw, cfg.image_size);
-    let (model, varmap) = Model::init_trainable(&cfg, opts.seed, &device)?;
+    let (model, varmap) = Model::init_trainable(&cfg, opts.seed, opts.branch_init, &device)?;
     let mut opt = AdamW::new(
         &varmap,
         AdamWParams {
