@@ -662,7 +662,8 @@ impl BranchInit {
 }
 
 /// Overwrite every variable with values drawn from a seeded generator, chosen by name:
-/// layer-norm weights and head scales 1, biases 0, everything else N(0, 0.02).
+/// layer-norm weights and head scales 1 (branch-ending gains 0 where `branches` says),
+/// biases 0, dense and convolution weights scaled to their fan-in, the rest N(0, 0.02).
 fn reinit_seeded(varmap: &VarMap, seed: u64, branches: BranchInit) -> Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
