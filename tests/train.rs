@@ -88,6 +88,11 @@ fn scalar(t: &Tensor) -> f32 {
     t.to_scalar::<f32>().unwrap()
 }
 
+/// Largest absolute entry of `t`.
+fn max_abs(t: &Tensor) -> f32 {
+    scalar(&t.abs().unwrap().max_all().unwrap())
+}
+
 #[test]
 fn every_parameter_gets_a_gradient_from_the_layerwise_loss() {
     assert_every_parameter_gets_a_gradient(tiny());
@@ -126,13 +131,7 @@ fn assert_every_parameter_gets_a_gradient((model, varmap): (Model, VarMap)) {
         let g = grads
             .get(data[name].as_tensor())
             .unwrap_or_else(|| panic!("{name} has no gradient"));
-        let max = g
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let max = max_abs(g);
         assert!(max.is_finite(), "{name}: gradient not finite");
         if max == 0.0 {
             zero.push(name.clone());
@@ -160,16 +159,7 @@ fn zero_encoder_branches_start_as_the_identity_and_still_learn() {
     }
     // The decoder keeps unit branches: its layers move the state from the start.
     let data = varmap.data().lock().unwrap();
-    let gain = |name: &str| {
-        data[name]
-            .as_tensor()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let gain = |name: &str| max_abs(data[name].as_tensor());
     assert_eq!(gain("encoder.layers.0.ffn_layer_norm.weight"), 0.0);
     assert_eq!(gain("decoder.layers.0.ffn_layer_norm.weight"), 1.0);
     // The zero gains get a gradient, so the branches open in the first step.
@@ -179,8 +169,7 @@ fn zero_encoder_branches_start_as_the_identity_and_still_learn() {
         for part in ["self_attn_mid_layer_norm", "ffn_layer_norm"] {
             let name = format!("encoder.layers.{l}.{part}.weight");
             let g = grads.get(data[&name].as_tensor()).unwrap();
-            let max = g.abs().unwrap().max_all().unwrap();
-            assert!(scalar(&max) > 0.0, "{name} gets no gradient");
+            assert!(max_abs(g) > 0.0, "{name} gets no gradient");
         }
     }
 }
@@ -464,26 +453,12 @@ fn training_resumes_from_the_saved_step_exactly() {
     // uninterrupted run.
     let a = Model::load_dir(&full, &Device::Cpu).unwrap();
     let b = Model::load_dir(&part, &Device::Cpu).unwrap();
-    let diff = (&a.embed_tokens - &b.embed_tokens)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = mue::model::max_abs_diff(&a.embed_tokens, &b.embed_tokens).unwrap();
     assert!(diff < 1e-4, "resumed weights differ by {diff}");
     let init = Model::init_trainable(&a.cfg, 0, BranchInit::Unit, &Device::Cpu)
         .unwrap()
         .0;
-    let moved = (&a.embed_tokens - &init.embed_tokens)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = mue::model::max_abs_diff(&a.embed_tokens, &init.embed_tokens).unwrap();
     assert!(moved > 1e-4, "training did not change the weights");
     assert_eq!(a.cfg.encoder_mode, EncoderMode::Decomposed);
 

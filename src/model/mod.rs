@@ -693,23 +693,21 @@ fn reinit_seeded(varmap: &VarMap, seed: u64, branches: BranchInit) -> Result<()>
                 .any(|s| name.ends_with(s));
         // Convolutions feed a GELU: He initialisation, std sqrt(2 / fan_in).
         let conv = shape.rank() == 4 && name.ends_with(".weight");
+        // `n` draws of N(0, std^2), from the same stream as the N(0, 0.02^2) draws.
+        let scaled = |std: f32, rng: &mut rand_chacha::ChaCha8Rng| -> Vec<f32> {
+            (0..n).map(|_| std * normal.sample(rng) / 0.02).collect()
+        };
         let values: Vec<f32> = if branches.zeroes(name) {
             vec![0.0; n]
         } else if name.ends_with("c_attn") || (is_norm && name.ends_with(".weight")) {
             vec![1.0; n]
         } else if conv {
             let fan_in: usize = shape.dims()[1..].iter().product();
-            let std = (2.0 / fan_in as f32).sqrt();
-            (0..n)
-                .map(|_| std * normal.sample(&mut rng) / 0.02)
-                .collect()
+            scaled((2.0 / fan_in as f32).sqrt(), &mut rng)
         } else if name.ends_with(".bias") {
             vec![0.0; n]
         } else if dense {
-            let std = (shape.dims()[1] as f32).powf(-0.5);
-            (0..n)
-                .map(|_| std * normal.sample(&mut rng) / 0.02)
-                .collect()
+            scaled((shape.dims()[1] as f32).powf(-0.5), &mut rng)
         } else {
             (0..n).map(|_| normal.sample(&mut rng)).collect()
         };
