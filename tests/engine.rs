@@ -457,3 +457,38 @@ fn bad_inputs_are_clear_errors() {
         "{msg}"
     );
 }
+
+#[test]
+fn entangled_image_positions_tell_equal_patches_apart() {
+    let (m, tensors) = model(EncoderMode::Decomposed);
+    let mut cfg = m.cfg.clone();
+    cfg.entangle_image_positions = true;
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &DEV);
+    let ent = Model::new(&cfg, vb).unwrap();
+    // One colour everywhere: every patch is the same, so only positions can differ.
+    let s = cfg.image_size;
+    let image = Tensor::full(0.3f32, (1, 3, s, s), &DEV).unwrap();
+    let spread = |m: &Model| {
+        let x = m
+            .embed_image(&image, Mode::INFER)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        max_diff(&x.i(0).unwrap(), &x.i(1).unwrap())
+    };
+    assert!(
+        spread(&m) < 1e-6,
+        "bias-only positions: equal patches, equal tokens"
+    );
+    assert!(
+        spread(&ent) > 1e-2,
+        "entangled positions: tokens differ by position"
+    );
+    // Configs written before the switch existed load with it off.
+    let mut json = serde_json::to_value(&m.cfg).unwrap();
+    json.as_object_mut()
+        .unwrap()
+        .remove("entangle_image_positions");
+    let old: Config = serde_json::from_value(json).unwrap();
+    assert!(!old.entangle_image_positions);
+}

@@ -11,10 +11,7 @@ use mue::train::{
     batch_loss, layer_loss, lr_at, task_loss, AdamW, AdamWParams, LossKind, TrainOptions,
 };
 
-const TRAIN: Mode = Mode {
-    train: true,
-    dropout: 0.0,
-};
+const TRAIN: Mode = Mode::train(0.0);
 
 fn tiny() -> (Model, VarMap) {
     let cfg = Config::tiny(EncoderMode::Decomposed);
@@ -141,6 +138,38 @@ fn assert_every_parameter_gets_a_gradient((model, varmap): (Model, VarMap)) {
         zero.is_empty(),
         "parameters with an all-zero gradient: {zero:?}"
     );
+}
+
+#[test]
+fn fused_kernels_give_the_composed_ops_loss_and_gradients() {
+    let (model, varmap) = tiny();
+    let b = batch(&model, 0.1);
+    let composed = Mode {
+        fused: false,
+        ..TRAIN
+    };
+    let fused = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+    let slow = batch_loss(&model, &b, LossKind::LayerWise, composed).unwrap();
+    let (lf, ls) = (scalar(&fused.total), scalar(&slow.total));
+    assert!((lf - ls).abs() < 1e-4 * ls.abs(), "loss {lf} vs {ls}");
+    let (gf, gs) = (
+        fused.total.backward().unwrap(),
+        slow.total.backward().unwrap(),
+    );
+    let data = varmap.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let (a, c) = (gf.get(var.as_tensor()), gs.get(var.as_tensor()));
+        let (a, c) = (
+            a.unwrap(),
+            c.unwrap_or_else(|| panic!("{name}: no gradient")),
+        );
+        let diff = max_abs(&(a - c).unwrap());
+        assert!(
+            diff <= 1e-3 * max_abs(c).max(1e-3),
+            "{name}: gradients differ by {diff} (max {})",
+            max_abs(c)
+        );
+    }
 }
 
 #[test]

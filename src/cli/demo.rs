@@ -109,6 +109,7 @@ fn random_parts() -> Result<(Config, Tokenizer)> {
         image_size: 64,
         image_embedder: ImageEmbedder::Patch { patch: 8 },
         encoder_mode: EncoderMode::Decomposed,
+        entangle_image_positions: false,
         bos_id: 0,
         pad_id: 1,
         eos_id: 2,

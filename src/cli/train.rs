@@ -46,6 +46,11 @@ pub struct TrainArgs {
     /// layer the identity at step 0 (see the model card for why).
     #[arg(long, value_enum, default_value = "zero-encoder")]
     pub branch_init: BranchInit,
+    /// Add the image position embeddings to the patch tokens of a fresh model, so that
+    /// cross-attention reads where each patch is (OFA keeps positions in the attention
+    /// biases only; its checkpoints load either way).
+    #[arg(long)]
+    pub entangle_image_positions: bool,
     #[arg(long, default_value_t = 64)]
     pub image_size: usize,
     /// Vocabulary of the tokenizer trained on the train split.
@@ -111,6 +116,7 @@ impl TrainArgs {
         o.patch = self.patch;
         o.stem = self.stem.clone();
         o.branch_init = self.branch_init;
+        o.entangle_image_positions = self.entangle_image_positions;
         o.image_size = self.image_size;
         o.vocab_size = self.vocab_size;
         o.dropout = self.dropout;

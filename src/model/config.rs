@@ -47,6 +47,12 @@ pub struct Config {
     pub image_size: usize,
     pub image_embedder: ImageEmbedder,
     pub encoder_mode: EncoderMode,
+    /// Also add the image position embeddings to the patch tokens (OFA's
+    /// `entangle_position_embedding`, image side only). OFA's fine-tuned checkpoints keep
+    /// positions in the attention biases alone (false); the project's own models may set
+    /// it so that cross-attention values carry where each patch is.
+    #[serde(default)]
+    pub entangle_image_positions: bool,
     pub bos_id: u32,
     pub pad_id: u32,
     pub eos_id: u32,
@@ -72,6 +78,7 @@ impl Config {
             image_size: 16,
             image_embedder: ImageEmbedder::Patch { patch: 4 },
             encoder_mode,
+            entangle_image_positions: false,
             bos_id: 0,
             pad_id: 1,
             eos_id: 2,
@@ -97,6 +104,7 @@ impl Config {
             image_size: 128,
             image_embedder: ImageEmbedder::Patch { patch: 8 },
             encoder_mode,
+            entangle_image_positions: false,
             bos_id: 0,
             pad_id: 1,
             eos_id: 2,

@@ -21,13 +21,26 @@ pub struct Mode {
     pub train: bool,
     /// Dropout probability applied in training only.
     pub dropout: f32,
+    /// Training on the CPU: layer norm and GELU through the fused kernels of
+    /// [`super::fused`] (false: candle's composed ops, kept to compare against).
+    pub fused: bool,
 }
 
 impl Mode {
     pub const INFER: Mode = Mode {
         train: false,
         dropout: 0.0,
+        fused: false,
     };
+
+    /// Training with this dropout and the fused kernels.
+    pub const fn train(dropout: f32) -> Mode {
+        Mode {
+            train: true,
+            dropout,
+            fused: true,
+        }
+    }
 
     /// Inverted dropout with masks drawn from this thread's seeded stream (see
     /// [`seed_dropout`]), so a training run is reproducible; candle's own dropout draws
@@ -80,7 +93,10 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode.train {
+        if mode.train && mode.fused && x.device().is_cpu() && x.dtype() == DType::F32 {
+            // Differentiable, one pass each way (candle's fast path has no backward).
+            super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        } else if mode.train {
             // Differentiable; reductions run over the last dimension only (fast in candle).
             let mean = x.mean_keepdim(D::Minus1)?;
             let xc = x.broadcast_sub(&mean)?;
@@ -240,6 +256,16 @@ impl Attention {
     }
 }
 
+/// Exact GELU; training on the CPU uses the fused kernel (same function to 1e-6, and a
+/// several times cheaper backward than candle's).
+pub fn gelu(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    if mode.train && mode.fused && x.device().is_cpu() && x.dtype() == DType::F32 {
+        super::fused::gelu_erf(x)
+    } else {
+        x.gelu_erf()
+    }
+}
+
 fn ffn(
     x: &Tensor,
     norm: &LayerNorm,
@@ -248,7 +274,7 @@ fn ffn(
     fc2: &Linear,
     mode: Mode,
 ) -> Result<Tensor> {
-    let h = fc1.forward_t(&norm.forward(x, mode)?, mode)?.gelu_erf()?;
+    let h = gelu(&fc1.forward_t(&norm.forward(x, mode)?, mode)?, mode)?;
     let h = mode.dropout(&h)?;
     let h = fc2.forward_t(&mid.forward(&h, mode)?, mode)?;
     mode.dropout(&h)
@@ -467,10 +493,7 @@ mod dropout_tests {
     #[test]
     fn dropout_is_seeded_and_keeps_the_mean() {
         let x = Tensor::ones((64, 64), DType::F32, &candle_core::Device::Cpu).unwrap();
-        let mode = Mode {
-            train: true,
-            dropout: 0.25,
-        };
+        let mode = Mode::train(0.25);
         let draw = |seed| {
             seed_dropout(seed);
             mode.dropout(&x)

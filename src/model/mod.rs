@@ -4,6 +4,7 @@
 //! Per-request state (exit decisions, key/value caches) lives in `crate::generate`.
 
 pub mod config;
+pub mod fused;
 pub mod layers;
 pub mod ofa;
 pub mod position;
@@ -402,6 +403,11 @@ impl Model {
         let e = &self.encoder;
         let feats = e.image_trunk.features(images)?;
         let x = e.image_proj.forward(&feats)?;
+        let x = if self.cfg.entangle_image_positions {
+            x.broadcast_add(&self.image_positions(mode)?)?
+        } else {
+            x
+        };
         let x = x.broadcast_add(&e.type_embedding.get(1)?)?;
         let x = e.patch_layernorm_embedding.forward(&x, mode)?;
         mode.dropout(&x)
@@ -425,17 +431,22 @@ impl Model {
         mode.dropout(&x.broadcast_mul(&keep)?)
     }
 
-    /// Layer-normed position embeddings for a patch grid and `text_len` tokens.
-    pub fn encoder_positions(&self, text_len: usize, mode: Mode) -> Result<EncoderPositions> {
+    /// Layer-normed position embeddings `[p, d]` of the patch grid.
+    fn image_positions(&self, mode: Mode) -> Result<Tensor> {
         let e = &self.encoder;
         let ids = position::image_position_ids(
             self.cfg.grid_side(),
             self.cfg.image_bucket_size,
             &self.device,
         )?;
-        let image = e
-            .image_pos_ln
-            .forward(&e.embed_image_positions.index_select(&ids, 0)?, mode)?;
+        e.image_pos_ln
+            .forward(&e.embed_image_positions.index_select(&ids, 0)?, mode)
+    }
+
+    /// Layer-normed position embeddings for a patch grid and `text_len` tokens.
+    pub fn encoder_positions(&self, text_len: usize, mode: Mode) -> Result<EncoderPositions> {
+        let e = &self.encoder;
+        let image = self.image_positions(mode)?;
         let text = e
             .pos_ln
             .forward(&e.embed_positions.narrow(0, 0, text_len)?, mode)?;

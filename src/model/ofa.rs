@@ -138,6 +138,7 @@ pub fn config_from_hf(json: &Value, image_size: usize, mode: EncoderMode) -> Res
         image_size,
         image_embedder: ImageEmbedder::Resnet { blocks },
         encoder_mode: mode,
+        entangle_image_positions: false,
         bos_id: opt_id(json, "bos_token_id", 0)?,
         pad_id: opt_id(json, "pad_token_id", 1)?,
         eos_id: opt_id(json, "eos_token_id", 2)?,

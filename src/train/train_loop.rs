@@ -69,6 +69,9 @@ pub struct TrainOptions {
     /// Encoder of the trained model: decomposed (MuE) or joint (for a joint pre-training
     /// stage that a decomposed run then continues with `init`).
     pub encoder_mode: EncoderMode,
+    /// Add the image position embeddings to the patch tokens of a fresh model
+    /// ([`Config::entangle_image_positions`]).
+    pub entangle_image_positions: bool,
     /// OFA's attention temperature: logits are scaled by `(head_dim * f)^-0.5`.
     pub attn_scale_factor: f64,
     /// Use only the first images of the train split.
@@ -101,6 +104,7 @@ impl TrainOptions {
             patch: 8,
             stem: Vec::new(),
             branch_init: BranchInit::ZeroEncoder,
+            entangle_image_positions: false,
             image_size: 64,
             vocab_size: 1000,
             max_positions: 128,
@@ -157,6 +161,7 @@ impl TrainOptions {
                 }
             },
             encoder_mode: self.encoder_mode,
+            entangle_image_positions: self.entangle_image_positions,
             bos_id: 0,
             pad_id: 1,
             eos_id: 2,
@@ -396,10 +401,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         "training"
     );
 
-    let mode = Mode {
-        train: true,
-        dropout: opts.dropout,
-    };
+    let mode = Mode::train(opts.dropout);
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -1,0 +1,310 @@
+//! Training kernels with their own backward pass, for the CPU.
+//!
+//! candle builds a differentiable layer norm out of ~9 broadcast ops (and ~20 in the
+//! backward pass), and its exact GELU calls an f64 `erf` per element; together they
+//! were over a third of a training step. These ops do each in one pass over the rows,
+//! forward and backward, and fall back to the composed ops on other devices.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("{what}: only f32 is supported"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Mean and reciprocal standard deviation of one row.
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "mue-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(sx, lx, self.name())?;
+        let w = contiguous_f32(sw, lw, self.name())?;
+        let b = contiguous_f32(sb, lb, self.name())?;
+        let d = w.len();
+        if d == 0 || b.len() != d || lx.dims().last() != Some(&d) {
+            candle_core::bail!("layer norm: weight/bias do not match the last dimension");
+        }
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            for i in 0..d {
+                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
+        Ok((CpuStorage::F32(y), lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.dim(0)?;
+        let rows = x.elem_count() / d;
+        // One pass gives [dx rows..., dw, db].
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = all.get(rows)?;
+        let db = all.get(rows + 1)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "mue-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(sx, lx, self.name())?;
+        let w = contiguous_f32(sw, lw, self.name())?;
+        let g = contiguous_f32(sg, lg, self.name())?;
+        let d = w.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, rest) = out.split_at_mut(rows * d);
+        let (dw, db) = rest.split_at_mut(d);
+        let mut xhat = vec![0f32; d];
+        let mut gw = vec![0f32; d];
+        for ((xr, gr), dxr) in x
+            .chunks_exact(d)
+            .zip(g.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+            for i in 0..d {
+                xhat[i] = (xr[i] - mean) * rstd;
+                gw[i] = gr[i] * w[i];
+                sum_gw += gw[i];
+                sum_gw_xhat += gw[i] * xhat[i];
+                dw[i] += gr[i] * xhat[i];
+                db[i] += gr[i];
+            }
+            let (m1, m2) = (sum_gw / d as f32, sum_gw_xhat / d as f32);
+            for i in 0..d {
+                dxr[i] = rstd * (gw[i] - m1 - xhat[i] * m2);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+/// Differentiable layer norm over the last dimension with a fused CPU kernel for the
+/// forward and the backward pass (f32).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNormOp { eps },
+    )
+}
+
+// Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), in f32 so the loop vectorises around `exp`.
+fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152,
+        1.061_405_4,
+    ];
+    let s = x.signum();
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+    s * (1.0 - poly * (-a * a).exp())
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+// 1 / sqrt(2 pi)
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "mue-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let y = x
+            .iter()
+            .map(|&v| 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2)))
+            .collect();
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
+    }
+}
+
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "mue-gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(sx, lx, self.name())?;
+        let g = contiguous_f32(sg, lg, self.name())?;
+        if x.len() != g.len() {
+            candle_core::bail!("gelu backward: gradient shape differs from the input's");
+        }
+        let dx = x
+            .iter()
+            .zip(g)
+            .map(|(&v, &gr)| {
+                let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
+                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+                gr * (cdf + v * pdf)
+            })
+            .collect();
+        Ok((CpuStorage::F32(dx), lx.shape().clone()))
+    }
+}
+
+/// Differentiable exact (erf) GELU with a fused CPU kernel for both passes (f32).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(GeluOp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    fn slow_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        xhat.broadcast_mul(w)?.broadcast_add(b)
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_layer_norm_matches_the_composed_ops_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (3, 5, 16), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
+        // A non-uniform upstream gradient, so every term of the backward pass matters.
+        let up = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+        let fast = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        let slow = slow_layer_norm(&x, &w, &b, 1e-5).unwrap();
+        assert!(max_abs(&fast, &slow) < 1e-5);
+        let gf = (fast * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs = (slow * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            let (a, c) = (gf.get(v).unwrap(), gs.get(v).unwrap());
+            assert_eq!(a.dims(), c.dims());
+            assert!(
+                max_abs(a, c) < 1e-4,
+                "gradient differs by {}",
+                max_abs(a, c)
+            );
+        }
+    }
+
+    #[test]
+    fn fused_gelu_matches_candle_forward_and_backward() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &Tensor::arange(-600f32, 600., &dev)
+                .unwrap()
+                .affine(0.01, 0.0)
+                .unwrap()
+                .reshape((40, 30))
+                .unwrap(),
+        )
+        .unwrap();
+        let fast = gelu_erf(&x).unwrap();
+        let exact = x.as_tensor().gelu_erf().unwrap();
+        assert!(max_abs(&fast, &exact) < 1e-6);
+        let up = Tensor::randn(0f32, 1.0, (40, 30), &dev).unwrap();
+        let gf = (&fast * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ge = (exact * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (a, c) = (gf.get(&x).unwrap(), ge.get(&x).unwrap());
+        assert!(
+            max_abs(a, c) < 1e-5,
+            "gradient differs by {}",
+            max_abs(a, c)
+        );
+        assert_eq!(fast.dtype(), DType::F32);
+    }
+}
