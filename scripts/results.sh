@@ -23,7 +23,7 @@ $mue eval --model "$M" --data "$D/caption_test.tsv" --task caption --policy full
 $mue calibrate --model "$M" --data "$D/snli_ve_valid.tsv" --task entail --target 0.99 \
     --grid scripts/grid_entail_mue.json --sweep-out "$R/calibrate_entail" $q
 $mue calibrate --model "$M" --data "$D/caption_valid.tsv" --task caption --target 0.96 \
-    --grid scripts/grid_caption_mue.json --limit 60 --sweep-out "$R/calibrate_caption" $q
+    --grid scripts/grid_caption_mue.json --sweep-out "$R/calibrate_caption" $q
 $mue eval --model "$M" --data "$D/snli_ve_test.tsv" --task entail --policy mue $q > "$R/entail_test_mue.json"
 
 # The same sweep with a Learn-then-Test guarantee (target 0.95, delta 0.1), on a scratch copy
