@@ -1,9 +1,10 @@
 //! Training kernels with their own backward pass, for the CPU.
 //!
 //! candle builds a differentiable layer norm out of ~9 broadcast ops (and ~20 in the
-//! backward pass), and its exact GELU calls an f64 `erf` per element; together they
-//! were over a third of a training step. These ops do each in one pass over the rows,
-//! forward and backward, and fall back to the composed ops on other devices.
+//! backward pass), and its exact GELU calls an f64 `erf` per element (a profile of a
+//! step: broadcast ops ~25%, `erf` ~10%). These ops do each in one pass over the rows,
+//! forward and backward; other devices and dtypes keep the composed ops
+//! (`layers::LayerNorm`, `layers::gelu`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
