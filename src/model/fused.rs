@@ -225,50 +225,38 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var, D};
-
-    fn slow_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-        xhat.broadcast_mul(w)?.broadcast_add(b)
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::model::layers::{LayerNorm, Mode};
+    use crate::model::max_abs_diff;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::{VarBuilder, VarMap};
 
     #[test]
     fn fused_layer_norm_matches_the_composed_ops_forward_and_backward() {
         let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let ln =
+            LayerNorm::load(16, 1e-5, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+        for (name, mean) in [("weight", 1f32), ("bias", 0.0)] {
+            varmap.data().lock().unwrap()[name]
+                .set(&Tensor::randn(mean, 0.3, 16, &dev).unwrap())
+                .unwrap();
+        }
         let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (3, 5, 16), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
         // A non-uniform upstream gradient, so every term of the backward pass matters.
         let up = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
-        let fast = layer_norm(&x, &w, &b, 1e-5).unwrap();
-        let slow = slow_layer_norm(&x, &w, &b, 1e-5).unwrap();
-        assert!(max_abs(&fast, &slow) < 1e-5);
+        let fused = Mode::train(0.0);
+        let composed = Mode {
+            fused: false,
+            ..fused
+        };
+        let fast = ln.forward(&x, fused).unwrap();
+        let slow = ln.forward(&x, composed).unwrap();
+        assert!(max_abs_diff(&fast, &slow).unwrap() < 1e-5);
         let gf = (fast * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let gs = (slow * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &w, &b] {
-            let (a, c) = (gf.get(v).unwrap(), gs.get(v).unwrap());
-            assert_eq!(a.dims(), c.dims());
-            assert!(
-                max_abs(a, c) < 1e-4,
-                "gradient differs by {}",
-                max_abs(a, c)
-            );
+        for v in [x.as_tensor(), &ln.weight, &ln.bias] {
+            let diff = max_abs_diff(gf.get(v).unwrap(), gs.get(v).unwrap()).unwrap();
+            assert!(diff < 1e-4, "gradient differs by {diff}");
         }
     }
 
@@ -286,7 +274,7 @@ mod tests {
         .unwrap();
         let fast = gelu_erf(&x).unwrap();
         let exact = x.as_tensor().gelu_erf().unwrap();
-        assert!(max_abs(&fast, &exact) < 1e-6);
+        assert!(max_abs_diff(&fast, &exact).unwrap() < 1e-6);
         let up = Tensor::randn(0f32, 1.0, (40, 30), &dev).unwrap();
         let gf = (&fast * &up)
             .unwrap()
@@ -300,12 +288,8 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let (a, c) = (gf.get(&x).unwrap(), ge.get(&x).unwrap());
-        assert!(
-            max_abs(a, c) < 1e-5,
-            "gradient differs by {}",
-            max_abs(a, c)
-        );
+        let diff = max_abs_diff(gf.get(&x).unwrap(), ge.get(&x).unwrap()).unwrap();
+        assert!(diff < 1e-5, "gradient differs by {diff}");
         assert_eq!(fast.dtype(), DType::F32);
     }
 }

@@ -42,6 +42,11 @@ impl Mode {
         }
     }
 
+    /// Whether `x` goes through the fused kernels: training with them on, f32 on the CPU.
+    fn fuses(&self, x: &Tensor) -> bool {
+        self.train && self.fused && x.device().is_cpu() && x.dtype() == DType::F32
+    }
+
     /// Inverted dropout with masks drawn from this thread's seeded stream (see
     /// [`seed_dropout`]), so a training run is reproducible; candle's own dropout draws
     /// from an unseeded generator.
@@ -93,7 +98,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode.train && mode.fused && x.device().is_cpu() && x.dtype() == DType::F32 {
+        if mode.fuses(x) {
             // Differentiable, one pass each way (candle's fast path has no backward).
             super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
         } else if mode.train {
@@ -259,7 +264,7 @@ impl Attention {
 /// Exact GELU; training on the CPU uses the fused kernel (same function to 1e-6, and a
 /// several times cheaper backward than candle's).
 pub fn gelu(x: &Tensor, mode: Mode) -> Result<Tensor> {
-    if mode.train && mode.fused && x.device().is_cpu() && x.dtype() == DType::F32 {
+    if mode.fuses(x) {
         super::fused::gelu_erf(x)
     } else {
         x.gelu_erf()
