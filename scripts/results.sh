@@ -10,7 +10,7 @@ mue=./target/release/mue
 M=${MODEL:-models/default}
 D=${DATA:-data/bench}
 R=${RESULTS:-results}
-[ -f "$D/snli_ve_test.tsv" ] || $mue data generate --out "$D" --seed 0 --train 8000 --valid 200 --test 200 >/dev/null
+[ -f "$D/snli_ve_test.tsv" ] || $mue data generate --out "$D" --seed 0 --train 8000 --valid 1000 --test 200 >/dev/null
 mkdir -p "$R"
 q="--quiet"
 

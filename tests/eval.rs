@@ -9,7 +9,7 @@ use mue::cli::report::{report_with, ReportArgs};
 use mue::cli::{ExitArgs, Task, TaskThresholds};
 use mue::data::tokenizer::VE_ANSWERS;
 use mue::data::{generate, GenerateOptions};
-use mue::eval::eval::{evaluate, oracle, quality, run, Dataset, EvalOptions};
+use mue::eval::eval::{evaluate, oracle, quality, quality_and_scores, run, Dataset, EvalOptions};
 use mue::eval::report::Ablation;
 use mue::eval::sweep::{sweep, PolicySpec};
 use mue::exit::{EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy, StaticDepth};
@@ -150,6 +150,12 @@ fn entail_eval_reports_reductions() {
     assert!((r.reduction.layers - (1.0 - 6.0 / 18.0)).abs() < 1e-12);
     assert!(r.reduction.macs > 0.3 && r.reduction.macs < 1.0);
     assert!(r.reduction.wall < 1.0);
+    let [lo, hi] = r.relative_quality_interval.unwrap();
+    assert!(
+        lo <= r.relative_quality && r.relative_quality <= hi,
+        "{lo} {hi}"
+    );
+    assert_eq!(full.relative_quality_interval, Some([1.0, 1.0]));
     // The JSON is what the CLI writes.
     let json = serde_json::to_value(&r).unwrap();
     assert!(json["reduction"]["macs"].is_number());
@@ -192,6 +198,11 @@ fn caption_eval_scores_against_references() {
     let full = run(&e, &data, &FullDepth, &opts()).unwrap();
     let q = quality(&data, &full).unwrap();
     assert_eq!(Some(q.primary), q.cider);
+    // The per-image scores the bootstrap resamples average to the corpus CIDEr-D.
+    let (q2, per_image) = quality_and_scores(&data, &full).unwrap();
+    assert_eq!(q2, q);
+    let mean = per_image.iter().sum::<f64>() / per_image.len() as f64;
+    assert!((mean - q.primary).abs() < 1e-9, "{mean} vs {}", q.primary);
     assert!(q.bleu4.is_some() && q.rouge_l.is_some());
     let r = evaluate(
         &e,

@@ -299,6 +299,7 @@ mod tests {
                 quality: q(quality),
                 full_quality: q(0.8),
                 relative_quality: quality / 0.8,
+                relative_quality_interval: None,
                 exits,
                 reduction,
                 wall_ms: 1.0,

@@ -231,38 +231,87 @@ pub fn primary_metric(task: Task) -> &'static str {
 }
 
 pub fn quality(data: &Dataset, run: &RunOutputs) -> Result<Quality> {
+    Ok(quality_and_scores(data, run)?.0)
+}
+
+/// Quality of a run and each example's share of the primary metric, whose mean is
+/// `primary`: 1 or 0 for a right or wrong answer, or the image's CIDEr-D (document
+/// frequencies from the whole split's references, as pycocoevalcap averages them).
+pub fn quality_and_scores(data: &Dataset, run: &RunOutputs) -> Result<(Quality, Vec<f64>)> {
     if run.examples.len() != data.len() {
         bail!("{} outputs for {} examples", run.examples.len(), data.len());
     }
     match data {
         Dataset::Entail(rows) => {
-            let correct = rows
+            let scores: Vec<f64> = rows
                 .iter()
                 .zip(&run.examples)
-                .filter(|(r, o)| r.label.as_str() == o.prediction)
-                .count();
-            let acc = correct as f64 / rows.len().max(1) as f64;
-            Ok(Quality {
+                .map(|(r, o)| f64::from(u8::from(r.label.as_str() == o.prediction)))
+                .collect();
+            let acc = scores.iter().sum::<f64>() / rows.len().max(1) as f64;
+            let q = Quality {
                 primary: acc,
                 accuracy: Some(acc),
                 bleu4: None,
                 cider: None,
                 rouge_l: None,
-            })
+            };
+            Ok((q, scores))
         }
         Dataset::Caption(rows) => {
             let refs: Vec<Vec<String>> = rows.iter().map(|r| r.captions.clone()).collect();
             let cands: Vec<&str> = run.examples.iter().map(|o| o.prediction.as_str()).collect();
-            let s = metrics::score_captions(&refs, &cands)?;
-            Ok(Quality {
-                primary: s.cider,
+            let s = metrics::evaluate_captions(&refs, &cands)?;
+            let q = Quality {
+                primary: s.corpus.cider,
                 accuracy: None,
-                bleu4: Some(s.bleu[3]),
-                cider: Some(s.cider),
-                rouge_l: Some(s.rouge_l),
-            })
+                bleu4: Some(s.corpus.bleu[3]),
+                cider: Some(s.corpus.cider),
+                rouge_l: Some(s.corpus.rouge_l),
+            };
+            Ok((q, s.per_sentence.cider))
         }
     }
+}
+
+/// Confidence level of the interval around `relative_quality`.
+pub const INTERVAL_LEVEL: f64 = 0.9;
+const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// Paired bootstrap interval of `mean(a) / mean(b)`: the examples are drawn with
+/// replacement `resamples` times (the same draw for both, since `a[i]` and `b[i]` score one
+/// example) and the central `level` of the ratios is returned. The draws come from a fixed
+/// seed, so the same scores give the same interval. None when there are no examples or
+/// when a bound is not finite (some draws score 0 at full depth).
+pub fn paired_bootstrap_ratio(
+    a: &[f64],
+    b: &[f64],
+    level: f64,
+    resamples: usize,
+) -> Option<[f64; 2]> {
+    use rand::{Rng, SeedableRng};
+    let n = a.len();
+    if n == 0 || b.len() != n || resamples == 0 || !(0.0..1.0).contains(&level) {
+        return None;
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed_b007);
+    let mut ratios: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let (mut sa, mut sb) = (0.0, 0.0);
+            for _ in 0..n {
+                let i = rng.random_range(0..n);
+                sa += a[i];
+                sb += b[i];
+            }
+            ratio(sa, sb)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let tail = (1.0 - level) / 2.0;
+    let at = |q: f64| ratios[((q * resamples as f64).floor() as usize).min(resamples - 1)];
+    let (lo, hi) = (at(tail), at(1.0 - tail));
+    // Draws where the reference scores 0 have no ratio: then there is no interval either.
+    (lo.is_finite() && hi.is_finite()).then_some([lo, hi])
 }
 
 /// Examples `run` may have made worse than `full`, which a `--delta` calibration bounds:
@@ -389,6 +438,10 @@ pub struct EvalReport {
     /// quality.primary / full_quality.primary (1 when both are 0).
     #[serde(deserialize_with = "super::f64_or_nan")]
     pub relative_quality: f64,
+    /// 90% paired-bootstrap interval of `relative_quality` over the examples: how far the
+    /// figure could move on another split of the same size.
+    #[serde(default)]
+    pub relative_quality_interval: Option<[f64; 2]>,
     pub exits: ExitStats,
     pub reduction: Reduction,
     pub wall_ms: f64,
@@ -415,7 +468,8 @@ pub fn report(
     full: &RunOutputs,
     full_quality: Quality,
 ) -> Result<EvalReport> {
-    let q = quality(data, run)?;
+    let (q, scores) = quality_and_scores(data, run)?;
+    let (_, full_scores) = quality_and_scores(data, full)?;
     Ok(EvalReport {
         task: data.task(),
         policy: run.policy.clone(),
@@ -424,6 +478,12 @@ pub fn report(
         quality: q,
         full_quality,
         relative_quality: ratio(q.primary, full_quality.primary),
+        relative_quality_interval: paired_bootstrap_ratio(
+            &scores,
+            &full_scores,
+            INTERVAL_LEVEL,
+            BOOTSTRAP_RESAMPLES,
+        ),
         exits: exit_stats(run),
         reduction: reduction(run, full),
         wall_ms: run.wall_ms,
@@ -534,4 +594,52 @@ pub fn oracle(engine: &Engine, data: &Dataset, opts: &EvalOptions) -> Result<Ora
         full_quality,
         reduction: reduction(&oracle_run, &full),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` examples all right at full depth, `wrong` of them wrong with exits.
+    fn scores(n: usize, wrong: usize) -> (Vec<f64>, Vec<f64>) {
+        let a = (0..n).map(|i| if i < wrong { 0.0 } else { 1.0 }).collect();
+        (a, vec![1.0; n])
+    }
+
+    #[test]
+    fn bootstrap_interval_has_the_binomial_width() {
+        // Relative accuracy 0.95 over 600 examples: the binomial standard error is
+        // sqrt(0.95 * 0.05 / 600) = 0.0089, so the 90% interval is about 0.95 +- 0.0146.
+        let (a, b) = scores(600, 30);
+        let [lo, hi] = paired_bootstrap_ratio(&a, &b, 0.9, 2000).unwrap();
+        assert!((lo - 0.9354).abs() < 0.004, "{lo}");
+        assert!((hi - 0.9646).abs() < 0.004, "{hi}");
+        // Four times the examples, half the width.
+        let (a4, b4) = scores(2400, 120);
+        let [lo4, hi4] = paired_bootstrap_ratio(&a4, &b4, 0.9, 2000).unwrap();
+        let ratio = (hi - lo) / (hi4 - lo4);
+        assert!((ratio - 2.0).abs() < 0.3, "{ratio}");
+    }
+
+    #[test]
+    fn bootstrap_interval_is_paired_and_deterministic() {
+        // The same outputs as full depth: every draw gives exactly 1, however noisy the
+        // scores themselves are.
+        let a: Vec<f64> = (0..50).map(|i| (i % 7) as f64 * 0.3).collect();
+        assert_eq!(paired_bootstrap_ratio(&a, &a, 0.9, 500), Some([1.0, 1.0]));
+        let (a, b) = scores(100, 10);
+        let first = paired_bootstrap_ratio(&a, &b, 0.9, 500);
+        assert_eq!(first, paired_bootstrap_ratio(&a, &b, 0.9, 500));
+        let [lo, hi] = first.unwrap();
+        assert!(lo < 0.9 && 0.9 < hi);
+        assert_eq!(paired_bootstrap_ratio(&[], &[], 0.9, 500), None);
+        assert_eq!(paired_bootstrap_ratio(&a, &b[..5], 0.9, 500), None);
+        assert_eq!(paired_bootstrap_ratio(&a, &b, 1.0, 500), None);
+        // Full depth right on one example in ten: many draws miss it and have no ratio.
+        let full: Vec<f64> = (0..10).map(|i| f64::from(u8::from(i == 0))).collect();
+        assert_eq!(
+            paired_bootstrap_ratio(&vec![1.0; 10], &full, 0.9, 500),
+            None
+        );
+    }
 }

@@ -862,6 +862,19 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
 
 // ---------------------------------------------------------------- formatting
 
+/// " (90% bootstrap interval a to b)", or nothing for a report without one.
+fn interval_text(iv: Option<[f64; 2]>) -> String {
+    match iv {
+        Some([lo, hi]) => format!(
+            " ({:.0}% bootstrap interval {} to {})",
+            100.0 * eval::INTERVAL_LEVEL,
+            pct(lo),
+            pct(hi)
+        ),
+        None => String::new(),
+    }
+}
+
 fn pct(x: f64) -> String {
     if x.is_finite() {
         let t = format!("{:.1}%", 100.0 * x);
@@ -1243,7 +1256,7 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
     let _ = writeln!(
         s,
         "{} test examples (`{}`), full-depth {} {}; MuE calibrated on {} validation \
-         examples (`{}`, {} grid points): {} there at {} of full depth, MACs {}.\n",
+         examples (`{}`, {} grid points): {} there at {} of full depth{}, MACs {}.\n",
         sw.examples,
         test.display(),
         metric_name(t.task),
@@ -1253,6 +1266,7 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
         t.calibration_points,
         t.calibration.point.params,
         pct(t.calibration.point.relative_quality),
+        interval_text(t.calibration.point.report.relative_quality_interval),
         neg(t.calibration.point.mac_reduction),
     );
     let header: &[&str] = match t.task {
@@ -1285,6 +1299,24 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
         })
         .collect();
     table(s, header, &body);
+    let on_test = sw
+        .points
+        .iter()
+        .find(|p| p.spec == t.calibration.point.spec);
+    if let Some(p) = on_test {
+        if p.report.relative_quality_interval.is_some() {
+            let _ = writeln!(
+                s,
+                "\nOn test the calibrated point keeps {} of full depth{}; on validation it \
+                 kept {}{}. The intervals are how far such a figure moves between splits of \
+                 these sizes.",
+                pct(p.relative_quality),
+                interval_text(p.report.relative_quality_interval),
+                pct(t.calibration.point.relative_quality),
+                interval_text(t.calibration.point.report.relative_quality_interval),
+            );
+        }
+    }
     if let Ablation::Run { report, .. } = &t.ablation {
         let _ = writeln!(
             s,
@@ -1526,6 +1558,7 @@ mod tests {
             quality: quality(task, q),
             full_quality: quality(task, full),
             relative_quality: q / full,
+            relative_quality_interval: None,
             exits: ExitStats {
                 mean_image_layer: 6.0,
                 mean_text_layer: 6.0,
