@@ -461,15 +461,16 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Report of `run` beside the full-depth run of the same split.
+/// Report of `run` beside the full-depth run of the same split, whose quality and
+/// per-example scores ([`quality_and_scores`]) the caller computes once for all policies.
 pub fn report(
     data: &Dataset,
     run: &RunOutputs,
     full: &RunOutputs,
     full_quality: Quality,
+    full_scores: &[f64],
 ) -> Result<EvalReport> {
     let (q, scores) = quality_and_scores(data, run)?;
-    let (_, full_scores) = quality_and_scores(data, full)?;
     Ok(EvalReport {
         task: data.task(),
         policy: run.policy.clone(),
@@ -480,7 +481,7 @@ pub fn report(
         relative_quality: ratio(q.primary, full_quality.primary),
         relative_quality_interval: paired_bootstrap_ratio(
             &scores,
-            &full_scores,
+            full_scores,
             INTERVAL_LEVEL,
             BOOTSTRAP_RESAMPLES,
         ),
@@ -509,9 +510,13 @@ pub fn evaluate_with_outputs(
     opts: &EvalOptions,
 ) -> Result<(EvalReport, RunOutputs, RunOutputs)> {
     let full = run(engine, data, &FullDepth, opts)?;
-    let full_quality = quality(data, &full)?;
+    let (full_quality, full_scores) = quality_and_scores(data, &full)?;
     let r = run(engine, data, policy, opts)?;
-    Ok((report(data, &r, &full, full_quality)?, r, full))
+    Ok((
+        report(data, &r, &full, full_quality, &full_scores)?,
+        r,
+        full,
+    ))
 }
 
 /// The oracle: for each example the shallowest uniform depth (every stream and token

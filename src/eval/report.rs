@@ -605,6 +605,11 @@ pub fn pick_baseline(sweep: &SweepResult, family: &str, target: f64) -> Option<(
         .map(|i| (i, PickRule::BestQuality))
 }
 
+/// Index of the calibrated point in the test sweep.
+fn calibrated_point(sweep: &SweepResult, calibrated: &PolicySpec) -> Option<usize> {
+    sweep.points.iter().position(|p| p.spec == *calibrated)
+}
+
 /// The calibrated point in the test sweep, and up to `extra` other points of MuE's own
 /// frontier that save work, spread evenly over it by MAC reduction.
 pub fn mue_points(
@@ -613,7 +618,7 @@ pub fn mue_points(
     extra: usize,
 ) -> (Option<usize>, Vec<usize>) {
     let p = &sweep.points;
-    let cal = (0..p.len()).find(|&i| p[i].spec == *calibrated);
+    let cal = calibrated_point(sweep, calibrated);
     let mut front: Vec<usize> = (0..p.len())
         .filter(|&i| {
             p[i].family == "mue"
@@ -1299,11 +1304,7 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
         })
         .collect();
     table(s, header, &body);
-    let on_test = sw
-        .points
-        .iter()
-        .find(|p| p.spec == t.calibration.point.spec);
-    if let Some(p) = on_test {
+    if let Some(p) = calibrated_point(sw, &t.calibration.point.spec).map(|i| &sw.points[i]) {
         if p.report.relative_quality_interval.is_some() {
             let _ = writeln!(
                 s,

@@ -262,7 +262,7 @@ pub fn sweep(
         .map(|s| s.build().with_context(|| format!("bad grid point {s:?}")))
         .collect::<Result<Vec<_>>>()?;
     let full = run(engine, data, &FullDepth, opts)?;
-    let full_quality = eval::quality(data, &full)?;
+    let (full_quality, full_scores) = eval::quality_and_scores(data, &full)?;
     let pb = eval::progress_bar(grid.len(), opts.progress, "sweep");
     let inner = EvalOptions {
         progress: false,
@@ -272,7 +272,7 @@ pub fn sweep(
     for (spec, policy) in grid.iter().zip(&policies) {
         pb.set_message(format!("{} {}", spec.family(), spec.params()));
         let r = run(engine, data, policy.as_ref(), &inner)?;
-        let rep = report(data, &r, &full, full_quality)?;
+        let rep = report(data, &r, &full, full_quality, &full_scores)?;
         let harmed = eval::harmed(data, &r, &full)?;
         points.push(SweepPoint {
             spec: *spec,
