@@ -365,14 +365,11 @@ pub fn calibrate_main(args: CalibrateArgs) -> Result<()> {
     );
     // A point that just clears the target on this split may miss it on another: say by
     // how much such a figure moves.
-    if let Some([lo, hi]) = cal.point.report.relative_quality_interval {
+    if let Some(iv) = cal.point.report.relative_quality_interval {
         println!(
-            "  keeps {:.1}% of full depth here; {:.0}% bootstrap interval {:.1}% to {:.1}% \
-             over {} examples",
+            "  keeps {:.1}% of full depth here; {} over {} examples",
             100.0 * cal.point.relative_quality,
-            100.0 * ev::INTERVAL_LEVEL,
-            100.0 * lo,
-            100.0 * hi,
+            ev::interval_phrase(iv),
             cal.examples
         );
     }

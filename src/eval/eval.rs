@@ -278,6 +278,30 @@ pub fn quality_and_scores(data: &Dataset, run: &RunOutputs) -> Result<(Quality, 
 pub const INTERVAL_LEVEL: f64 = 0.9;
 const BOOTSTRAP_RESAMPLES: usize = 2000;
 
+/// A fraction as a percentage with one decimal ("n/a" when not finite, never "-0.0%").
+pub fn percent(x: f64) -> String {
+    if !x.is_finite() {
+        return "n/a".into();
+    }
+    let t = format!("{:.1}%", 100.0 * x);
+    if t == "-0.0%" {
+        "0.0%".into()
+    } else {
+        t
+    }
+}
+
+/// "90% bootstrap interval a% to b%": the one wording of the interval, for the CLI and the
+/// report page alike.
+pub fn interval_phrase([lo, hi]: [f64; 2]) -> String {
+    format!(
+        "{:.0}% bootstrap interval {} to {}",
+        100.0 * INTERVAL_LEVEL,
+        percent(lo),
+        percent(hi)
+    )
+}
+
 /// Paired bootstrap interval of `mean(a) / mean(b)`: the examples are drawn with
 /// replacement `resamples` times (the same draw for both, since `a[i]` and `b[i]` score one
 /// example) and the central `level` of the ratios is returned. The draws come from a fixed

@@ -493,6 +493,23 @@ fn load_average() -> Option<String> {
     Some(s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
+/// The end-of-run load average that shows other work beside the run, if any: the 5-minute
+/// figure, or the 15-minute one for runs long enough to fill it, above the core count plus
+/// half a core (the run itself keeps at most one runnable thread per core).
+fn overload(m: &Machine) -> Option<f64> {
+    let loads: Vec<f64> = m
+        .load_end
+        .as_deref()?
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let mut load = *loads.get(1)?;
+    if m.elapsed_s >= 15.0 * 60.0 {
+        load = load.max(*loads.get(2)?);
+    }
+    (load > m.nproc as f64 + 0.5).then_some(load)
+}
+
 fn cpu_model() -> Option<String> {
     let s = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     s.lines()
@@ -867,31 +884,12 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
 
 // ---------------------------------------------------------------- formatting
 
+use super::eval::percent as pct;
+
 /// " (90% bootstrap interval a to b)", or nothing for a report without one.
 fn interval_text(iv: Option<[f64; 2]>) -> String {
-    match iv {
-        Some([lo, hi]) => format!(
-            " ({:.0}% bootstrap interval {} to {})",
-            100.0 * eval::INTERVAL_LEVEL,
-            pct(lo),
-            pct(hi)
-        ),
-        None => String::new(),
-    }
-}
-
-fn pct(x: f64) -> String {
-    if x.is_finite() {
-        let t = format!("{:.1}%", 100.0 * x);
-        // No "-0.0%" for a value that rounds to zero.
-        if t == "-0.0%" {
-            "0.0%".into()
-        } else {
-            t
-        }
-    } else {
-        "n/a".into()
-    }
+    iv.map(|iv| format!(" ({})", eval::interval_phrase(iv)))
+        .unwrap_or_default()
 }
 
 fn pct0(x: f64) -> String {
@@ -1066,6 +1064,13 @@ pub fn render(data: &ReportData) -> String {
         loss_text(data.model_loss),
         c.data.display(),
     );
+    if let Some(load) = overload(m) {
+        let _ = writeln!(
+            s,
+            "**Other work shared the machine during this run** (load average {load:.2} on              {} cores, where this run alone keeps it at about the core count): the              wall-clock figures on this page are unreliable; rerun on an idle machine.              Quality, MAC and layer figures do not depend on load.\n",
+            m.nproc
+        );
+    }
     let tables: Vec<(Task, Vec<Row>)> = data.tasks.iter().map(|t| (t.task, rows(t))).collect();
     summary(&mut s, &tables);
     reading(&mut s, data);
@@ -1744,6 +1749,23 @@ mod tests {
         assert_eq!(pct0(0.995), "99.5%");
         assert_eq!(sh(Path::new("a b")), "'a b'");
         assert_eq!(sh(Path::new("data/bench")), "data/bench");
+    }
+
+    #[test]
+    fn a_loaded_machine_is_flagged_on_the_page() {
+        let mut data = data(vec![task_results(Task::Entail, false)], false);
+        let flag = "Other work shared the machine";
+        assert!(!render(&data).contains(flag), "load 2.0 on 2 cores is the run alone");
+        data.machine.load_end = Some("1.0 3.9 1.0".into());
+        assert_eq!(overload(&data.machine), Some(3.9));
+        assert!(render(&data).contains(flag));
+        // A 15-minute figure counts only once the run has lasted 15 minutes.
+        data.machine.load_end = Some("1.0 2.0 3.0".into());
+        assert_eq!(overload(&data.machine), None);
+        data.machine.elapsed_s = 20.0 * 60.0;
+        assert_eq!(overload(&data.machine), Some(3.0));
+        data.machine.load_end = Some("garbage".into());
+        assert_eq!(overload(&data.machine), None);
     }
 
     #[test]
