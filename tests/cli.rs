@@ -72,6 +72,38 @@ fn run_prints_prediction_exits_and_savings() {
 }
 
 #[test]
+fn negative_thresholds_parse_as_numbers() {
+    // "< -1 exits after layer 1" must be reachable as `--dec-threshold -2`, not only
+    // `--dec-threshold=-2`.
+    let dir = tempfile::tempdir().unwrap();
+    mue::cli::demo::write_random_model(dir.path(), 1).unwrap();
+    let m = dir.path().to_str().unwrap();
+    let img = example();
+    let (ok, out, err) = mue(&[
+        "run",
+        "--model",
+        m,
+        "--image",
+        &img,
+        "--task",
+        "entail",
+        "--text",
+        "there is a red circle",
+        "--json",
+        "--img-threshold",
+        "-2",
+        "--text-threshold",
+        "-2",
+        "--dec-threshold",
+        "-2",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mue"]["exits"]["image_layer"].as_u64(), Some(1), "{v}");
+    assert_eq!(v["mue"]["exits"]["text_layer"].as_u64(), Some(1), "{v}");
+}
+
+#[test]
 fn bad_input_gives_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     mue::cli::demo::write_random_model(dir.path(), 1).unwrap();

@@ -94,7 +94,7 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "mue")]
     pub policy: PolicyKind,
     /// Threshold of joint / entropy / margin.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threshold: Option<f32>,
     #[arg(long, default_value_t = 2)]
     pub patience: usize,

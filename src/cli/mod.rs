@@ -86,13 +86,13 @@ impl TaskThresholds {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ExitArgs {
     /// Image-stream threshold (cosine similarity; >= 1 never exits, < -1 exits after layer 1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub img_threshold: Option<f32>,
     /// Text-stream threshold.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub text_threshold: Option<f32>,
     /// Decoder threshold (per generated token).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dec_threshold: Option<f32>,
     /// Keys/values of skipped decoder layers: propagate or copy.
     #[arg(long, default_value = "propagate")]

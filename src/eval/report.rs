@@ -1755,7 +1755,10 @@ mod tests {
     fn a_loaded_machine_is_flagged_on_the_page() {
         let mut data = data(vec![task_results(Task::Entail, false)], false);
         let flag = "Other work shared the machine";
-        assert!(!render(&data).contains(flag), "load 2.0 on 2 cores is the run alone");
+        assert!(
+            !render(&data).contains(flag),
+            "load 2.0 on 2 cores is the run alone"
+        );
         data.machine.load_end = Some("1.0 3.9 1.0".into());
         assert_eq!(overload(&data.machine), Some(3.9));
         assert!(render(&data).contains(flag));
