@@ -44,6 +44,7 @@ if [ -n "${ABLATION:-}" ]; then
   $mue eval --model "$ABLATION" --data "$D/snli_ve_test.tsv" --task entail --policy full $q > "$R/entail_test_full_ablation.json"
   $mue eval --model "$ABLATION" --data "$D/snli_ve_test.tsv" --task entail --policy static --depth 1 $q > "$R/entail_test_depth1_ablation.json"
   $mue eval --model "$ABLATION" --data "$D/snli_ve_test.tsv" --task entail --policy mue $q > "$R/entail_test_mue_ablation.json"
+  $mue eval --model "$ABLATION" --data "$D/caption_test.tsv" --task caption --policy full $q > "$R/caption_test_full_ablation.json"
 fi
 
 # MuE beside the baselines on the test split (CSV, JSON, Pareto frontier, PNG/SVG plot).
