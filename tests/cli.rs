@@ -77,26 +77,20 @@ fn negative_thresholds_parse_as_numbers() {
     // `--dec-threshold=-2`.
     let dir = tempfile::tempdir().unwrap();
     mue::cli::demo::write_random_model(dir.path(), 1).unwrap();
-    let m = dir.path().to_str().unwrap();
-    let img = example();
-    let (ok, out, err) = mue(&[
+    let mut args = vec![
         "run",
-        "--model",
-        m,
-        "--image",
-        &img,
+        "--json",
         "--task",
         "entail",
         "--text",
-        "there is a red circle",
-        "--json",
-        "--img-threshold",
-        "-2",
-        "--text-threshold",
-        "-2",
-        "--dec-threshold",
-        "-2",
-    ]);
+        "a red circle",
+    ];
+    for flag in ["--img-threshold", "--text-threshold", "--dec-threshold"] {
+        args.extend([flag, "-2"]);
+    }
+    let img = example();
+    args.extend(["--model", dir.path().to_str().unwrap(), "--image", &img]);
+    let (ok, out, err) = mue(&args);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["mue"]["exits"]["image_layer"].as_u64(), Some(1), "{v}");
