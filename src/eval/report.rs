@@ -5,7 +5,7 @@
 //! page can be tested and regenerated without running a model.
 
 use super::calibrate::{self, Calibration, Objective};
-use super::eval::{self, Dataset, EvalOptions, EvalReport, Quality};
+use super::eval::{self, percent as pct, Dataset, EvalOptions, EvalReport, Quality};
 use super::sweep::{self, PolicySpec, SweepPoint, SweepResult};
 use super::write_json;
 use crate::cli::Task;
@@ -884,8 +884,6 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
 
 // ---------------------------------------------------------------- formatting
 
-use super::eval::percent as pct;
-
 /// " (90% bootstrap interval a to b)", or nothing for a report without one.
 fn interval_text(iv: Option<[f64; 2]>) -> String {
     iv.map(|iv| format!(" ({})", eval::interval_phrase(iv)))
@@ -1067,7 +1065,10 @@ pub fn render(data: &ReportData) -> String {
     if let Some(load) = overload(m) {
         let _ = writeln!(
             s,
-            "**Other work shared the machine during this run** (load average {load:.2} on              {} cores, where this run alone keeps it at about the core count): the              wall-clock figures on this page are unreliable; rerun on an idle machine.              Quality, MAC and layer figures do not depend on load.\n",
+            "**Other work shared the machine during this run** (load average {load:.2} on \
+             {} cores, where this run alone keeps it at about the core count): the \
+             wall-clock figures on this page are unreliable; rerun on an idle machine. \
+             Quality, MAC and layer figures do not depend on load.\n",
             m.nproc
         );
     }
