@@ -492,3 +492,39 @@ fn entangled_image_positions_tell_equal_patches_apart() {
     let old: Config = serde_json::from_value(json).unwrap();
     assert!(!old.entangle_image_positions);
 }
+
+#[test]
+fn an_image_depth_in_training_gives_the_memory_of_an_image_exit_there() {
+    let (m, _) = model(EncoderMode::Decomposed);
+    let inp = inputs(&m.cfg, 2);
+    let (img, ids, pad) = generate::batch_inputs(&m, &inp).unwrap();
+    let layers = m.cfg.encoder_layers;
+    for k in 1..=layers {
+        let trained = m
+            .encode_to_image_depth(&img, &ids, &pad, Some(k), Mode::INFER)
+            .unwrap();
+        let policy = mue::exit::StaticDepth {
+            image: k,
+            text: layers,
+            decoder: m.cfg.decoder_layers,
+        };
+        let run = run_encoder(&m, &img, &ids, &pad, &policy).unwrap();
+        assert_eq!(run.image_exit, vec![k; 2]);
+        assert!(
+            max_diff(&trained.memory, &run.memory) <= 1e-5,
+            "image depth {k}: {}",
+            max_diff(&trained.memory, &run.memory)
+        );
+    }
+    for bad in [0, layers + 1] {
+        let e = m
+            .encode_to_image_depth(&img, &ids, &pad, Some(bad), Mode::INFER)
+            .unwrap_err();
+        assert!(e.to_string().contains("image depth"), "{e}");
+    }
+    let (j, _) = model(EncoderMode::Joint);
+    let e = j
+        .encode_to_image_depth(&img, &ids, &pad, Some(1), Mode::INFER)
+        .unwrap_err();
+    assert!(e.to_string().contains("decomposed"), "{e}");
+}

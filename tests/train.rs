@@ -536,3 +536,83 @@ fn joint_pretraining_continues_as_a_decomposed_model() {
     let b = Model::load_dir(&dec, &Device::Cpu).unwrap();
     assert_eq!(a.embed_tokens.dims(), b.embed_tokens.dims());
 }
+
+#[test]
+fn an_image_stream_stopped_early_trains_only_the_layers_it_ran() {
+    let (model, varmap) = tiny();
+    let b = batch(&model, 0.1);
+    let layers = model.cfg.encoder_layers;
+    assert!(layers >= 2);
+    let out = mue::train::batch_loss_at(&model, &b, LossKind::LayerWise, TRAIN, Some(1)).unwrap();
+    let grads = out.total.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    let grad = |name: &str| grads.get(data[name].as_tensor()).map(max_abs);
+    // The image stream's relative-position table of layer 1 trains; the later ones are
+    // only read by image tokens, which stopped after layer 1.
+    let table = |l: usize| format!("encoder.image_rel_pos_table_list.{l}.weight");
+    assert!(grad(&table(0)).unwrap() > 0.0);
+    for l in 1..layers {
+        assert!(
+            grad(&table(l)).is_none_or(|g| g == 0.0),
+            "layer {l}'s image table trained"
+        );
+        // The shared layer weights still train through the text stream.
+        let w = format!("encoder.layers.{l}.fc1.weight");
+        assert!(grad(&w).unwrap() > 0.0, "{w} gets no gradient");
+    }
+    // Full depth through the same entry point is the plain loss.
+    let full = mue::train::batch_loss_at(&model, &b, LossKind::LayerWise, TRAIN, None).unwrap();
+    let plain = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+    assert_eq!(scalar(&full.total), scalar(&plain.total));
+    assert_ne!(scalar(&full.total), scalar(&out.total));
+}
+
+#[test]
+fn sampled_image_depths_are_seeded_and_cover_every_shallow_depth() {
+    use mue::train::sampled_image_depth as depth;
+    let layers = 6;
+    assert!((0..200).all(|s| depth(0.0, layers, 3, s).is_none()));
+    let all: Vec<usize> = (0..600)
+        .map(|s| depth(1.0, layers, 3, s).expect("p = 1 always samples"))
+        .collect();
+    for d in 1..layers {
+        assert!(all.contains(&d), "depth {d} never drawn");
+    }
+    assert!(all.iter().all(|&d| (1..layers).contains(&d)));
+    let half = (0..2000)
+        .filter(|&s| depth(0.5, layers, 3, s).is_some())
+        .count();
+    assert!((800..1200).contains(&half), "{half} of 2000 steps sampled");
+    let run = |seed| (0..50).map(|s| depth(0.5, layers, seed, s)).collect::<Vec<_>>();
+    assert_eq!(run(3), run(3));
+    assert_ne!(run(3), run(4));
+}
+
+#[test]
+fn image_exit_sampling_trains_and_rejects_a_joint_encoder_or_bad_fraction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_benchmark(tmp.path());
+    let out = tmp.path().join("sampled");
+    let mut o = tiny_options(&data, &out);
+    o.image_exit_sampling = 1.0;
+    let r = mue::train::train(&o).unwrap();
+    assert_eq!(r.end_step, 3);
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let depths: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["image_depth"].as_u64())
+        .collect();
+    // Two encoder layers: every sampled step stops the image stream after layer 1.
+    assert_eq!(depths, vec![1, 1, 1]);
+
+    let mut joint = tiny_options(&data, &tmp.path().join("joint"));
+    joint.encoder_mode = EncoderMode::Joint;
+    joint.image_exit_sampling = 0.5;
+    let e = mue::train::train(&joint).unwrap_err().to_string();
+    assert!(e.contains("decomposed"), "{e}");
+    let mut bad = tiny_options(&data, &tmp.path().join("bad"));
+    bad.image_exit_sampling = 1.5;
+    let e = mue::train::train(&bad).unwrap_err().to_string();
+    assert!(e.contains("image exit sampling"), "{e}");
+}

@@ -86,6 +86,10 @@ pub struct TrainArgs {
     /// Captions used per training image.
     #[arg(long, default_value_t = 3)]
     pub captions_per_image: usize,
+    /// Fraction of steps whose image stream stops at a random shallower depth (uniform over
+    /// 1..encoder layers), so the decoder learns to read an early-exited image (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub image_exit_sampling: f64,
     /// Stop (and checkpoint) after this many seconds.
     #[arg(long)]
     pub time_budget_secs: Option<f64>,
@@ -129,6 +133,7 @@ impl TrainArgs {
         o.attn_scale_factor = self.attn_scale_factor;
         o.max_train_images = self.max_train_images;
         o.captions_per_image = Some(self.captions_per_image);
+        o.image_exit_sampling = self.image_exit_sampling;
         o.time_budget_secs = self.time_budget_secs;
         o.stop_at = self.stop_at;
         o.final_eval = self.final_eval;

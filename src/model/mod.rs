@@ -501,6 +501,28 @@ impl Model {
         padding: &[Vec<bool>],
         mode: Mode,
     ) -> Result<EncoderOutput> {
+        self.encode_to_image_depth(images, ids, padding, None, mode)
+    }
+
+    /// [`Model::encode`] with the image stream stopped after `image_depth` layers (a
+    /// decomposed encoder only): the memory the decoder reads when the image exits there.
+    /// Later entries of `hidden` repeat the image stream's exit state.
+    pub fn encode_to_image_depth(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        padding: &[Vec<bool>],
+        image_depth: Option<usize>,
+        mode: Mode,
+    ) -> Result<EncoderOutput> {
+        let layers = self.cfg.encoder_layers;
+        let image_depth = image_depth.unwrap_or(layers);
+        if image_depth == 0 || image_depth > layers {
+            candle_core::bail!("image depth {image_depth} is outside 1..={layers}");
+        }
+        if image_depth < layers && self.cfg.encoder_mode != EncoderMode::Decomposed {
+            candle_core::bail!("an image stream depth needs a decomposed encoder");
+        }
         let (_, l) = ids.dims2()?;
         let img = self.embed_image(images, mode)?;
         let txt = self.embed_text(ids, padding, mode)?;
@@ -512,7 +534,7 @@ impl Model {
         let txt_pad = layers::key_padding_bias(padding, &self.device)?;
         let mut hidden = vec![Tensor::cat(&[&img, &txt], 1)?];
         let (mut xi, mut xt) = (img, txt);
-        for (layer, bias) in self.encoder.layers.iter().zip(&biases) {
+        for (i, (layer, bias)) in self.encoder.layers.iter().zip(&biases).enumerate() {
             match self.cfg.encoder_mode {
                 EncoderMode::Joint => {
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
@@ -522,7 +544,9 @@ impl Model {
                     xt = y.narrow(1, p, l)?;
                 }
                 EncoderMode::Decomposed => {
-                    xi = layer.forward(&xi, None, Some(&bias.image_image), mode)?;
+                    if i < image_depth {
+                        xi = layer.forward(&xi, None, Some(&bias.image_image), mode)?;
+                    }
                     let b = bias.text_text.broadcast_add(&txt_pad)?;
                     xt = layer.forward(&xt, None, Some(&b), mode)?;
                 }

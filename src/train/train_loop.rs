@@ -78,6 +78,10 @@ pub struct TrainOptions {
     pub max_train_images: Option<usize>,
     /// Captions used per training image (the benchmark has 7; entailment rows are all used).
     pub captions_per_image: Option<usize>,
+    /// Fraction of steps whose image stream stops at a depth drawn uniformly from
+    /// `1..encoder_layers` (the rest run it in full), so that the decoder learns to read
+    /// the image as it stands at an early exit (decomposed encoder only; 0: off).
+    pub image_exit_sampling: f64,
     /// Stop early (with a checkpoint) after this many seconds.
     pub time_budget_secs: Option<f64>,
     /// Stop (with a checkpoint) once this step is reached, keeping the schedule of `steps`
@@ -127,6 +131,7 @@ impl TrainOptions {
             attn_scale_factor: 2.0,
             max_train_images: None,
             captions_per_image: Some(3),
+            image_exit_sampling: 0.0,
             time_budget_secs: None,
             stop_at: None,
             final_eval: false,
@@ -212,9 +217,40 @@ pub struct TrainReport {
 
 /// Forward pass of a batch and its task loss.
 pub fn batch_loss(model: &Model, batch: &Batch, kind: LossKind, mode: Mode) -> Result<LossOutput> {
-    let enc = model.encode(&batch.images, &batch.enc_ids, &batch.enc_padding, mode)?;
+    batch_loss_at(model, batch, kind, mode, None)
+}
+
+/// [`batch_loss`] with the image stream stopped after `image_depth` encoder layers.
+pub fn batch_loss_at(
+    model: &Model,
+    batch: &Batch,
+    kind: LossKind,
+    mode: Mode,
+    image_depth: Option<usize>,
+) -> Result<LossOutput> {
+    let enc = model.encode_to_image_depth(
+        &batch.images,
+        &batch.enc_ids,
+        &batch.enc_padding,
+        image_depth,
+        mode,
+    )?;
     let hidden = model.decode(&batch.dec_ids, Some(&batch.dec_padding), &enc, mode)?;
     Ok(task_loss(model, &hidden, &batch.targets, kind, mode)?)
+}
+
+/// Image-stream depth of training step `step` under `--image-exit-sampling p`: `None` (full
+/// depth) on a `1 - p` share of the steps, else uniform over `1..layers`. A pure function
+/// of (seed, step), so resumed runs draw the same depths.
+pub fn sampled_image_depth(p: f64, layers: usize, seed: u64, step: usize) -> Option<usize> {
+    use rand::{Rng, SeedableRng};
+    if p <= 0.0 || layers < 2 {
+        return None;
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (step as u64).wrapping_add(0x1D3F_5E0B),
+    );
+    (rng.random::<f64>() < p).then(|| rng.random_range(1..layers))
 }
 
 /// Weights of the trainable model by name.
@@ -306,6 +342,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     if opts.batch_size == 0 || opts.steps == 0 {
         bail!("steps and batch size must be positive");
     }
+    if !(0.0..=1.0).contains(&opts.image_exit_sampling) {
+        bail!(
+            "image exit sampling must be a fraction in [0, 1], got {}",
+            opts.image_exit_sampling
+        );
+    }
     let device = Device::Cpu;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
@@ -348,6 +390,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (opts.config(tok.vocab_size()), tok)
     };
     cfg.validate()?;
+    if opts.image_exit_sampling > 0.0 && cfg.encoder_mode != EncoderMode::Decomposed {
+        bail!("--image-exit-sampling needs a decomposed encoder (image and text as two streams)");
+    }
     if tok.vocab_size() > cfg.vocab_size {
         bail!(
             "tokenizer has {} tokens, the model only {}",
@@ -445,7 +490,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             opts.caption_smoothing,
             &device,
         )?;
-        let out = batch_loss(&model, &batch, opts.loss, mode)?;
+        let image_depth = sampled_image_depth(
+            opts.image_exit_sampling,
+            cfg.encoder_layers,
+            opts.seed,
+            step,
+        );
+        let out = batch_loss_at(&model, &batch, opts.loss, mode, image_depth)?;
         let loss = out.total.to_scalar::<f32>()?;
         if !loss.is_finite() {
             bail!("loss is not finite at step {step}");
@@ -467,7 +518,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             log,
             "{}",
             serde_json::json!({"step": step, "loss": loss, "per_layer": per_layer, "lr": lr,
-                "grad_norm": st.grad_norm, "secs": dt})
+                "grad_norm": st.grad_norm, "secs": dt, "image_depth": image_depth})
         )?;
         pb.set_message(format!(
             "loss {loss:.3} | last layer {:.3} | {:.0} tok/s",
