@@ -382,6 +382,7 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
             target: Some(target),
             budget: None,
             delta: None,
+            lower_bound: false,
             sweep: (k > 0).then(|| saved.clone()),
             grid: Some(grid.clone()),
             kv_fill: "propagate".into(),
@@ -408,6 +409,7 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
         target: None,
         budget: Some(0.5),
         delta: None,
+        lower_bound: false,
         sweep: Some(out.path().join("cal/sweep_entail.json")),
         grid: None,
         kv_fill: "propagate".into(),
@@ -453,6 +455,24 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
         err.contains("--target or --budget") || err.contains("--delta"),
         "{err}"
     );
+    // --lower-bound: the chosen point's whole interval clears the target, and it is never
+    // cheaper than the point the estimate alone would pick.
+    args.budget = None;
+    args.delta = None;
+    for target in [0.99, 0.9, 0.7] {
+        args.target = Some(target);
+        args.lower_bound = false;
+        let plain = calibrate_with(&e, &args).unwrap();
+        args.lower_bound = true;
+        let lb = calibrate_with(&e, &args).unwrap();
+        assert_eq!(
+            lb.objective,
+            mue::eval::calibrate::Objective::LowerBound(target)
+        );
+        let [lo, _] = lb.point.report.relative_quality_interval.unwrap();
+        assert!(lo >= target, "target {target}: lower end {lo}");
+        assert!(lb.point.mac_reduction <= plain.point.mac_reduction);
+    }
 }
 
 #[test]
@@ -569,6 +589,7 @@ fn report_args(root: &Path, data: &Path) -> ReportArgs {
         caption_limit: Some(2),
         entail_target: 0.99,
         caption_target: 0.96,
+        lower_bound: vec![Task::Caption],
         entail_grid: Some(root.join("cal.json")),
         caption_grid: Some(root.join("cal.json")),
         sweep_grid: Some(root.join("sweep.json")),
@@ -642,6 +663,9 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "](../results/sweep/sweep_caption.",
         "(`nproc`)",
         "mue report --model ",
+        " --lower-bound caption ",
+        "--task caption --limit 2 --batch 4 --beam 2 --max-len 5 --target 0.96 --lower-bound --grid",
+        "for CIDEr-D (the lower end of the point's 90% paired-bootstrap interval there",
         "baseline points of the test sweep",
     ] {
         assert!(text.contains(s), "page lacks {s:?}:\n{text}");

@@ -583,7 +583,11 @@ fn sampled_image_depths_are_seeded_and_cover_every_shallow_depth() {
         .filter(|&s| depth(0.5, layers, 3, s).is_some())
         .count();
     assert!((800..1200).contains(&half), "{half} of 2000 steps sampled");
-    let run = |seed| (0..50).map(|s| depth(0.5, layers, seed, s)).collect::<Vec<_>>();
+    let run = |seed| {
+        (0..50)
+            .map(|s| depth(0.5, layers, seed, s))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(run(3), run(3));
     assert_ne!(run(3), run(4));
 }

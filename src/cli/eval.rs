@@ -146,6 +146,11 @@ pub struct CalibrateArgs {
     /// binomial test, Bonferroni over the grid) are eligible.
     #[arg(long)]
     pub delta: Option<f64>,
+    /// With --target: the lower end of each point's 90% paired-bootstrap interval of
+    /// relative quality, not its estimate, must reach the target, so a point chosen at the
+    /// edge of this split still holds on new data (about 95% one-sided).
+    #[arg(long, conflicts_with_all = ["budget", "delta"])]
+    pub lower_bound: bool,
     /// Calibrate from this sweep JSON (of the same split) instead of running a sweep.
     #[arg(long)]
     pub sweep: Option<PathBuf>,
@@ -309,6 +314,7 @@ pub fn objective(args: &CalibrateArgs) -> Result<Objective> {
             target: t.unwrap_or(0.99),
             delta,
         },
+        (t, None, None) if args.lower_bound => Objective::LowerBound(t.unwrap_or(0.99)),
         (t, None, None) => Objective::Target(t.unwrap_or(0.99)),
     };
     o.validate()?;

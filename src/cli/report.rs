@@ -40,6 +40,11 @@ pub struct ReportArgs {
     /// Fraction of full-depth CIDEr-D the calibrated MuE thresholds keep on valid.
     #[arg(long, default_value_t = 0.96)]
     pub caption_target: f64,
+    /// Tasks (comma separated) calibrated so that the lower end of the 90% bootstrap
+    /// interval of relative quality on valid, not its estimate, reaches the target (as
+    /// `mue calibrate --lower-bound`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub lower_bound: Vec<Task>,
     /// Entailment calibration grid (its MuE points), or `default` for the built-in grid
     /// [default: scripts/grid_entail_mue.json if present, else the built-in grid].
     #[arg(long)]
@@ -98,6 +103,7 @@ impl ReportArgs {
             caption_limit: self.caption_limit,
             entail_target: self.entail_target,
             caption_target: self.caption_target,
+            lower_bound: self.lower_bound.clone(),
             entail_grid: resolve_grid(self.entail_grid.as_deref(), "grid_entail_mue.json"),
             caption_grid: resolve_grid(self.caption_grid.as_deref(), "grid_caption_mue.json"),
             sweep_grid: resolve_grid(self.sweep_grid.as_deref(), "grid_baselines.json"),

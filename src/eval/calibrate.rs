@@ -20,6 +20,11 @@ pub enum Objective {
     Target(f64),
     /// Best quality with cost <= budget.
     Budget(f64),
+    /// Lowest cost whose 90% paired-bootstrap interval of relative quality lies at or above
+    /// the target: the lower end, not the estimate, must reach it, so that a point chosen
+    /// at the edge on the calibration split still holds on new data (about 95% one-sided).
+    #[serde(rename = "lower_bound")]
+    LowerBound(f64),
     /// Learn-then-Test: lowest cost among thresholds for which, with probability at least
     /// `1 - delta` over the calibration split, the rate of harmed outputs
     /// ([`crate::eval::eval::harmed`]) is at most `alpha` (see [`guarantee_alpha`]). For
@@ -30,7 +35,7 @@ pub enum Objective {
 impl Objective {
     pub fn validate(&self) -> Result<()> {
         match *self {
-            Objective::Target(t) if !(0.0..=1.0).contains(&t) => {
+            Objective::Target(t) | Objective::LowerBound(t) if !(0.0..=1.0).contains(&t) => {
                 bail!("--target must lie in [0, 1], got {t}")
             }
             Objective::Budget(b) if !(0.0..=1.0).contains(&b) => {
@@ -111,26 +116,26 @@ pub fn pick(result: &SweepResult, objective: Objective) -> Option<usize> {
     let full = result.full_quality.primary;
     let cand = (0..result.points.len()).filter(|&i| result.points[i].spec.as_mue().is_some());
     let p = |i: usize| &result.points[i];
+    let cheapest = |eligible: &dyn Fn(usize) -> bool| {
+        cand.clone().filter(|&i| eligible(i)).max_by(|&a, &b| {
+            p(a).mac_reduction
+                .total_cmp(&p(b).mac_reduction)
+                .then(p(a).quality.total_cmp(&p(b).quality))
+                // Among equals prefer the earlier grid point.
+                .then(b.cmp(&a))
+        })
+    };
     match objective {
-        Objective::Target(t) => cand
-            .filter(|&i| meets_target(p(i), full, t))
-            .max_by(|&a, &b| {
-                p(a).mac_reduction
-                    .total_cmp(&p(b).mac_reduction)
-                    .then(p(a).quality.total_cmp(&p(b).quality))
-                    // Among equals prefer the earlier grid point.
-                    .then(b.cmp(&a))
-            }),
+        Objective::Target(t) => cheapest(&|i| meets_target(p(i), full, t)),
+        Objective::LowerBound(t) => cheapest(&|i| {
+            p(i).report
+                .relative_quality_interval
+                .is_some_and(|[lo, _]| lo >= t)
+        }),
         Objective::Guarantee { target, delta } => {
             // Bonferroni over every candidate: valid whatever the order of testing.
             let (level, _) = bonferroni_level(result, delta);
-            cand.filter(|&i| point_p_value(result, p(i), target).is_some_and(|pv| pv <= level))
-                .max_by(|&a, &b| {
-                    p(a).mac_reduction
-                        .total_cmp(&p(b).mac_reduction)
-                        .then(p(a).quality.total_cmp(&p(b).quality))
-                        .then(b.cmp(&a))
-                })
+            cheapest(&|i| point_p_value(result, p(i), target).is_some_and(|pv| pv <= level))
         }
         Objective::Budget(budget) => {
             cand.filter(|&i| 1.0 - p(i).mac_reduction <= budget)
@@ -464,6 +469,53 @@ mod tests {
         .unwrap();
         assert!(cal.p_value.unwrap() <= 0.02);
         assert_eq!(cal.examples, 1000);
+    }
+
+    #[test]
+    fn lower_bound_needs_the_whole_interval_above_target() {
+        let mut s = sweep();
+        // Relative quality 1.0, 0.994, 0.988, 0.75 with intervals of +-0.01 around them; the
+        // never-exit point's interval is a single point; the joint point has none.
+        let ivs = [
+            None,
+            Some([1.0, 1.0]),
+            Some([0.984, 1.004]),
+            Some([0.978, 0.998]),
+            Some([0.74, 0.76]),
+            None,
+            None,
+        ];
+        for (p, iv) in s.points.iter_mut().zip(ivs) {
+            p.report.relative_quality_interval = iv;
+        }
+        let lb = |t| pick(&s, Objective::LowerBound(t));
+        // Point 2 keeps 99.4% but its interval reaches down to 98.4%.
+        assert_eq!(pick(&s, Objective::Target(0.99)), Some(2));
+        assert_eq!(lb(0.99), Some(1));
+        assert_eq!(lb(0.98), Some(2));
+        assert_eq!(lb(0.97), Some(3));
+        // The joint point has no interval: never eligible, however good its estimate.
+        assert_eq!(pick(&s, Objective::Target(0.85)), Some(6));
+        assert_eq!(lb(0.85), Some(3));
+        assert_eq!(lb(0.7), Some(4));
+        for t in [0.5, 0.9, 0.95, 0.97, 0.98, 0.99, 1.0] {
+            let i = lb(t).unwrap();
+            let [lo, _] = s.points[i].report.relative_quality_interval.unwrap();
+            assert!(lo >= t, "target {t}: lower end {lo}");
+            // Never cheaper than the plain target: the interval holds the estimate.
+            let plain = pick(&s, Objective::Target(t)).unwrap();
+            assert!(s.points[i].mac_reduction <= s.points[plain].mac_reduction);
+        }
+        let mut none = s.clone();
+        none.points
+            .iter_mut()
+            .for_each(|p| p.report.relative_quality_interval = None);
+        assert!(calibrate(&none, Objective::LowerBound(0.9)).is_err());
+        assert!(calibrate(&s, Objective::LowerBound(1.2)).is_err());
+        let back: Objective =
+            serde_json::from_str(&serde_json::to_string(&Objective::LowerBound(0.96)).unwrap())
+                .unwrap();
+        assert_eq!(back, Objective::LowerBound(0.96));
     }
 
     #[test]

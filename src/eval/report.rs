@@ -37,6 +37,10 @@ pub struct ReportConfig {
     /// Fraction of full-depth quality calibration must keep.
     pub entail_target: f64,
     pub caption_target: f64,
+    /// Tasks calibrated to the lower end of each point's bootstrap interval rather than its
+    /// estimate ([`Objective::LowerBound`]).
+    #[serde(default)]
+    pub lower_bound: Vec<Task>,
     /// Calibration grids (MuE points are used); None: the default grid.
     pub entail_grid: Option<PathBuf>,
     pub caption_grid: Option<PathBuf>,
@@ -389,7 +393,11 @@ fn run_task(
         valid.len(),
         cal_grid.len()
     ));
-    let objective = Objective::Target(target);
+    let objective = if config.lower_bound.contains(&task) {
+        Objective::LowerBound(target)
+    } else {
+        Objective::Target(target)
+    };
     let cal_dir = layout.calibrate_dir(task);
     let (calibration, _) =
         calibrate::calibrate_on(engine, &valid, &cal_grid, objective, opts, Some(&cal_dir))?;
@@ -1182,7 +1190,15 @@ fn reading(s: &mut String, data: &ReportData) {
     let targets: Vec<String> = data
         .tasks
         .iter()
-        .map(|t| format!("{} for {}", pct0(t.target), metric_name(t.task)))
+        .map(|t| {
+            let bound = if c.lower_bound.contains(&t.task) {
+                " (the lower end of the point's 90% paired-bootstrap interval there, not its \
+                 estimate)"
+            } else {
+                ""
+            };
+            format!("{} for {}{bound}", pct0(t.target), metric_name(t.task))
+        })
         .collect();
     let _ = writeln!(s, "## How to read the tables\n");
     let _ = writeln!(
@@ -1427,9 +1443,15 @@ fn commands(s: &mut String, data: &ReportData) {
             v
         };
         let kv = c.search.kv_fill.as_str();
+        let bound = if c.lower_bound.contains(&task) {
+            " --lower-bound"
+        } else {
+            ""
+        };
         let cal = |model: &Path, exits: PathBuf, dir: PathBuf| {
             format!(
-                "mue calibrate {} --target {} --grid {} --kv-fill {kv} --out {} --sweep-out {} --quiet",
+                "mue calibrate {} --target {}{bound} --grid {} --kv-fill {kv} --out {} \
+                 --sweep-out {} --quiet",
                 common(model, "valid"),
                 t.target,
                 sh(&layout.calibration_grid(task)),
@@ -1506,6 +1528,10 @@ pub fn report_command(c: &ReportConfig) -> String {
         " --entail-target {} --caption-target {}",
         c.entail_target, c.caption_target
     );
+    if !c.lower_bound.is_empty() {
+        let t: Vec<&str> = c.lower_bound.iter().map(|t| t.name()).collect();
+        let _ = write!(v, " --lower-bound {}", t.join(","));
+    }
     for (flag, g) in [
         ("--entail-grid", &c.entail_grid),
         ("--caption-grid", &c.caption_grid),
@@ -1692,6 +1718,7 @@ mod tests {
                 caption_limit: None,
                 entail_target: 0.99,
                 caption_target: 0.96,
+                lower_bound: Vec::new(),
                 entail_grid: Some("scripts/grid_entail_mue.json".into()),
                 caption_grid: None,
                 sweep_grid: Some("scripts/grid_baselines.json".into()),
