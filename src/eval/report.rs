@@ -65,6 +65,15 @@ impl ReportConfig {
         }
     }
 
+    /// What MuE's calibration on valid optimises for `task`.
+    pub fn objective(&self, task: Task) -> Objective {
+        if self.lower_bound.contains(&task) {
+            Objective::LowerBound(self.target(task))
+        } else {
+            Objective::Target(self.target(task))
+        }
+    }
+
     pub fn calibration_grid(&self, task: Task) -> Option<&Path> {
         match task {
             Task::Entail => self.entail_grid.as_deref(),
@@ -393,11 +402,7 @@ fn run_task(
         valid.len(),
         cal_grid.len()
     ));
-    let objective = if config.lower_bound.contains(&task) {
-        Objective::LowerBound(target)
-    } else {
-        Objective::Target(target)
-    };
+    let objective = config.objective(task);
     let cal_dir = layout.calibrate_dir(task);
     let (calibration, _) =
         calibrate::calibrate_on(engine, &valid, &cal_grid, objective, opts, Some(&cal_dir))?;
@@ -1191,7 +1196,7 @@ fn reading(s: &mut String, data: &ReportData) {
         .tasks
         .iter()
         .map(|t| {
-            let bound = if c.lower_bound.contains(&t.task) {
+            let bound = if matches!(c.objective(t.task), Objective::LowerBound(_)) {
                 " (the lower end of the point's 90% paired-bootstrap interval there, not its \
                  estimate)"
             } else {
@@ -1443,7 +1448,7 @@ fn commands(s: &mut String, data: &ReportData) {
             v
         };
         let kv = c.search.kv_fill.as_str();
-        let bound = if c.lower_bound.contains(&task) {
+        let bound = if matches!(c.objective(task), Objective::LowerBound(_)) {
             " --lower-bound"
         } else {
             ""
