@@ -528,6 +528,12 @@ fn joint_pretraining_continues_as_a_decomposed_model() {
     mue::train::train(&o).unwrap();
     let cfg = mue::model::Config::load(&dec.join("config.json")).unwrap();
     assert_eq!(cfg.encoder_mode, EncoderMode::Decomposed);
+    let st = mue::train::load_state(&dec).unwrap();
+    assert_eq!(
+        st.init.as_deref(),
+        Some(joint.as_path()),
+        "the start model is recorded"
+    );
     assert_eq!(
         cfg.attn_scale_factor, 1.0,
         "the init model's architecture is kept"
@@ -609,6 +615,16 @@ fn image_exit_sampling_trains_and_rejects_a_joint_encoder_or_bad_fraction() {
         .collect();
     // Two encoder layers: every sampled step stops the image stream after layer 1.
     assert_eq!(depths, vec![1, 1, 1]);
+    // The share is recorded, and a resume with another share (other depths) is refused.
+    assert_eq!(
+        mue::train::load_state(&out).unwrap().image_exit_sampling,
+        1.0
+    );
+    o.steps = 4;
+    o.resume = true;
+    o.image_exit_sampling = 0.5;
+    let e = mue::train::train(&o).unwrap_err().to_string();
+    assert!(e.contains("--image-exit-sampling 1, this run 0.5"), "{e}");
 
     let mut joint = tiny_options(&data, &tmp.path().join("joint"));
     joint.encoder_mode = EncoderMode::Joint;

@@ -190,6 +190,12 @@ pub struct TrainState {
     pub examples_seen: usize,
     /// Whether `optimizer.safetensors` holds the AdamW moments of this step.
     pub optimizer_state: bool,
+    /// `--image-exit-sampling` of the run (0 in files written before it was recorded).
+    #[serde(default)]
+    pub image_exit_sampling: f64,
+    /// `--init`: the model this run started from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +320,8 @@ fn save_checkpoint(
         loss: opts.loss,
         examples_seen: step * opts.batch_size,
         optimizer_state: true,
+        image_exit_sampling: opts.image_exit_sampling,
+        init: opts.init.clone(),
     };
     std::fs::write(&state_path, serde_json::to_string_pretty(&state)? + "\n")
         .with_context(|| format!("cannot write {}", state_path.display()))?;
@@ -364,6 +372,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 s.seed,
                 opts.batch_size,
                 opts.seed
+            );
+        }
+        // The sampled depths are a function of the share, so a different one would not
+        // continue the same run.
+        if s.image_exit_sampling != opts.image_exit_sampling {
+            bail!(
+                "cannot resume: checkpoint used --image-exit-sampling {}, this run {}",
+                s.image_exit_sampling,
+                opts.image_exit_sampling
             );
         }
         Some(s)
