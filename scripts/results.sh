@@ -2,7 +2,8 @@
 # Reproduces the figures of README "Results" and of models/default/MODEL_CARD.md on the
 # shipped model: full-depth quality, the one-layer check, thresholds calibrated on the
 # validation split and evaluated on the test split, and the baseline sweep with plots.
-# About 20-30 minutes on a 2-core machine. Outputs go to results/.
+# About 45 minutes on a 2-core machine without AVX-512 (mostly the two validation sweeps).
+# Outputs go to results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
