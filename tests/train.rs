@@ -618,13 +618,17 @@ fn image_exit_sampling_trains_and_rejects_a_joint_encoder_or_bad_fraction() {
     // The share is recorded, and a resume with another share (other depths) is refused.
     assert_eq!(
         mue::train::load_state(&out).unwrap().image_exit_sampling,
-        1.0
+        Some(1.0)
     );
     o.steps = 4;
     o.resume = true;
     o.image_exit_sampling = 0.5;
     let e = mue::train::train(&o).unwrap_err().to_string();
     assert!(e.contains("--image-exit-sampling 1, this run 0.5"), "{e}");
+    // A state written before the share was recorded reads it as unknown, not as 0.
+    let old = r#"{"step":3,"total_steps":3,"seed":0,"batch_size":4,"loss":"layer-wise","examples_seen":12,"optimizer_state":true}"#;
+    let st: mue::train::TrainState = serde_json::from_str(old).unwrap();
+    assert_eq!((st.image_exit_sampling, st.init), (None, None));
 
     let mut joint = tiny_options(&data, &tmp.path().join("joint"));
     joint.encoder_mode = EncoderMode::Joint;

@@ -190,9 +190,10 @@ pub struct TrainState {
     pub examples_seen: usize,
     /// Whether `optimizer.safetensors` holds the AdamW moments of this step.
     pub optimizer_state: bool,
-    /// `--image-exit-sampling` of the run (0 in files written before it was recorded).
+    /// `--image-exit-sampling` of the run; None in files written before it was recorded,
+    /// where it is unknown (not necessarily 0).
     #[serde(default)]
-    pub image_exit_sampling: f64,
+    pub image_exit_sampling: Option<f64>,
     /// `--init`: the model this run started from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
@@ -320,7 +321,7 @@ fn save_checkpoint(
         loss: opts.loss,
         examples_seen: step * opts.batch_size,
         optimizer_state: true,
-        image_exit_sampling: opts.image_exit_sampling,
+        image_exit_sampling: Some(opts.image_exit_sampling),
         init: opts.init.clone(),
     };
     std::fs::write(&state_path, serde_json::to_string_pretty(&state)? + "\n")
@@ -376,10 +377,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         // The sampled depths are a function of the share, so a different one would not
         // continue the same run.
-        if s.image_exit_sampling != opts.image_exit_sampling {
+        if let Some(p) = s
+            .image_exit_sampling
+            .filter(|&p| p != opts.image_exit_sampling)
+        {
             bail!(
-                "cannot resume: checkpoint used --image-exit-sampling {}, this run {}",
-                s.image_exit_sampling,
+                "cannot resume: checkpoint used --image-exit-sampling {p}, this run {}",
                 opts.image_exit_sampling
             );
         }
