@@ -143,7 +143,7 @@ fn resample_pass(
     }
 }
 
-/// Whether Pillow (>= 11, `ImagingResampleInner`) runs the horizontal pass
+/// Whether Pillow (13.0, `ImagingResampleInner`) runs the horizontal pass
 /// first: it runs the vertical pass first when the height shrinks by more than
 /// twice as many pixels as the width does (cheaper second pass). The order
 /// changes the 8-bit result, since the intermediate image is rounded.
