@@ -394,7 +394,10 @@ fn parity_pytorch_bin_f32_without_resnet() {
 #[test]
 fn parity_pytorch_bin_f32() {
     let Some(full) = full_fixture() else {
-        println!(
+        // To stderr itself (println! is captured): a plain `cargo test` shows it.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "parity_pytorch_bin_f32: SKIPPED, the full pytorch_model.bin is not in the \
              repository (set MUE_OFA_FIXTURE_FULL=/path/to/pytorch_model.bin to run it)"
         );

@@ -330,7 +330,10 @@ mod tests {
         // The ResNet trunk's float32 pickle is only in the full pytorch_model.bin (37 MB,
         // outside the repository).
         let Some(full) = std::env::var_os("MUE_OFA_FIXTURE_FULL") else {
-            eprintln!(
+            // To stderr itself (eprintln! is captured): a plain `cargo test` shows it.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "resnet_from_state_dict_single_image: SKIPPED (set \
                  MUE_OFA_FIXTURE_FULL=/path/to/pytorch_model.bin to run it)"
             );

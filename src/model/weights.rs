@@ -333,10 +333,16 @@ mod tests {
                 same_tensors(&st, &full, |_| true);
                 check_tied_embeddings(&full.params).unwrap();
             }
-            None => eprintln!(
-                "fixture_files_agree: full pytorch_model.bin check SKIPPED \
-                 (set MUE_OFA_FIXTURE_FULL=/path/to/pytorch_model.bin to run it)"
-            ),
+            // Written to stderr itself, not through eprintln! (which the test harness
+            // captures), so that a plain `cargo test` shows it.
+            None => {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "fixture_files_agree: full pytorch_model.bin check SKIPPED \
+                     (set MUE_OFA_FIXTURE_FULL=/path/to/pytorch_model.bin to run it)"
+                );
+            }
         }
     }
 
