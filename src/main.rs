@@ -46,7 +46,7 @@ enum DataCommand {
     Generate(GenerateArgs),
     /// Write example images and hypotheses for the demo.
     Examples {
-        #[arg(long, default_value_os_t = cli::demo::examples_dir())]
+        #[arg(long, default_value = "examples")]
         out: std::path::PathBuf,
         #[arg(long, default_value_t = 4)]
         n: usize,

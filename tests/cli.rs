@@ -194,3 +194,193 @@ fn bad_input_gives_clear_errors() {
         "unknown key/value fill",
     );
 }
+
+/// `mue` run in `cwd` with `MUE_MODEL` and `MUE_EXAMPLES` cleared, then `env` set; a
+/// command still running after `limit` is killed and reported as not having exited.
+fn mue_in(
+    cwd: &Path,
+    env: &[(&str, &Path)],
+    args: &[&str],
+    limit: std::time::Duration,
+) -> (Option<bool>, String, String) {
+    use std::io::Read;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mue"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove("MUE_MODEL")
+        .env_remove("MUE_EXAMPLES")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s.success());
+        }
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, out, err)
+}
+
+/// The folder `rel` (holding `marker`) beside the test binary's `mue` or up to four
+/// folders above it, as the binary searches for its defaults; None when there is none
+/// (e.g. a CARGO_TARGET_DIR outside the repository).
+fn beside_exe(rel: &str, marker: &str) -> Option<std::path::PathBuf> {
+    let exe = Path::new(env!("CARGO_BIN_EXE_mue")).canonicalize().unwrap();
+    exe.parent()
+        .unwrap()
+        .ancestors()
+        .take(5)
+        .map(|d| d.join(rel))
+        .find(|p| p.join(marker).is_file())
+}
+
+#[test]
+fn missing_or_broken_model_is_an_error_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = example();
+    let tsv = tmp.path().join("split.tsv");
+    std::fs::write(&tsv, "").unwrap();
+    let tsv = tsv.to_str().unwrap();
+    // A directory that does not exist (a typo), one without config.json, and one whose
+    // config.json is not a model config.
+    let missing = tmp.path().join("no-such-model");
+    let empty = tmp.path().join("empty-model");
+    std::fs::create_dir(&empty).unwrap();
+    let broken = tmp.path().join("broken-model");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{\"d_model\": \"big\"}").unwrap();
+    let limit = std::time::Duration::from_secs(120);
+    for dir in [&missing, &empty, &broken] {
+        let m = dir.to_str().unwrap();
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["serve", "--model", m, "--addr", "127.0.0.1:0"],
+            vec!["serve-bench", "--model", m, "--seconds", "1"],
+            vec!["demo", "--model", m, "--examples", "1"],
+            vec!["run", "--model", m, "--image", &img, "--task", "caption"],
+            vec!["eval", "--model", m, "--data", tsv, "--task", "entail"],
+            vec!["sweep", "--model", m, "--data", tsv, "--task", "entail"],
+            vec!["calibrate", "--model", m, "--data", tsv, "--task", "entail"],
+        ];
+        for args in commands {
+            let (status, out, err) = mue_in(tmp.path(), &[], &args, limit);
+            // Still running means it went on (e.g. served a random model).
+            assert_eq!(status, Some(false), "{args:?} did not fail: {out}{err}");
+            assert!(err.contains(m), "{args:?}: the error must name {m}: {err}");
+            assert!(!err.contains("RANDOM"), "{args:?}: {err}");
+        }
+    }
+    // MUE_MODEL pointing nowhere is an error too, not a fall back to another model.
+    let (status, _, err) = mue_in(
+        tmp.path(),
+        &[("MUE_MODEL", &missing)],
+        &["run", "--image", &img, "--task", "caption"],
+        limit,
+    );
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains(missing.to_str().unwrap()), "{err}");
+    assert!(err.contains("MUE_MODEL"), "{err}");
+}
+
+#[test]
+fn random_weights_only_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let limit = std::time::Duration::from_secs(300);
+    let (status, out, err) = mue_in(
+        tmp.path(),
+        &[("MUE_EXAMPLES", &examples)],
+        &["demo", "--random-weights", "--examples", "1", "--json"],
+        limit,
+    );
+    assert_eq!(status, Some(true), "{err}");
+    assert!(err.contains("RANDOM"), "{err}");
+    assert!(err.contains("$MUE_EXAMPLES"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    // A model and --random-weights together are refused.
+    let m = tmp.path().to_str().unwrap();
+    for cmd in ["demo", "serve", "serve-bench"] {
+        let (status, _, err) = mue_in(
+            tmp.path(),
+            &[],
+            &[cmd, "--random-weights", "--model", m],
+            limit,
+        );
+        assert_eq!(status, Some(false), "{cmd}: {err}");
+        assert!(err.contains("--random-weights"), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn default_model_is_found_and_named() {
+    let img = example();
+    let args = [
+        "run",
+        "--image",
+        &img,
+        "--task",
+        "entail",
+        "--text",
+        "there is a red circle",
+        "--json",
+    ];
+    let limit = std::time::Duration::from_secs(300);
+    // In a folder with models/default: that one.
+    let cwd = tempfile::tempdir().unwrap();
+    let here = cwd.path().join("models/default");
+    mue::cli::demo::write_random_model(&here, 1).unwrap();
+    let (status, out, err) = mue_in(cwd.path(), &[], &args, limit);
+    assert_eq!(status, Some(true), "{err}");
+    assert!(err.contains("models/default (working directory)"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["mue"]["answer"].is_string(), "{v}");
+
+    // $MUE_MODEL comes first.
+    let other = tempfile::tempdir().unwrap();
+    mue::cli::demo::write_random_model(other.path(), 2).unwrap();
+    let (status, _, err) = mue_in(cwd.path(), &[("MUE_MODEL", other.path())], &args, limit);
+    assert_eq!(status, Some(true), "{err}");
+    assert!(err.contains("($MUE_MODEL)"), "{err}");
+    assert!(err.contains(other.path().to_str().unwrap()), "{err}");
+
+    // Elsewhere: models/default beside the executable, or an error listing the places
+    // tried (a build folder outside the repository has none beside it).
+    let bare = tempfile::tempdir().unwrap();
+    let (status, _, err) = mue_in(bare.path(), &[], &args, limit);
+    match beside_exe("models/default", "config.json") {
+        Some(dir) => {
+            assert_eq!(status, Some(true), "{err}");
+            assert!(err.contains("(beside the executable)"), "{err}");
+            assert!(err.contains(dir.to_str().unwrap()), "{err}");
+        }
+        None => {
+            assert_eq!(status, Some(false), "{err}");
+            assert!(
+                err.contains("$MUE_MODEL") && err.contains("./models/default"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -260,7 +260,7 @@ fn oracle_depth_reproduces_full_depth_outputs() {
 
 fn data_args(dir: &Path, task: Task) -> DataArgs {
     DataArgs {
-        model: PathBuf::from("<random>"),
+        model: Some(PathBuf::from("<random>")),
         data: match task {
             Task::Entail => ve_path(dir),
             Task::Caption => cap_path(dir),
@@ -579,7 +579,7 @@ fn sweep_module_runs_directly() {
 
 fn report_args(root: &Path, data: &Path) -> ReportArgs {
     ReportArgs {
-        model: root.join("model"),
+        model: Some(root.join("model")),
         data: Some(data.to_path_buf()),
         ablation_model: Some(root.join("ablation")),
         results: root.join("results"),
@@ -733,7 +733,7 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
     std::fs::remove_file(&page).unwrap();
     let mut again = args.clone();
     again.render_only = true;
-    again.model = r.join("gone");
+    again.model = Some(r.join("gone"));
     again.data = None;
     report_with(&again).unwrap();
     assert_eq!(std::fs::read_to_string(&page).unwrap(), text);

@@ -107,18 +107,42 @@ mod tests {
     fn fixture() -> PathBuf {
         PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/ofa-parity"
+            "/tests/fixtures/ofa-parity"
         ))
+    }
+
+    /// Floating tensors of the fixture that the text-output forward pass uses: all but
+    /// the two duplicate names of the tied embedding and the parameters that only
+    /// image-code generation reads.
+    fn text_forward_tensors() -> usize {
+        let unused = [
+            "decoder.embed_tokens.",
+            "decoder.output_projection.",
+            "decoder.embed_image_positions.",
+            "decoder.image_pos_ln.",
+            "decoder.code_layernorm_embedding.",
+            "decoder.image_rel_pos_table_list.",
+        ];
+        crate::model::weights::load_state_dict(&fixture().join("model.safetensors"))
+            .unwrap()
+            .keys()
+            .filter(|k| !unused.iter().any(|u| k.starts_with(u)))
+            .count()
     }
 
     #[test]
     fn converted_fixture_reproduces_encoder() {
         let out_dir = tempfile::tempdir().unwrap();
         let out = out_dir.path().join("m");
+        let o = candle_core::safetensors::load(fixture().join("outputs.safetensors"), &Device::Cpu)
+            .unwrap();
+        // The fixture's image side: patch_images is [batch, 3, side, side].
+        let side = o["patch_images"].dims4().unwrap().3;
+        let expected = text_forward_tensors();
         let args = ConvertArgs {
             ofa: fixture(),
             out: out.clone(),
-            image_size: 128,
+            image_size: side,
             mode: EncoderMode::Joint,
             vocab: None,
             merges: None,
@@ -126,22 +150,20 @@ mod tests {
         assert!(is_hf_ofa_dir(&fixture()));
         let r = convert(&args).unwrap();
         assert!(!r.tokenizer);
-        assert_eq!(r.tensors, 366);
+        assert_eq!(r.tensors, expected);
         assert!(!out.join("tokenizer.json").exists());
         assert!(!is_hf_ofa_dir(&out));
 
         let stored =
             candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
-        assert_eq!(stored.len(), 366);
+        assert_eq!(stored.len(), expected);
         assert!(stored.values().all(|t| t.dtype() == DType::F32));
         assert!(stored.contains_key("encoder.embed_tokens.weight"));
         assert!(!stored.contains_key("decoder.output_projection.weight"));
         assert!(!stored.keys().any(|k| crate::model::weights::is_buffer(k)));
 
         let model = Model::load_dir(&out, &Device::Cpu).unwrap();
-        assert_eq!(model.cfg.image_size, 128);
-        let o = candle_core::safetensors::load(fixture().join("outputs.safetensors"), &Device::Cpu)
-            .unwrap();
+        assert_eq!(model.cfg.image_size, side);
         let ids: Vec<Vec<u32>> = o["input_ids"]
             .to_vec2::<i64>()
             .unwrap()
@@ -164,7 +186,7 @@ mod tests {
         bad.vocab = Some(fixture().join("vocab.json"));
         assert!(convert(&bad).unwrap_err().to_string().contains("--merges"));
         // A tokenizer that does not cover the vocabulary exactly is refused (9 BPE
-        // entries + <mask> + 9192 OFA tokens != 2000).
+        // entries + <mask> + 9192 OFA tokens != the fixture's vocabulary).
         let tok_dir = tempfile::tempdir().unwrap();
         let vocab: std::collections::BTreeMap<&str, u32> = [
             "<s>", "<pad>", "</s>", "<unk>", ".", "\u{120}", "a", "b", "ab",
@@ -182,7 +204,8 @@ mod tests {
         bad.vocab = Some(vp);
         bad.merges = Some(mp);
         let err = format!("{:#}", convert(&bad).unwrap_err());
-        assert!(err.contains("vocabulary is 2000"), "{err}");
+        let vocab = model.cfg.vocab_size;
+        assert!(err.contains(&format!("vocabulary is {vocab}")), "{err}");
         assert!(!bad.out.exists());
         let mut bad = args.clone();
         bad.ofa = out_dir.path().join("nope");

@@ -20,8 +20,18 @@ pub struct Example {
     pub captions: Vec<String>,
 }
 
+/// The demo's examples folder (`$MUE_EXAMPLES`, `./examples`, then `examples` beside the
+/// executable, see [`super::find_default`]); the error lists the places tried.
+pub fn find_examples_dir() -> Result<super::Found> {
+    super::find_default("MUE_EXAMPLES", "examples", "examples.json")
+}
+
+/// [`find_examples_dir`], or `examples` (relative) when none is found, so that the caller's
+/// read of a file there fails naming it.
 pub fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+    find_examples_dir()
+        .map(|f| f.path)
+        .unwrap_or_else(|_| PathBuf::from("examples"))
 }
 
 /// Write `n` benchmark test-split examples (PNG + examples.json) to `dir`.
@@ -48,18 +58,26 @@ pub fn write_examples(dir: &Path, n: usize, image_size: u32) -> Result<()> {
     Ok(())
 }
 
-/// The model in `dir` with its calibrated thresholds, or, without `config.json` there, a
-/// random model with the default thresholds and a note on stderr saying what is `doing`
-/// with it (commands must still run, e.g. for testing, before a model exists).
-pub fn engine_or_random(dir: &Path, doing: &str) -> Result<(Engine, TaskThresholds)> {
-    if dir.join("config.json").is_file() {
-        return Ok((Engine::load(dir)?, TaskThresholds::for_model(dir)?));
+/// The engine a command runs and its thresholds: with `random_weights` a RANDOM model and
+/// the default thresholds (with a note on stderr saying what is `doing` with it), else the
+/// model in `--model` (or the default model, see [`super::model_dir`]) with its
+/// calibrated thresholds. A model directory that does not exist or does not load is an
+/// error, never a silent fall back to random weights.
+pub fn load_engine(
+    model: Option<&Path>,
+    random_weights: bool,
+    doing: &str,
+) -> Result<(Engine, TaskThresholds)> {
+    if random_weights {
+        eprintln!(
+            "note: --random-weights: {doing} a RANDOM model (predictions are meaningless, exits and costs are real)"
+        );
+        return Ok((random_engine(0)?, TaskThresholds::default()));
     }
-    eprintln!(
-        "note: no trained model at {}; {doing} a RANDOM model (predictions are meaningless, exits and costs are real)",
-        dir.display()
-    );
-    Ok((random_engine(0)?, TaskThresholds::default()))
+    let dir = super::model_dir(model)?;
+    let engine = Engine::load(&dir)
+        .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    Ok((engine, TaskThresholds::for_model(&dir)?))
 }
 
 /// A random model with a tokenizer trained on benchmark text: what the demo runs when no
@@ -119,9 +137,13 @@ fn random_parts() -> Result<(Config, Tokenizer)> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Model directory; defaults to the shipped model.
-    #[arg(long, default_value_os_t = super::default_model_dir())]
-    pub model: PathBuf,
+    /// Model directory [default: $MUE_MODEL, ./models/default, or models/default beside
+    /// the executable].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Run a RANDOM model instead (predictions are meaningless; for trials).
+    #[arg(long, conflicts_with = "model")]
+    pub random_weights: bool,
     /// Number of examples to run.
     #[arg(long, default_value_t = 3)]
     pub examples: usize,
@@ -132,11 +154,13 @@ pub struct DemoArgs {
 }
 
 pub fn main(args: DemoArgs) -> Result<()> {
-    let (engine, thresholds) = engine_or_random(&args.model, "running")?;
-    let dir = examples_dir();
+    let (engine, thresholds) = load_engine(args.model.as_deref(), args.random_weights, "running")?;
+    let found = find_examples_dir()?;
+    eprintln!("mue: examples {} ({})", found.path.display(), found.source);
+    let dir = found.path;
     let list: Vec<Example> = serde_json::from_str(
         &std::fs::read_to_string(dir.join("examples.json"))
-            .context("the examples/ folder is missing examples.json")?,
+            .with_context(|| format!("cannot read {}", dir.join("examples.json").display()))?,
     )?;
     let mut outputs = Vec::new();
     for ex in list.iter().take(args.examples) {

@@ -39,9 +39,10 @@ pub enum PolicyKind {
 /// Options shared by the three commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DataArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value_os_t = super::default_model_dir())]
-    pub model: PathBuf,
+    /// Model directory (config.json, model.safetensors, tokenizer.json) [default:
+    /// $MUE_MODEL, ./models/default, or models/default beside the executable].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// OFA TSV split (snli_ve_*.tsv for entail, caption_*.tsv for caption).
     #[arg(long)]
     pub data: PathBuf,
@@ -248,8 +249,9 @@ pub fn eval_with(
 }
 
 pub fn eval_main(args: EvalArgs) -> Result<()> {
-    let engine = Engine::load(&args.data.model)?;
-    let base = TaskThresholds::for_model(&args.data.model)?;
+    let model = super::model_dir(args.data.model.as_deref())?;
+    let engine = Engine::load(&model)?;
+    let base = TaskThresholds::for_model(&model)?;
     let v = eval_with(&engine, &args, base)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
@@ -275,7 +277,7 @@ pub fn sweep_with(engine: &Engine, args: &SweepArgs) -> Result<(SweepResult, Vec
 }
 
 pub fn sweep_main(args: SweepArgs) -> Result<()> {
-    let engine = Engine::load(&args.data.model)?;
+    let engine = Engine::load(&super::model_dir(args.data.model.as_deref())?)?;
     let (result, files) = sweep_with(&engine, &args)?;
     println!(
         "{} points on {} examples; full-depth {} = {:.4}",
@@ -347,18 +349,18 @@ pub fn calibrate_with(engine: &Engine, args: &CalibrateArgs) -> Result<Calibrati
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| args.data.model.join("exits.json"));
+        .unwrap_or_else(|| engine.dir.join("exits.json"));
     calibrate::write_exits(&out, &cal)?;
     Ok(cal)
 }
 
 pub fn calibrate_main(args: CalibrateArgs) -> Result<()> {
-    let engine = Engine::load(&args.data.model)?;
+    let engine = Engine::load(&super::model_dir(args.data.model.as_deref())?)?;
     let cal = calibrate_with(&engine, &args)?;
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| args.data.model.join("exits.json"));
+        .unwrap_or_else(|| engine.dir.join("exits.json"));
     println!(
         "{:?}: {} {} = {:.4} (full depth {:.4}), MACs -{:.1}%, layers -{:.1}%",
         cal.objective,

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {
-    /// Model directory.
-    #[arg(long, default_value_os_t = super::default_model_dir())]
-    pub model: PathBuf,
+    /// Model directory [default: $MUE_MODEL, ./models/default, or models/default beside
+    /// the executable].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Benchmark folder: snli_ve_{valid,test}.tsv and caption_{valid,test}.tsv.
     #[arg(long, required_unless_present = "render_only")]
     pub data: Option<PathBuf>,
@@ -93,7 +94,7 @@ impl ReportArgs {
             .clone()
             .context("--data is required: a benchmark folder (`mue data generate --out DIR`)")?;
         Ok(ReportConfig {
-            model: self.model.clone(),
+            model: super::model_dir(self.model.as_deref())?,
             data,
             ablation_model: self.ablation_model.clone(),
             results: self.results.clone(),

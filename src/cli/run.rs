@@ -12,9 +12,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long, default_value_os_t = super::default_model_dir())]
-    pub model: PathBuf,
+    /// Model directory (config.json, model.safetensors, tokenizer.json) [default:
+    /// $MUE_MODEL, ./models/default, or models/default beside the executable].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Image file (PNG or JPEG).
     #[arg(long)]
     pub image: PathBuf,
@@ -140,9 +141,10 @@ fn print_cost(mue: &crate::generate::Cost, full: &crate::generate::Cost) {
 }
 
 pub fn main(args: RunArgs) -> Result<()> {
-    let engine = Engine::load(&args.model)?;
+    let model = super::model_dir(args.model.as_deref())?;
+    let engine = Engine::load(&model)?;
     let image = DynamicImage::ImageRgb8(load_image(&args.image)?);
-    let base = TaskThresholds::for_model(&args.model)?.get(args.task);
+    let base = TaskThresholds::for_model(&model)?.get(args.task);
     let policy = args.exits.policy(base)?;
     let out = execute(&engine, &args, image, &policy)?;
     if args.json {

@@ -1,6 +1,6 @@
 //! `mue serve`: the HTTP API (see `crate::serve`).
 
-use super::demo::engine_or_random;
+use super::demo::load_engine;
 use super::TaskThresholds;
 use crate::generate::SearchConfig;
 use crate::serve::{self, ServeConfig};
@@ -11,9 +11,13 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Model directory; without config.json there a RANDOM model is served (for testing).
-    #[arg(long, env = "MUE_MODEL", default_value_os_t = super::default_model_dir())]
-    pub model: PathBuf,
+    /// Model directory [default: $MUE_MODEL, ./models/default, or models/default beside
+    /// the executable]; one that does not exist or does not load is an error.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Serve a RANDOM model instead (predictions are meaningless; for testing).
+    #[arg(long, conflicts_with = "model")]
+    pub random_weights: bool,
     /// Address to listen on.
     #[arg(long, env = "MUE_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
@@ -82,7 +86,7 @@ async fn shutdown_signal() {
 }
 
 pub fn main(args: ServeArgs) -> Result<()> {
-    let (engine, thresholds) = engine_or_random(&args.model, "serving")?;
+    let (engine, thresholds) = load_engine(args.model.as_deref(), args.random_weights, "serving")?;
     let cfg = args.config(thresholds);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -99,9 +103,13 @@ pub fn main(args: ServeArgs) -> Result<()> {
 /// `mue serve-bench`: load figures for the server, measured in one run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeBenchArgs {
-    /// Model directory; without config.json there a RANDOM model is used.
-    #[arg(long, default_value_os_t = super::default_model_dir())]
-    pub model: PathBuf,
+    /// Model directory [default: $MUE_MODEL, ./models/default, or models/default beside
+    /// the executable].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Use a RANDOM model instead (for testing).
+    #[arg(long, conflicts_with = "model")]
+    pub random_weights: bool,
     #[arg(long, value_enum, default_value = "entail")]
     pub task: super::Task,
     /// Seconds of each open-loop phase (and of the saturation probe).
@@ -141,7 +149,8 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
         args.seconds
     );
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
-    let (engine, thresholds) = engine_or_random(&args.model, "benchmarking")?;
+    let (engine, thresholds) =
+        load_engine(args.model.as_deref(), args.random_weights, "benchmarking")?;
     let cfg = ServeConfig {
         max_batch: args.max_batch,
         max_wait: Duration::from_millis(args.max_wait_ms),

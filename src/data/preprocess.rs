@@ -91,36 +91,27 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Resizes an RGB image to exactly `w` x `h` with Pillow's antialiased bicubic
-/// filter, reproducing Pillow's 8-bit fixed-point results exactly.
-///
-/// Like Pillow, the horizontal pass runs first (only over the source rows the
-/// vertical pass needs) and its output is rounded to 8 bits before the vertical
-/// pass. A pass is skipped when its axis keeps its size.
-pub fn resize_bicubic_pil(img: &RgbImage, w: u32, h: u32) -> RgbImage {
-    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
-    let (out_w, out_h) = (w as usize, h as usize);
-    if out_w == 0 || out_h == 0 || in_w == 0 || in_h == 0 {
-        return RgbImage::new(w, h);
-    }
-    let src = img.as_raw();
+/// One 8-bit resampling pass along the rows (`horizontal`) or the columns of
+/// `src` (`src_w` x `src_h` RGB): output sample `o` of the pass reads the
+/// source samples `taps.start[o] - offset ..` of its line. Every output value
+/// is rounded and clipped to 8 bits, as in Pillow.
+fn resample_pass(
+    src: &[u8],
+    src_w: usize,
+    src_h: usize,
+    taps: &AxisTaps,
+    offset: usize,
+    horizontal: bool,
+) -> (Vec<u8>, usize, usize) {
     let bias: i32 = 1 << (PRECISION_BITS - 1);
-
-    let vert = axis_taps(in_h, out_h);
-    // Source rows touched by the vertical pass.
-    let row_first = vert.start[0];
-    let row_last = vert.start[out_h - 1] + vert.weights[out_h - 1].len();
-
-    // Horizontal pass -> buffer of out_w x (row_last - row_first) (or the
-    // untouched source when the width does not change).
-    let (mid, mid_w, mid_row0): (Vec<u8>, usize, usize) = if out_w != in_w {
-        let horiz = axis_taps(in_w, out_w);
-        let rows = row_last - row_first;
-        let mut buf = vec![0u8; out_w * rows * 3];
-        for r in 0..rows {
-            let src_row = &src[(r + row_first) * in_w * 3..(r + row_first + 1) * in_w * 3];
-            let dst_row = &mut buf[r * out_w * 3..(r + 1) * out_w * 3];
-            for (x, (&x0, k)) in horiz.start.iter().zip(&horiz.weights).enumerate() {
+    let n = taps.start.len();
+    if horizontal {
+        let mut out = vec![0u8; n * src_h * 3];
+        for r in 0..src_h {
+            let src_row = &src[r * src_w * 3..(r + 1) * src_w * 3];
+            let dst_row = &mut out[r * n * 3..(r + 1) * n * 3];
+            for (x, (&x0, k)) in taps.start.iter().zip(&taps.weights).enumerate() {
+                let x0 = x0 - offset;
                 let mut acc = [bias; 3];
                 for (j, &kw) in k.iter().enumerate() {
                     let p = &src_row[(x0 + j) * 3..(x0 + j) * 3 + 3];
@@ -133,29 +124,95 @@ pub fn resize_bicubic_pil(img: &RgbImage, w: u32, h: u32) -> RgbImage {
                 }
             }
         }
-        (buf, out_w, row_first)
+        (out, n, src_h)
     } else {
-        (src.to_vec(), in_w, 0)
-    };
-
-    if out_h == in_h {
-        // Only the horizontal pass was needed; `mid` covers every source row.
-        return RgbImage::from_raw(w, h, mid).expect("buffer size matches dimensions");
-    }
-
-    let mut out = vec![0u8; out_w * out_h * 3];
-    let stride = mid_w * 3;
-    for (y, (&y0, k)) in vert.start.iter().zip(&vert.weights).enumerate() {
-        let base = y0 - mid_row0;
-        let dst_row = &mut out[y * stride..(y + 1) * stride];
-        for (i, d) in dst_row.iter_mut().enumerate() {
-            let mut acc = bias;
-            for (j, &kw) in k.iter().enumerate() {
-                acc = acc.wrapping_add((mid[(base + j) * stride + i] as i32).wrapping_mul(kw));
+        let stride = src_w * 3;
+        let mut out = vec![0u8; stride * n];
+        for (y, (&y0, k)) in taps.start.iter().zip(&taps.weights).enumerate() {
+            let base = y0 - offset;
+            let dst_row = &mut out[y * stride..(y + 1) * stride];
+            for (i, d) in dst_row.iter_mut().enumerate() {
+                let mut acc = bias;
+                for (j, &kw) in k.iter().enumerate() {
+                    acc = acc.wrapping_add((src[(base + j) * stride + i] as i32).wrapping_mul(kw));
+                }
+                *d = clip8(acc);
             }
-            *d = clip8(acc);
         }
+        (out, src_w, n)
     }
+}
+
+/// Whether Pillow (13.0, `ImagingResampleInner`) runs the horizontal pass
+/// first: it runs the vertical pass first when the height shrinks by more than
+/// twice as many pixels as the width does (cheaper second pass). The order
+/// changes the 8-bit result, since the intermediate image is rounded.
+fn horizontal_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let dy = in_h as i64 - out_h as i64;
+    let dx = in_w as i64 - out_w as i64;
+    !(dy > 0 && dy > dx * 2)
+}
+
+/// Resizes an RGB image to exactly `w` x `h` with Pillow's antialiased bicubic
+/// filter, reproducing Pillow's 8-bit fixed-point results exactly.
+///
+/// Like Pillow's `ImagingResampleInner`, the two passes run in the order
+/// [`horizontal_first`] picks; when the horizontal pass is first it runs only
+/// over the source rows the vertical pass needs. The intermediate image is
+/// rounded to 8 bits between the passes, and a pass is skipped when its axis
+/// keeps its size.
+pub fn resize_bicubic_pil(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    resize_in_order(
+        img,
+        w,
+        h,
+        horizontal_first(in_w, in_h, w as usize, h as usize),
+    )
+}
+
+/// [`resize_bicubic_pil`] with the order of the passes given.
+fn resize_in_order(img: &RgbImage, w: u32, h: u32, h_first: bool) -> RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    let (out_w, out_h) = (w as usize, h as usize);
+    if out_w == 0 || out_h == 0 || in_w == 0 || in_h == 0 {
+        return RgbImage::new(w, h);
+    }
+    let need_h = out_w != in_w;
+    let need_v = out_h != in_h;
+    let vert = axis_taps(in_h, out_h);
+    let horiz = axis_taps(in_w, out_w);
+    let src = img.as_raw();
+
+    let out = if h_first {
+        let (mid, mid_w, mid_h, row0) = if need_h {
+            // Only the source rows the vertical pass reads.
+            let row_first = vert.start[0];
+            let row_last = vert.start[out_h - 1] + vert.weights[out_h - 1].len();
+            let rows = &src[row_first * in_w * 3..row_last * in_w * 3];
+            let (buf, bw, bh) = resample_pass(rows, in_w, row_last - row_first, &horiz, 0, true);
+            (buf, bw, bh, row_first)
+        } else {
+            (src.to_vec(), in_w, in_h, 0)
+        };
+        if need_v {
+            resample_pass(&mid, mid_w, mid_h, &vert, row0, false).0
+        } else {
+            mid
+        }
+    } else {
+        // Vertical first: over the full width (Pillow crops nothing here).
+        let (mid, mid_w, mid_h) = if need_v {
+            resample_pass(src, in_w, in_h, &vert, 0, false)
+        } else {
+            (src.to_vec(), in_w, in_h)
+        };
+        if need_h {
+            resample_pass(&mid, mid_w, mid_h, &horiz, 0, true).0
+        } else {
+            mid
+        }
+    };
     RgbImage::from_raw(w, h, out).expect("buffer size matches dimensions")
 }
 
@@ -244,9 +301,99 @@ mod tests {
     fn fixture(name: &str) -> std::path::PathBuf {
         Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/ofa-parity"
+            "/tests/fixtures/ofa-parity"
         ))
         .join(name)
+    }
+
+    fn pillow_fixture(name: &str) -> std::path::PathBuf {
+        Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/pillow-resize"
+        ))
+        .join(name)
+    }
+
+    #[test]
+    fn pass_order_follows_pillow() {
+        // Height shrinks by more than twice the width's shrink: vertical first.
+        assert!(!horizontal_first(375, 500, 480, 480));
+        assert!(!horizontal_first(33, 517, 128, 128));
+        assert!(!horizontal_first(120, 190, 160, 160));
+        // Landscape, upscaling, squares and mild portrait shrinks: horizontal first.
+        assert!(horizontal_first(500, 375, 480, 480));
+        assert!(horizontal_first(375, 500, 128, 128));
+        assert!(horizontal_first(150, 200, 384, 384));
+        assert!(horizontal_first(64, 64, 128, 128));
+        assert!(horizontal_first(200, 150, 200, 150));
+    }
+
+    /// Every case of the Pillow fixture (`tests/fixtures/pillow-resize`,
+    /// `cases.json`): every 8-bit value equals Pillow's.
+    #[test]
+    fn pillow_resize_cases_match_exactly() {
+        let text = std::fs::read_to_string(pillow_fixture("cases.json")).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cases = doc["cases"].as_array().expect("cases.json: `cases` list");
+        assert!(!cases.is_empty());
+        let mut failures = Vec::new();
+        let mut vertical_first = 0;
+        // Values that the other pass order would get wrong, over the vertical-first cases.
+        let (mut order_cases, mut order_worst) = (0usize, 0i32);
+        for case in cases {
+            let src_name = case["source"].as_str().unwrap();
+            let side = case["side"].as_u64().unwrap() as u32;
+            let (w, h) = (
+                case["width"].as_u64().unwrap() as u32,
+                case["height"].as_u64().unwrap() as u32,
+            );
+            let src = load_image(pillow_fixture(src_name)).unwrap();
+            assert_eq!(src.dimensions(), (w, h), "{src_name}");
+            let want = load_image(pillow_fixture(case["expected"].as_str().unwrap())).unwrap();
+            assert_eq!(want.dimensions(), (side, side));
+            let got = resize_bicubic_pil(&src, side, side);
+            if !horizontal_first(w as usize, h as usize, side as usize, side as usize) {
+                vertical_first += 1;
+                let other = resize_in_order(&src, side, side, true);
+                let worst = (other.as_raw().iter().zip(want.as_raw()))
+                    .map(|(a, b)| (*a as i32 - *b as i32).abs())
+                    .max()
+                    .unwrap_or(0);
+                if worst > 0 {
+                    order_cases += 1;
+                    order_worst = order_worst.max(worst);
+                }
+            }
+            let (mut differing, mut worst) = (0usize, 0i32);
+            for (a, b) in got.as_raw().iter().zip(want.as_raw()) {
+                let d = (*a as i32 - *b as i32).abs();
+                if d != 0 {
+                    differing += 1;
+                    worst = worst.max(d);
+                }
+            }
+            if differing != 0 {
+                failures.push(format!(
+                    "{w}x{h} -> {side}: {differing} values differ (worst {worst} levels)"
+                ));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{} of {} cases differ from Pillow:\n{}",
+            failures.len(),
+            cases.len(),
+            failures.join("\n")
+        );
+        // The fixture exercises both pass orders, and the order matters: always running
+        // the horizontal pass first misses Pillow on some vertical-first cases.
+        eprintln!(
+            "{} cases match; {vertical_first} run the vertical pass first, and horizontal-first \
+             would differ on {order_cases} of them (worst {order_worst} levels)",
+            cases.len()
+        );
+        assert!(vertical_first > 0 && vertical_first < cases.len());
+        assert!(order_cases > 0);
     }
 
     #[test]
@@ -292,11 +439,13 @@ mod tests {
         let dev = Device::Cpu;
         let outputs = candle_core::safetensors::load(fixture("outputs.safetensors"), &dev).unwrap();
         let reference = &outputs["patch_images"];
-        assert_eq!(reference.dims(), &[2, 3, 128, 128]);
-        for i in 0..2usize {
+        // Sizes come from the fixture: [images, 3, side, side].
+        let (n, ch, side, side_w) = reference.dims4().unwrap();
+        assert_eq!((ch, side_w), (3, side), "patch_images must be square RGB");
+        assert!(n > 0);
+        for i in 0..n {
             let rgb = load_image(fixture(&format!("image_{i}.png"))).unwrap();
-            assert_eq!(rgb.dimensions(), (200, 150));
-            let resized = resize_bicubic_pil(&rgb, 128, 128);
+            let resized = resize_bicubic_pil(&rgb, side as u32, side as u32);
             let expected: Vec<f32> = reference
                 .get(i)
                 .unwrap()
@@ -305,7 +454,7 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             // Recover Pillow's 8-bit pixels from the normalised tensor (CHW).
-            let plane = 128 * 128;
+            let plane = side * side;
             let mut differing = 0usize;
             let mut worst = 0i32;
             for (p, px) in resized.as_raw().chunks_exact(3).enumerate() {
@@ -325,8 +474,8 @@ mod tests {
 
             // The full pipeline reproduces the reference tensor bit for bit.
             let dynimg = DynamicImage::ImageRgb8(rgb);
-            let t = ofa_image_tensor(&dynimg, 128, &dev).unwrap();
-            assert_eq!(t.dims(), &[3, 128, 128]);
+            let t = ofa_image_tensor(&dynimg, side as u32, &dev).unwrap();
+            assert_eq!(t.dims(), &[3, side, side]);
             let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             assert!(
                 got.iter().zip(&expected).all(|(a, b)| a == b),

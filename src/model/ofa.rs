@@ -321,28 +321,57 @@ mod tests {
     fn fixture_json() -> Value {
         let p = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/ofa-parity/config.json"
+            "/tests/fixtures/ofa-parity/config.json"
         ));
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     }
 
     #[test]
     fn fixture_config_maps() {
-        let cfg = config_from_hf(&fixture_json(), 128, EncoderMode::Joint).unwrap();
-        assert_eq!(cfg.vocab_size, 2000);
-        assert_eq!(cfg.d_model, 64);
-        assert_eq!((cfg.encoder_layers, cfg.decoder_layers), (2, 2));
-        assert_eq!((cfg.encoder_heads, cfg.decoder_heads), (4, 4));
-        assert_eq!((cfg.encoder_ffn_dim, cfg.decoder_ffn_dim), (128, 128));
-        assert_eq!(cfg.max_positions, 1024);
-        assert_eq!((cfg.token_bucket_size, cfg.image_bucket_size), (256, 42));
-        assert_eq!(cfg.attn_scale_factor, 2.0);
+        let j = fixture_json();
+        let n = |key: &str| j[key].as_u64().unwrap_or_else(|| panic!("{key}")) as usize;
+        let cfg = config_from_hf(&j, 128, EncoderMode::Joint).unwrap();
+        assert_eq!(cfg.vocab_size, n("vocab_size"));
+        assert_eq!(cfg.d_model, n("d_model"));
+        assert_eq!(
+            (cfg.encoder_layers, cfg.decoder_layers),
+            (n("encoder_layers"), n("decoder_layers"))
+        );
+        assert_eq!(
+            (cfg.encoder_heads, cfg.decoder_heads),
+            (n("encoder_attention_heads"), n("decoder_attention_heads"))
+        );
+        assert_eq!(
+            (cfg.encoder_ffn_dim, cfg.decoder_ffn_dim),
+            (n("encoder_ffn_dim"), n("decoder_ffn_dim"))
+        );
+        assert_eq!(cfg.max_positions, n("max_position_embeddings"));
+        assert_eq!(
+            (cfg.token_bucket_size, cfg.image_bucket_size),
+            (n("token_bucket_size"), n("image_bucket_size"))
+        );
+        assert_eq!(
+            cfg.attn_scale_factor,
+            j["attn_scale_factor"].as_f64().unwrap()
+        );
+        let blocks = crate::model::resnet::blocks_for(j["resnet_type"].as_str().unwrap());
         assert_eq!(
             cfg.image_embedder,
-            ImageEmbedder::Resnet { blocks: [3, 4, 6] }
+            ImageEmbedder::Resnet {
+                blocks: blocks.unwrap()
+            }
         );
-        assert_eq!((cfg.bos_id, cfg.pad_id, cfg.eos_id), (0, 1, 2));
-        assert_eq!(cfg.grid_side(), 8);
+        assert_eq!(
+            (cfg.bos_id, cfg.pad_id, cfg.eos_id),
+            (
+                n("bos_token_id") as u32,
+                n("pad_token_id") as u32,
+                n("eos_token_id") as u32
+            )
+        );
+        // The ResNet trunk's output stride is 16.
+        assert_eq!(cfg.image_size, 128);
+        assert_eq!(cfg.grid_side(), 128 / 16);
         assert_eq!(cfg.encoder_mode, EncoderMode::Joint);
     }
 
@@ -377,9 +406,10 @@ mod tests {
             );
             assert!(err.contains(key), "{key}: {err}");
         }
-        // The image grid must fit the image position table (42 * 16 = 672 px).
-        assert!(config_from_hf(&fixture_json(), 688, EncoderMode::Joint).is_err());
-        assert!(config_from_hf(&fixture_json(), 672, EncoderMode::Joint).is_ok());
+        // The image grid must fit the image position table (image_bucket_size * 16 px).
+        let largest = fixture_json()["image_bucket_size"].as_u64().unwrap() as usize * 16;
+        assert!(config_from_hf(&fixture_json(), largest + 16, EncoderMode::Joint).is_err());
+        assert!(config_from_hf(&fixture_json(), largest, EncoderMode::Joint).is_ok());
     }
 
     #[test]
