@@ -7,6 +7,7 @@ pub mod config;
 pub mod fused;
 pub mod layers;
 pub mod ofa;
+pub mod pool;
 pub mod position;
 pub mod resnet;
 pub mod stem;
