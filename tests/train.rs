@@ -816,3 +816,80 @@ fn a_converted_ofa_checkpoint_fine_tunes_with_and_without_a_frozen_trunk() {
         full_losses[1]
     );
 }
+
+#[test]
+fn a_fresh_model_with_a_resnet_trunk_trains_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_benchmark(tmp.path());
+    let out = tmp.path().join("resnet");
+    let mue = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mue"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let common = [
+        "train",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--image-size",
+        "32",
+        "--d-model",
+        "32",
+        "--encoder-layers",
+        "2",
+        "--decoder-layers",
+        "1",
+        "--heads",
+        "4",
+        "--ffn-dim",
+        "64",
+        "--vocab-size",
+        "300",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--eval-examples",
+        "2",
+        "--quiet",
+    ];
+    let run = mue(&[
+        &common[..],
+        &["--resnet", "resnet50", "--freeze-image-trunk"],
+    ]
+    .concat());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let cfg = Config::load(&out.join("config.json")).unwrap();
+    assert_eq!(
+        cfg.image_embedder,
+        ImageEmbedder::Resnet { blocks: [3, 4, 6] }
+    );
+    let st = mue::train::load_state(&out).unwrap();
+    assert_eq!((st.step, st.freeze_image_trunk), (1, Some(true)));
+    // The random trunk (BatchNorms start as the identity) gives a finite loss, and the
+    // model loads for inference.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(first["loss"].as_f64().unwrap().is_finite(), "{first}");
+    Model::load_dir(&out, &Device::Cpu).unwrap();
+
+    // Unknown trunks and freezing a model without a trunk are clear errors.
+    let bad = mue(&[&common[..], &["--resnet", "resnet18"]].concat());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("unknown ResNet"),
+        "{err}"
+    );
+    let mut o = tiny_options(&data, &tmp.path().join("patch"));
+    o.freeze_image_trunk = true;
+    let e = mue::train::train(&o).unwrap_err().to_string();
+    assert!(e.contains("no image trunk"), "{e}");
+}
