@@ -892,4 +892,9 @@ fn a_fresh_model_with_a_resnet_trunk_trains_from_the_command_line() {
     o.freeze_image_trunk = true;
     let e = mue::train::train(&o).unwrap_err().to_string();
     assert!(e.contains("no image trunk"), "{e}");
+    o.freeze_image_trunk = false;
+    o.resnet = Some([3, 4, 6]);
+    o.stem = vec![8];
+    let e = mue::train::train(&o).unwrap_err().to_string();
+    assert!(e.contains("--resnet and --stem"), "{e}");
 }

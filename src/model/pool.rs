@@ -12,9 +12,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-/// Output side of a pooled side `n` (torch's floor arithmetic).
+/// Output side of a pooled side `n` (torch's floor arithmetic; `n + 2 * padding` at least
+/// `kernel`, `stride` positive).
 pub fn pooled_side(n: usize, kernel: usize, stride: usize, padding: usize) -> usize {
-    (n + 2 * padding - kernel) / stride + 1
+    (n + 2 * padding).saturating_sub(kernel) / stride.max(1) + 1
 }
 
 /// `[b, c, h, w]` -> `[b, c, (h + 2p - k) / s + 1, (w + 2p - k) / s + 1]`: the maximum

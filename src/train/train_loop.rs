@@ -415,6 +415,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             opts.image_exit_sampling
         );
     }
+    if opts.resnet.is_some() && !opts.stem.is_empty() {
+        bail!("--resnet and --stem are two image trunks: give one");
+    }
     let device = Device::Cpu;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
