@@ -30,6 +30,9 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if padding > kernel / 2 {
         candle_core::bail!("max pool: padding {padding} exceeds half the kernel {kernel}");
     }
+    if h == 0 || w == 0 {
+        candle_core::bail!("max pool: empty input {h}x{w}");
+    }
     if h + 2 * padding < kernel || w + 2 * padding < kernel {
         candle_core::bail!(
             "max pool: input {h}x{w} (padding {padding}) is smaller than the kernel {kernel}"
@@ -359,5 +362,13 @@ mod tests {
             .contains("f32"));
         let x = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(max_pool2d(&x, 3, 2, 1).is_err());
+        let x = Tensor::zeros((1, 1, 0, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(max_pool2d(&x, 2, 2, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        // An empty batch pools to an empty batch.
+        let x = Tensor::zeros((0, 3, 5, 5), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(max_pool2d(&x, 3, 2, 1).unwrap().dims(), &[0, 3, 3, 3]);
     }
 }
