@@ -115,6 +115,41 @@ fn every_conv_stem_parameter_gets_a_gradient() {
     assert_every_parameter_gets_a_gradient((model, varmap));
 }
 
+#[test]
+fn every_resnet_parameter_gets_a_gradient_and_none_when_frozen() {
+    let mut cfg = Config::tiny(EncoderMode::Decomposed);
+    cfg.image_embedder = ImageEmbedder::Resnet { blocks: [1, 1, 1] };
+    // 32 px: a 2x2 feature map (with one image token its attention could not learn).
+    cfg.image_size = 32;
+    let mut ds = dataset();
+    ds.images = (0..3).map(|i| image(i, 32)).collect();
+    let trunk = |n: &str| n.starts_with("encoder.embed_images.");
+    for frozen in [false, true] {
+        let (mut model, varmap) =
+            Model::init_trainable(&cfg, 7, BranchInit::Unit, &Device::Cpu).unwrap();
+        mue::train::bind_image_trunk(&mut model, &varmap, frozen).unwrap();
+        let b = make_batch(&ds, &[0, 1, 2, 3], 1, cfg.vocab_size, 0.1, &Device::Cpu).unwrap();
+        let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+        assert!(scalar(&out.total).is_finite());
+        let grads = out.total.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        assert!(names.iter().filter(|n| trunk(n)).count() > 50);
+        for name in names {
+            let g = grads.get(data[name].as_tensor());
+            // BatchNorm statistics are constants; a frozen trunk gets no gradient at all.
+            if mue::train::is_running_stat(name) || (frozen && trunk(name)) {
+                assert!(g.is_none(), "{name} has a gradient (frozen {frozen})");
+            } else {
+                let g = g.unwrap_or_else(|| panic!("{name} has no gradient (frozen {frozen})"));
+                let max = max_abs(g);
+                assert!(max.is_finite() && max > 0.0, "{name}: gradient {max}");
+            }
+        }
+    }
+}
+
 fn assert_every_parameter_gets_a_gradient((model, varmap): (Model, VarMap)) {
     let b = batch(&model, 0.1);
     let out = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
@@ -639,4 +674,227 @@ fn image_exit_sampling_trains_and_rejects_a_joint_encoder_or_bad_fraction() {
     bad.image_exit_sampling = 1.5;
     let e = mue::train::train(&bad).unwrap_err().to_string();
     assert!(e.contains("image exit sampling"), "{e}");
+}
+
+/// The public OFA fixture (random weights, ResNet-50 trunk) converted to a mue model
+/// directory with its 2000-id tokenizer, at `image_size`.
+fn converted_fixture(root: &std::path::Path, image_size: usize) -> std::path::PathBuf {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ofa-parity");
+    let out = root.join("converted");
+    mue::cli::convert::convert(&mue::cli::convert::ConvertArgs {
+        ofa: fixture.clone(),
+        out: out.clone(),
+        image_size,
+        mode: EncoderMode::Joint,
+        vocab: None,
+        merges: None,
+    })
+    .unwrap();
+    std::fs::copy(fixture.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    out
+}
+
+fn weights(dir: &std::path::Path) -> std::collections::HashMap<String, Vec<u32>> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let v: Vec<f32> = t
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (k, v.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn a_converted_ofa_checkpoint_fine_tunes_with_and_without_a_frozen_trunk() {
+    // 64 px keeps the ResNet-50 trunk cheap; the sizes come from the fixture's config.
+    let side = 64;
+    let tmp = tempfile::tempdir().unwrap();
+    let init = converted_fixture(tmp.path(), side);
+    let data = tmp.path().join("bench");
+    mue::data::generate(&mue::data::GenerateOptions {
+        out_dir: data.clone(),
+        seed: 1,
+        n_train: 2,
+        n_val: 2,
+        n_test: 2,
+        image_size: side as u32,
+    })
+    .unwrap();
+    let options = |out: &str, freeze: bool| {
+        let mut o = TrainOptions::new(&data, tmp.path().join(out));
+        o.init = Some(init.clone());
+        o.encoder_mode = EncoderMode::Decomposed;
+        o.freeze_image_trunk = freeze;
+        o.captions_per_image = Some(1);
+        // One batch holds every example, and no dropout: every step sees the same data,
+        // so the loss must fall.
+        o.batch_size = 10;
+        o.dropout = 0.0;
+        o.steps = 3;
+        o.lr = 1e-3;
+        o.eval_examples = 2;
+        o
+    };
+    let start = weights(&init);
+    let trunk = |n: &str| n.starts_with("encoder.embed_images.");
+    let stat = mue::train::is_running_stat;
+    assert!(start.keys().filter(|n| trunk(n)).count() > 100);
+
+    let mut first_losses = Vec::new();
+    let mut full_losses = Vec::new();
+    for freeze in [false, true] {
+        let name = if freeze { "frozen" } else { "full" };
+        let o = options(name, freeze);
+        let r = mue::train::train(&o).unwrap();
+        assert!(r.n_train_examples <= o.batch_size, "{}", r.n_train_examples);
+        eprintln!("{name}: losses {:?} in {:.1}s", r.losses, r.wall_secs);
+        assert_eq!(r.losses.len(), 3);
+        assert!(
+            r.losses[2] < r.losses[0] && r.losses[1] < r.losses[0],
+            "{name}: loss does not fall: {:?}",
+            r.losses
+        );
+        first_losses.push(r.losses[0]);
+        if !freeze {
+            full_losses = r.losses.clone();
+        }
+        let st = mue::train::load_state(&o.out_dir).unwrap();
+        assert_eq!(st.freeze_image_trunk, Some(freeze));
+
+        let end = weights(&o.out_dir);
+        assert_eq!(end.len(), start.len());
+        let moved = |n: &str| start[n] != end[n];
+        for n in start.keys() {
+            if stat(n) {
+                assert!(!moved(n), "{name}: BatchNorm statistic {n} changed");
+            } else if trunk(n) && freeze {
+                assert!(!moved(n), "{name}: frozen trunk weight {n} changed");
+            } else if !trunk(n) {
+                assert!(moved(n), "{name}: {n} did not move");
+            }
+        }
+        let trunk_moved = start.keys().filter(|n| trunk(n) && moved(n)).count();
+        if freeze {
+            assert_eq!(trunk_moved, 0);
+        } else {
+            // Every convolution and BatchNorm scale / shift trains.
+            let trainable = start.keys().filter(|n| trunk(n) && !stat(n)).count();
+            assert_eq!(trunk_moved, trainable, "{name}: trunk weights moved");
+        }
+    }
+    // The first step is the same model either way.
+    assert_eq!(first_losses[0], first_losses[1]);
+
+    // The trunk computes with the updated weights: a run interrupted after step 1 and
+    // resumed (its trunk built afresh from the saved weights) repeats the uninterrupted
+    // run's step 2, which a trunk left at the start weights would not.
+    let mut o = options("part", false);
+    o.checkpoint_every = 1;
+    o.stop_at = Some(1);
+    mue::train::train(&o).unwrap();
+    o.stop_at = Some(2);
+    o.resume = true;
+    // A resume with another freezing setting is refused.
+    o.freeze_image_trunk = true;
+    let e = mue::train::train(&o).unwrap_err().to_string();
+    assert!(e.contains("--freeze-image-trunk"), "{e}");
+    o.freeze_image_trunk = false;
+    let resumed = mue::train::train(&o).unwrap();
+    assert_eq!((resumed.start_step, resumed.end_step), (1, 2));
+    assert!(
+        (resumed.losses[0] - full_losses[1]).abs() < 1e-4,
+        "resumed {} vs uninterrupted {}",
+        resumed.losses[0],
+        full_losses[1]
+    );
+}
+
+#[test]
+fn a_fresh_model_with_a_resnet_trunk_trains_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_benchmark(tmp.path());
+    let out = tmp.path().join("resnet");
+    let mue = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mue"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let common = [
+        "train",
+        "--data",
+        d,
+        "--out",
+        o,
+        "--image-size",
+        "32",
+        "--d-model",
+        "32",
+        "--encoder-layers",
+        "2",
+        "--decoder-layers",
+        "1",
+        "--heads",
+        "4",
+        "--ffn-dim",
+        "64",
+        "--vocab-size",
+        "300",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--eval-examples",
+        "2",
+        "--quiet",
+    ];
+    let run = mue(&[
+        &common[..],
+        &["--resnet", "resnet50", "--freeze-image-trunk"],
+    ]
+    .concat());
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let cfg = Config::load(&out.join("config.json")).unwrap();
+    assert_eq!(
+        cfg.image_embedder,
+        ImageEmbedder::Resnet { blocks: [3, 4, 6] }
+    );
+    let st = mue::train::load_state(&out).unwrap();
+    assert_eq!((st.step, st.freeze_image_trunk), (1, Some(true)));
+    // The random trunk (BatchNorms start as the identity) gives a finite loss, and the
+    // model loads for inference.
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert!(first["loss"].as_f64().unwrap().is_finite(), "{first}");
+    Model::load_dir(&out, &Device::Cpu).unwrap();
+
+    // Unknown trunks and freezing a model without a trunk are clear errors.
+    let bad = mue(&[&common[..], &["--resnet", "resnet18"]].concat());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("unknown ResNet"),
+        "{err}"
+    );
+    let mut o = tiny_options(&data, &tmp.path().join("patch"));
+    o.freeze_image_trunk = true;
+    let e = mue::train::train(&o).unwrap_err().to_string();
+    assert!(e.contains("no image trunk"), "{e}");
+    o.freeze_image_trunk = false;
+    o.resnet = Some([3, 4, 6]);
+    o.stem = vec![8];
+    let e = mue::train::train(&o).unwrap_err().to_string();
+    assert!(e.contains("--resnet and --stem"), "{e}");
 }

@@ -90,6 +90,14 @@ pub struct TrainArgs {
     /// 1..encoder layers), so the decoder learns to read an early-exited image (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub image_exit_sampling: f64,
+    /// Keep the image trunk (OFA's ResNet, or the conv stem) as it starts: no updates and
+    /// no gradient work for it (OFA fine-tuning commonly freezes it).
+    #[arg(long)]
+    pub freeze_image_trunk: bool,
+    /// Image trunk of a fresh model: OFA's ResNet (resnet50, resnet101 or resnet152)
+    /// instead of patches, e.g. to size an OFA-like model with random weights.
+    #[arg(long, value_parser = parse_resnet)]
+    pub resnet: Option<[usize; 3]>,
     /// Stop (and checkpoint) after this many seconds.
     #[arg(long)]
     pub time_budget_secs: Option<f64>,
@@ -134,12 +142,19 @@ impl TrainArgs {
         o.max_train_images = self.max_train_images;
         o.captions_per_image = Some(self.captions_per_image);
         o.image_exit_sampling = self.image_exit_sampling;
+        o.freeze_image_trunk = self.freeze_image_trunk;
+        o.resnet = self.resnet;
         o.time_budget_secs = self.time_budget_secs;
         o.stop_at = self.stop_at;
         o.final_eval = self.final_eval;
         o.progress = !self.quiet;
         o
     }
+}
+
+fn parse_resnet(s: &str) -> std::result::Result<[usize; 3], String> {
+    crate::model::resnet::blocks_for(s)
+        .ok_or_else(|| format!("unknown ResNet {s:?}: resnet50, resnet101 or resnet152"))
 }
 
 pub fn main(args: TrainArgs) -> Result<()> {

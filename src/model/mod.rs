@@ -7,6 +7,7 @@ pub mod config;
 pub mod fused;
 pub mod layers;
 pub mod ofa;
+pub mod pool;
 pub mod position;
 pub mod resnet;
 pub mod stem;
@@ -732,8 +733,16 @@ fn reinit_seeded(varmap: &VarMap, seed: u64, branches: BranchInit) -> Result<()>
         let scaled = |std: f32, rng: &mut rand_chacha::ChaCha8Rng| -> Vec<f32> {
             (0..n).map(|_| std * normal.sample(rng) / 0.02).collect()
         };
+        // ResNet BatchNorms (inference mode) start as the identity: statistics (0, 1),
+        // scale 1 (the shift is a bias, 0 below).
+        let batch_norm = name.starts_with("encoder.embed_images.")
+            && (name.contains(".bn") || name.contains(".downsample.1."));
         let values: Vec<f32> = if branches.zeroes(name) {
             vec![0.0; n]
+        } else if batch_norm && name.ends_with(".running_mean") {
+            vec![0.0; n]
+        } else if batch_norm && (name.ends_with(".running_var") || name.ends_with(".weight")) {
+            vec![1.0; n]
         } else if name.ends_with("c_attn") || (is_norm && name.ends_with(".weight")) {
             vec![1.0; n]
         } else if conv {

@@ -5,7 +5,7 @@
 //! into the preceding (bias-free) convolution, so the forward pass is only
 //! convolutions, additions and ReLUs.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// BatchNorm epsilon used by OFA's ResNet (torch default).
@@ -227,13 +227,8 @@ impl ResNet {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let y = self.stem.forward(&x)?.relu()?;
-        // 3x3/2 max pool with padding 1. The input is post-ReLU (>= 0) and
-        // every window holds at least one real value, so zero padding gives
-        // the same maxima as torch's -inf padding.
-        let y = y
-            .pad_with_zeros(D::Minus2, 1, 1)?
-            .pad_with_zeros(D::Minus1, 1, 1)?;
-        let mut y = y.max_pool2d_with_stride(3, 2)?;
+        // 3x3/2 max pool with padding 1 (with a backward, for fine-tuning).
+        let mut y = super::pool::max_pool2d(&y, 3, 2, 1)?;
         for block in &self.blocks {
             y = block.forward(&y)?;
         }

@@ -8,7 +8,9 @@ use super::optim::{lr_at, AdamW, AdamWParams};
 use crate::data::preprocess::resize_bicubic_pil;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::layers::Mode;
-use crate::model::{BranchInit, Config, EncoderMode, ImageEmbedder, Model};
+use crate::model::resnet::ResNet;
+use crate::model::stem::ConvStem;
+use crate::model::{BranchInit, Config, EncoderMode, ImageEmbedder, ImageTrunk, Model};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -82,6 +84,12 @@ pub struct TrainOptions {
     /// `1..encoder_layers` (the rest run it in full), so that the decoder learns to read
     /// the image as it stands at an early exit (decomposed encoder only; 0: off).
     pub image_exit_sampling: f64,
+    /// Keep the image trunk (`encoder.embed_images.*`: OFA's ResNet or the conv stem) as it
+    /// starts: its weights are not updated and no gradient is computed for it.
+    pub freeze_image_trunk: bool,
+    /// Image trunk of a fresh model: OFA's ResNet with these bottlenecks per stage (see
+    /// [`crate::model::resnet::blocks_for`]) instead of patches or the conv stem.
+    pub resnet: Option<[usize; 3]>,
     /// Stop early (with a checkpoint) after this many seconds.
     pub time_budget_secs: Option<f64>,
     /// Stop (with a checkpoint) once this step is reached, keeping the schedule of `steps`
@@ -132,6 +140,8 @@ impl TrainOptions {
             max_train_images: None,
             captions_per_image: Some(3),
             image_exit_sampling: 0.0,
+            freeze_image_trunk: false,
+            resnet: None,
             time_budget_secs: None,
             stop_at: None,
             final_eval: false,
@@ -157,7 +167,9 @@ impl TrainOptions {
             attn_scale_factor: self.attn_scale_factor,
             layer_norm_eps: 1e-5,
             image_size: self.image_size,
-            image_embedder: if self.stem.is_empty() {
+            image_embedder: if let Some(blocks) = self.resnet {
+                ImageEmbedder::Resnet { blocks }
+            } else if self.stem.is_empty() {
                 ImageEmbedder::Patch { patch: self.patch }
             } else {
                 ImageEmbedder::Conv {
@@ -197,6 +209,9 @@ pub struct TrainState {
     /// `--init`: the model this run started from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// `--freeze-image-trunk` of the run; None in files written before it was recorded.
+    #[serde(default)]
+    pub freeze_image_trunk: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -295,6 +310,48 @@ pub fn load_weights_into(varmap: &VarMap, dir: &Path, device: &Device) -> Result
     Ok(())
 }
 
+/// Whether variable `name` is a BatchNorm running statistic of OFA's ResNet: a buffer of
+/// inference-mode BatchNorm, never trained.
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// (Re)build the image trunk of `model` from the current values of `varmap`.
+///
+/// OFA's ResNet folds each BatchNorm into its convolution when it is built, so a trunk
+/// built before the weights were loaded or updated computes with stale values: rebuild it
+/// after every change. Its BatchNorms stay in inference mode: running statistics are
+/// constants, convolutions and BatchNorm scales and shifts train. With `frozen`, the whole
+/// trunk is built from constants, so no gradient is computed for it (its output does not
+/// track the variables) and the optimiser, which skips variables without a gradient,
+/// leaves it bit-unchanged.
+pub fn bind_image_trunk(model: &mut Model, varmap: &VarMap, frozen: bool) -> Result<()> {
+    const PREFIX: &str = "encoder.embed_images.";
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .map(|(k, v)| {
+            let t = if frozen || is_running_stat(k) {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
+            };
+            (k.clone(), t)
+        })
+        .collect();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &model.device);
+    let vb = vb.pp("encoder.embed_images");
+    model.encoder.image_trunk = match &model.cfg.image_embedder {
+        ImageEmbedder::Patch { patch } => ImageTrunk::Patch(*patch),
+        ImageEmbedder::Conv { stem, patch } => ImageTrunk::Conv(ConvStem::load(stem, *patch, vb)?),
+        ImageEmbedder::Resnet { blocks } => ImageTrunk::Resnet(ResNet::load(vb, *blocks)?),
+    };
+    Ok(())
+}
+
 fn save_checkpoint(
     opts: &TrainOptions,
     cfg: &Config,
@@ -323,6 +380,7 @@ fn save_checkpoint(
         optimizer_state: true,
         image_exit_sampling: Some(opts.image_exit_sampling),
         init: opts.init.clone(),
+        freeze_image_trunk: Some(opts.freeze_image_trunk),
     };
     std::fs::write(&state_path, serde_json::to_string_pretty(&state)? + "\n")
         .with_context(|| format!("cannot write {}", state_path.display()))?;
@@ -357,6 +415,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             opts.image_exit_sampling
         );
     }
+    if opts.resnet.is_some() && !opts.stem.is_empty() {
+        bail!("--resnet and --stem are two image trunks: give one");
+    }
     let device = Device::Cpu;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
@@ -384,6 +445,22 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             bail!(
                 "cannot resume: checkpoint used --image-exit-sampling {p}, this run {}",
                 opts.image_exit_sampling
+            );
+        }
+        // A frozen trunk kept its start weights; training it now (or freezing a trained
+        // one) would be another run.
+        if let Some(f) = s
+            .freeze_image_trunk
+            .filter(|&f| f != opts.freeze_image_trunk)
+        {
+            bail!(
+                "cannot resume: checkpoint was trained {} --freeze-image-trunk, this run {}",
+                if f { "with" } else { "without" },
+                if opts.freeze_image_trunk {
+                    "with it"
+                } else {
+                    "without it"
+                }
             );
         }
         Some(s)
@@ -420,9 +497,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             cfg.vocab_size
         );
     }
+    if opts.freeze_image_trunk && matches!(cfg.image_embedder, ImageEmbedder::Patch { .. }) {
+        bail!("--freeze-image-trunk: the model has no image trunk (plain pixel patches)");
+    }
     resize_images(&mut train_raw, cfg.image_size);
     resize_images(&mut valid_raw, cfg.image_size);
-    let (model, varmap) = Model::init_trainable(&cfg, opts.seed, opts.branch_init, &device)?;
+    let (mut model, varmap) = Model::init_trainable(&cfg, opts.seed, opts.branch_init, &device)?;
     let mut opt = AdamW::new(
         &varmap,
         AdamWParams {
@@ -445,6 +525,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             0
         }
     };
+    bind_image_trunk(&mut model, &varmap, opts.freeze_image_trunk)?;
+    // Only the ResNet folds its weights when built; the conv stem reads its variables.
+    let rebind_each_step =
+        !opts.freeze_image_trunk && matches!(cfg.image_embedder, ImageEmbedder::Resnet { .. });
     tok.save(opts.out_dir.join("tokenizer.json"))?;
 
     let ds = Dataset::build(
@@ -524,6 +608,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let grads = out.total.backward()?;
         let lr = lr_at(step, opts.steps, opts.warmup_frac, opts.lr);
         let st = opt.step(&grads, lr, Some(opts.clip_norm))?;
+        if rebind_each_step {
+            bind_image_trunk(&mut model, &varmap, false)?;
+        }
         step += 1;
         let dt = ts.elapsed().as_secs_f64();
         tokens += batch.n_tokens;
