@@ -35,9 +35,27 @@ pub struct ServeArgs {
     /// Largest image side in pixels.
     #[arg(long, default_value_t = 4096)]
     pub max_image_side: u32,
+    /// Memory one image may take while decoded (pixels x channels x bytes per channel,
+    /// plus its 8-bit RGB copy), in MiB; larger images are refused from their header.
+    #[arg(long, default_value_t = 128)]
+    pub decode_budget_mib: usize,
+    /// Open connections at most (further ones wait in the listen backlog).
+    #[arg(long, env = "MUE_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Close a connection that has not sent a full request head within this (also the
+    /// idle keep-alive bound), in ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Answer 408 when a request body has not arrived in full within this, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+    /// On SIGTERM / ctrl-c, cut connections still open after this, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub drain_ms: u64,
     /// Beam size for captioning.
     #[arg(long, default_value_t = 5)]
     pub beam: usize,
+    /// Longest caption in tokens (below the model's decoder positions).
     #[arg(long, default_value_t = 16)]
     pub max_len: usize,
 }
@@ -51,6 +69,11 @@ impl ServeArgs {
             timeout: Duration::from_millis(self.timeout_ms),
             max_body: self.max_body,
             max_image_side: self.max_image_side,
+            decode_budget: self.decode_budget_mib.saturating_mul(1 << 20),
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            drain_timeout: Duration::from_millis(self.drain_ms),
             thresholds,
             search: SearchConfig {
                 beam: self.beam,
@@ -82,8 +105,12 @@ async fn shutdown_signal() {
 }
 
 pub fn main(args: ServeArgs) -> Result<()> {
+    // Flags that need no model are checked before it is loaded, the rest before listening.
+    args.config(TaskThresholds::default()).validate_flags()?;
     let (engine, thresholds) = engine_or_random(&args.model, "serving")?;
     let cfg = args.config(thresholds);
+    cfg.validate(&engine)?;
+    let drain_ms = args.drain_ms;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -92,7 +119,19 @@ pub fn main(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.addr))?;
         eprintln!("mue serve: listening on http://{}", listener.local_addr()?);
-        serve::run(listener, Arc::new(engine), cfg, shutdown_signal()).await
+        let signal = async move {
+            shutdown_signal().await;
+            eprintln!(
+                "mue serve: shutdown signal: no new connections; finishing open requests \
+                 (at most {drain_ms} ms)"
+            );
+        };
+        let d = serve::run(listener, Arc::new(engine), cfg, signal).await?;
+        eprintln!(
+            "mue serve: stopped after draining for {:.0} ms ({} connections cut at the bound)",
+            d.drain_ms, d.cut
+        );
+        Ok(())
     })
 }
 
