@@ -155,6 +155,19 @@ pub struct ServeBenchArgs {
     /// Bound of the request queue.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// Per-request timeout in ms (admission refuses what would wait longer).
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout_ms: u64,
+    /// Concurrent clients of the open-loop phases; they ignore Retry-After.
+    #[arg(long, default_value_t = 200)]
+    pub clients: usize,
+    /// Offered loads, as multiples of the measured capacity.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    pub loads: Vec<f64>,
+    /// Send a large image instead: the first example upscaled to SIDE x SIDE (with a
+    /// deterministic noise so that the PNG stays large), to measure memory under load.
+    #[arg(long)]
+    pub image_side: Option<u32>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -172,7 +185,8 @@ pub struct ServeBenchRow {
 }
 
 /// For MuE exits and for full depth: the saturation throughput of a closed loop with
-/// 2 x max-batch clients, then open-loop phases at 1x and 2x that rate.
+/// 2 x max-batch clients, then open-loop phases at `--loads` times that rate from
+/// `--clients` clients that ignore Retry-After.
 pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
     anyhow::ensure!(
         args.seconds.is_finite() && args.seconds > 0.0,
@@ -181,16 +195,45 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
     );
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     let (engine, thresholds) = engine_or_random(&args.model, "benchmarking")?;
+    anyhow::ensure!(
+        args.loads.iter().all(|l| l.is_finite() && *l > 0.0),
+        "--loads must be positive multiples, got {:?}",
+        args.loads
+    );
+    let image_path = super::demo::examples_dir().join("example_0.png");
+    let mut image = std::fs::read(&image_path)
+        .with_context(|| format!("cannot read {}", image_path.display()))?;
+    if let Some(side) = args.image_side {
+        image = large_png(&image, side)?;
+        eprintln!(
+            "serve-bench: {side}x{side} RGB image, {:.1} MiB as PNG",
+            image.len() as f64 / 1048576.0
+        );
+    }
     let cfg = ServeConfig {
         max_batch: args.max_batch,
         max_wait: Duration::from_millis(args.max_wait_ms),
         queue: args.queue,
+        timeout: Duration::from_millis(args.timeout_ms),
+        // Room for the image as base64 in JSON.
+        max_body: (image.len() * 4 / 3 + 4096).max(ServeConfig::default().max_body),
         thresholds,
         ..ServeConfig::default()
     };
-    let image_path = super::demo::examples_dir().join("example_0.png");
-    let image = std::fs::read(&image_path)
-        .with_context(|| format!("cannot read {}", image_path.display()))?;
+    cfg.validate(&engine)?;
+    let mib = |b: usize| b as f64 / 1048576.0;
+    let bound =
+        mib(cfg.queue * cfg.max_body) + mib(cfg.decoders * (cfg.decode_budget + 2 * cfg.max_body));
+    eprintln!(
+        "serve-bench: the request path holds at most {:.0} MiB: {} admission slots x {:.1} MiB \
+         body + {} decoders x ({} MiB decode budget + 2 x {:.1} MiB parse copies)",
+        bound,
+        cfg.queue,
+        mib(cfg.max_body),
+        cfg.decoders,
+        cfg.decode_budget >> 20,
+        mib(cfg.max_body)
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -220,12 +263,13 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
                 "no request succeeded while measuring saturation ({} errors)",
                 saturation.errors
             );
-            for load in [1.0, 2.0] {
-                let report = serve::load::open_loop(
+            for &load in &args.loads {
+                let report = serve::load::open_loop_clients(
                     server.addr,
                     &spec,
                     load * saturation.throughput,
                     args.seconds,
+                    args.clients,
                 )
                 .await?;
                 rows.push(ServeBenchRow {
@@ -255,7 +299,7 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
     for r in &rows {
         let p = &r.report;
         println!(
-            "| {} | {:.0}x | {:.1} | {:.1} | {:.1} | {:.1} | {} / {} | {} | {:.2} | {:.1}% | {:.0} |",
+            "| {} | {}x | {:.1} | {:.1} | {:.1} | {:.1} | {} / {} | {} | {:.2} | {:.1}% | {:.0} |",
             r.exits,
             r.load,
             p.offered_rate,
@@ -271,4 +315,29 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The example upscaled to `side` x `side` with a fixed noise pattern (PNG cannot squeeze
+/// it much, so the upload and its decode cost what a photo of that size would).
+fn large_png(example: &[u8], side: u32) -> Result<Vec<u8>> {
+    anyhow::ensure!(
+        (16..=8192).contains(&side),
+        "--image-side must be in 16..=8192"
+    );
+    let img = image::load_from_memory(example)?.to_rgb8();
+    let mut big = image::imageops::resize(&img, side, side, image::imageops::FilterType::Triangle);
+    let mut x: u32 = 0x9e37_79b9;
+    for p in big.pixels_mut() {
+        for c in p.0.iter_mut() {
+            // xorshift: +-8 levels of noise per channel.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *c = c.saturating_add((x & 15) as u8).saturating_sub(8);
+        }
+    }
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(big)
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)?;
+    Ok(out)
 }

@@ -206,31 +206,57 @@ pub struct OpenLoopReport {
     pub peak_rss_mib: f64,
 }
 
-/// Send `rate` requests per second for `seconds`.
+/// Send `rate` requests per second for `seconds` (no bound on requests in flight).
 pub async fn open_loop(
     addr: SocketAddr,
     spec: &LoadSpec,
     rate: f64,
     seconds: f64,
 ) -> Result<OpenLoopReport> {
+    open_loop_clients(addr, spec, rate, seconds, usize::MAX).await
+}
+
+/// Send `rate` requests per second for `seconds` from `clients` clients: each takes the
+/// next slot of the schedule, sends, and goes on with the next slot whatever the answer
+/// (a 503's Retry-After is ignored). When every client is busy the schedule runs late and
+/// the clients catch up back to back.
+pub async fn open_loop_clients(
+    addr: SocketAddr,
+    spec: &LoadSpec,
+    rate: f64,
+    seconds: f64,
+    clients: usize,
+) -> Result<OpenLoopReport> {
     anyhow::ensure!(
         rate.is_finite() && rate > 0.0 && seconds > 0.0,
         "open-loop rate and duration must be positive (got {rate} req/s for {seconds} s)"
     );
+    anyhow::ensure!(clients >= 1, "at least one client");
     let (path, body) = request_body(spec)?;
     let body = Arc::new(body);
     let sent = ((rate * seconds).round() as usize).max(1);
     let rss = RssSampler::start();
     let start = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(sent);
-    for i in 0..sent {
-        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(i as f64 / rate)).await;
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move { send(addr, path, &body).await }));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients.min(sent) {
+        let (body, next) = (body.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= sent {
+                    break out;
+                }
+                let at = start + std::time::Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(at).await;
+                out.push(send(addr, path, &body).await);
+            }
+        }));
     }
     let mut outcomes = Vec::with_capacity(sent);
     for t in tasks {
-        outcomes.push(t.await?);
+        outcomes.extend(t.await?);
     }
     let wall = start.elapsed().as_secs_f64();
     let s = Summary::of(&outcomes);

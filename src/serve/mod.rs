@@ -246,7 +246,7 @@ pub async fn run(
         .encoder_layers
         .max(engine.model.cfg.decoder_layers);
     let metrics = Arc::new(Metrics::new(max_layers));
-    let admission = Arc::new(Admission::new(cfg.queue, cfg.max_batch));
+    let admission = Arc::new(Admission::new(cfg.queue, cfg.max_batch, cfg.decoders));
     let worker_alive = Arc::new(AtomicBool::new(true));
     let worker = {
         let ctx = queue::WorkerCtx {
@@ -883,6 +883,9 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
         }
     }
     let body = read_body(&st, body).await?;
+    // Parsing (base64, multipart) and decoding copy the body: at most `decoders` at once.
+    let permit = st.decoders.acquire().await.expect("never closed");
+    let decode_start = Instant::now();
     let f = read_fields(&st, parts, body).await?;
     let bytes = f
         .image
@@ -911,16 +914,15 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
     };
     let (max_side, budget) = (st.cfg.max_image_side, st.cfg.decode_budget);
     let size = st.engine.model.cfg.image_size as u32;
-    let image = {
-        // At most `decoders` images decoded at once, each within the budget.
-        let _permit = st.decoders.acquire().await.expect("never closed");
-        tokio::task::spawn_blocking(move || {
-            decode_image(&bytes, max_side, budget).map(|img| preprocess(&img, size))
-        })
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::bad)?
-    };
+    let image = tokio::task::spawn_blocking(move || {
+        decode_image(&bytes, max_side, budget).map(|img| preprocess(&img, size))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::bad)?;
+    drop(permit);
+    st.admission
+        .observe_decode(decode_start.elapsed().as_secs_f64());
     let input = match text {
         None => JobInput::Caption(image),
         Some((hypothesis, premise)) => JobInput::Entail(EntailRequest {
@@ -968,6 +970,10 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
             "task": "caption",
             "caption": c.caption,
             "tokens": c.tokens,
+            // Each token's text alone, for showing the layer each token left at.
+            "token_texts": c.tokens.iter().map(|&t| {
+                st.engine.tokenizer.decode(&[t]).unwrap_or_default()
+            }).collect::<Vec<_>>(),
             "exits": exits_json(&c.exits),
             "saved_fraction": c.cost.saved_fraction,
             "layer_reduction": c.cost.layer_reduction,

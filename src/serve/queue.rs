@@ -20,9 +20,12 @@ use tokio::sync::oneshot;
 pub struct Admission {
     capacity: usize,
     max_batch: usize,
+    decoders: usize,
     admitted: AtomicUsize,
     /// Exponentially weighted mean of the engine time per batch, f64 bits (0 = none yet).
     batch_secs: AtomicU64,
+    /// The same for parsing + decoding one request.
+    decode_secs: AtomicU64,
 }
 
 /// Why a request was refused at admission.
@@ -44,12 +47,14 @@ impl Drop for Ticket {
 }
 
 impl Admission {
-    pub fn new(capacity: usize, max_batch: usize) -> Self {
+    pub fn new(capacity: usize, max_batch: usize, decoders: usize) -> Self {
         Admission {
             capacity,
             max_batch: max_batch.max(1),
+            decoders: decoders.max(1),
             admitted: AtomicUsize::new(0),
             batch_secs: AtomicU64::new(0f64.to_bits()),
+            decode_secs: AtomicU64::new(0f64.to_bits()),
         }
     }
 
@@ -58,10 +63,14 @@ impl Admission {
         self.admitted.load(Ordering::SeqCst)
     }
 
-    /// Seconds until a request admitted behind `ahead` others is answered.
+    /// Seconds until a request admitted behind `ahead` others is answered: its batch and
+    /// the batches ahead, plus its decode and those ahead of it (conservative: every
+    /// request ahead is counted as still to decode).
     pub fn estimate(&self, ahead: usize) -> f64 {
-        let batches = ahead / self.max_batch + 1;
-        batches as f64 * f64::from_bits(self.batch_secs.load(Ordering::SeqCst))
+        let batches = (ahead / self.max_batch + 1) as f64;
+        let decodes = (ahead / self.decoders + 1) as f64;
+        batches * f64::from_bits(self.batch_secs.load(Ordering::SeqCst))
+            + decodes * f64::from_bits(self.decode_secs.load(Ordering::SeqCst))
     }
 
     /// Take a slot unless the queue is full or the wait would exceed `timeout`.
@@ -87,14 +96,23 @@ impl Admission {
 
     /// Record the engine time of one batch (weight 0.2 on the newest).
     pub fn observe_batch(&self, secs: f64) {
-        let old = f64::from_bits(self.batch_secs.load(Ordering::SeqCst));
-        let new = if old == 0.0 {
-            secs
-        } else {
-            0.8 * old + 0.2 * secs
-        };
-        self.batch_secs.store(new.to_bits(), Ordering::SeqCst);
+        ewma(&self.batch_secs, secs);
     }
+
+    /// Record the parse + decode time of one request.
+    pub fn observe_decode(&self, secs: f64) {
+        ewma(&self.decode_secs, secs);
+    }
+}
+
+fn ewma(cell: &AtomicU64, secs: f64) {
+    let old = f64::from_bits(cell.load(Ordering::SeqCst));
+    let new = if old == 0.0 {
+        secs
+    } else {
+        0.8 * old + 0.2 * secs
+    };
+    cell.store(new.to_bits(), Ordering::SeqCst);
 }
 
 /// Fault injection for the tests of the server's supervision and expiry (never set in
