@@ -40,7 +40,7 @@ for (const [suffix, viewport] of [['', { width: 1280, height: 900 }], ['_phone',
   check(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth),
         suffix + ' no sideways scrolling at ' + viewport.width + ' px');
   // Errors clear old results; switching examples replaces the hypothesis.
-  await page.check('input[name=task][value=entail]', { force: true });
+  await page.click('label:has(input[value=entail])');
   await page.click('#go');
   check((await page.textContent('#msg')).includes('Choose an example'), suffix + ' run without an image says why');
   await page.selectOption('#example', { index: 1 });
@@ -64,7 +64,7 @@ for (const [suffix, viewport] of [['', { width: 1280, height: 900 }], ['_phone',
   check((await page.locator('#mue h3').count()) === 0, suffix + ' an error clears the previous results');
   // Caption: tokens coloured by exit layer.
   await page.fill('#hyp', hyp2);
-  await page.check('input[name=task][value=caption]', { force: true });
+  await page.click('label:has(input[value=caption])');
   await page.click('#go');
   await page.waitForFunction(() => document.querySelector('#full h3') !== null, null, { timeout: 60000 });
   const toks = await page.locator('#mue .tok').count();
