@@ -164,6 +164,10 @@ pub struct ServeBenchArgs {
     /// Offered loads, as multiples of the measured capacity.
     #[arg(long, value_delimiter = ',', default_value = "1,3")]
     pub loads: Vec<f64>,
+    /// The load phases run interleaved in this many rounds (`--seconds` in all per load),
+    /// so that other work on the machine weighs on every load alike.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
     /// Send a large image instead: the first example upscaled to SIDE x SIDE (with a
     /// deterministic noise so that the PNG stays large), to measure memory under load.
     #[arg(long)]
@@ -194,6 +198,8 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
         args.seconds
     );
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
     let (engine, thresholds) = engine_or_random(&args.model, "benchmarking")?;
     anyhow::ensure!(
         args.loads.iter().all(|l| l.is_finite() && *l > 0.0),
@@ -263,15 +269,21 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
                 "no request succeeded while measuring saturation ({} errors)",
                 saturation.errors
             );
-            for &load in &args.loads {
-                let report = serve::load::open_loop_clients(
-                    server.addr,
-                    &spec,
-                    load * saturation.throughput,
-                    args.seconds,
-                    args.clients,
-                )
-                .await?;
+            let rates: Vec<f64> = args
+                .loads
+                .iter()
+                .map(|l| l * saturation.throughput)
+                .collect();
+            let reports = serve::load::open_loop_rounds(
+                server.addr,
+                &spec,
+                &rates,
+                args.seconds,
+                args.clients,
+                args.rounds,
+            )
+            .await?;
+            for (&load, report) in args.loads.iter().zip(reports) {
                 rows.push(ServeBenchRow {
                     exits: name,
                     load,
