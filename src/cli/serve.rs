@@ -229,10 +229,10 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
     cfg.validate(&engine)?;
     let mib = |b: usize| b as f64 / 1048576.0;
     let bound =
-        mib(cfg.queue * cfg.max_body) + mib(cfg.decoders * (cfg.decode_budget + 2 * cfg.max_body));
+        mib(cfg.queue * cfg.max_body) + mib(cfg.decoders * (cfg.decode_budget + 3 * cfg.max_body));
     eprintln!(
         "serve-bench: the request path holds at most {:.0} MiB: {} admission slots x {:.1} MiB \
-         body + {} decoders x ({} MiB decode budget + 2 x {:.1} MiB parse copies)",
+         body + {} decoders x ({} MiB decode budget + 3 x {:.1} MiB parse copies)",
         bound,
         cfg.queue,
         mib(cfg.max_body),
