@@ -447,3 +447,41 @@ pub fn worker(ctx: WorkerCtx) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refuses_when_full_or_the_wait_is_over_the_timeout() {
+        let a = Arc::new(Admission::new(3, 2, 1));
+        let timeout = Duration::from_secs(1);
+        // No batch timed yet: only the slot count limits.
+        let t1 = a.try_admit(timeout).unwrap();
+        let t2 = a.try_admit(timeout).unwrap();
+        let t3 = a.try_admit(timeout).unwrap();
+        assert_eq!(a.try_admit(timeout).err(), Some(Refusal::Full));
+        drop((t1, t2, t3));
+        assert_eq!(a.admitted(), 0);
+        // 0.4 s a batch of 2: with 2 ahead the request is in the second batch (0.8 s).
+        a.observe_batch(0.4);
+        let _t1 = a.try_admit(timeout).unwrap();
+        let _t2 = a.try_admit(timeout).unwrap();
+        assert!((a.estimate(2) - 0.8).abs() < 1e-9);
+        let _t3 = a.try_admit(timeout).unwrap();
+        // 3 ahead: still the second batch; with decodes at 0.3 s one at a time, over 1 s.
+        a.observe_decode(0.3);
+        match a.try_admit(timeout) {
+            Err(Refusal::Full) => {}
+            other => panic!("{:?}", other.err()),
+        }
+        drop(_t3);
+        match a.try_admit(timeout) {
+            Err(Refusal::Wait(w)) => assert!((w - (0.8 + 0.9)).abs() < 1e-9, "{w}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // The average follows new batch times with weight 0.2.
+        a.observe_batch(0.9);
+        assert!((a.estimate(0) - (0.5 + 0.3)).abs() < 1e-9);
+    }
+}
