@@ -594,7 +594,12 @@ fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
         }
         s = payload;
     }
-    let clean: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    // A copy without the line breaks only when there are any.
+    let clean: std::borrow::Cow<[u8]> = if s.bytes().any(|b| b.is_ascii_whitespace()) {
+        s.bytes().filter(|b| !b.is_ascii_whitespace()).collect()
+    } else {
+        s.as_bytes().into()
+    };
     base64::engine::general_purpose::STANDARD
         .decode(&clean)
         .map_err(|e| format!("image_base64: invalid base64 ({e})"))
