@@ -206,47 +206,105 @@ pub struct OpenLoopReport {
     pub peak_rss_mib: f64,
 }
 
-/// Send `rate` requests per second for `seconds`.
+/// Send `rate` requests per second for `seconds` (no bound on requests in flight).
 pub async fn open_loop(
     addr: SocketAddr,
     spec: &LoadSpec,
     rate: f64,
     seconds: f64,
 ) -> Result<OpenLoopReport> {
+    open_loop_clients(addr, spec, rate, seconds, usize::MAX).await
+}
+
+/// Send `rate` requests per second for `seconds` from `clients` clients: each takes the
+/// next slot of the schedule, sends, and goes on with the next slot whatever the answer
+/// (a 503's Retry-After is ignored). When every client is busy the schedule runs late and
+/// the clients catch up back to back.
+pub async fn open_loop_clients(
+    addr: SocketAddr,
+    spec: &LoadSpec,
+    rate: f64,
+    seconds: f64,
+    clients: usize,
+) -> Result<OpenLoopReport> {
+    let mut r = open_loop_rounds(addr, spec, &[rate], seconds, clients, 1).await?;
+    Ok(r.remove(0))
+}
+
+/// Open-loop phases at each of `rates`, interleaved in `rounds` rounds of
+/// `seconds / rounds` each (1x, 3x, 1x, 3x, ...), so that other work on the machine
+/// weighs on every rate alike; one report per rate over all its rounds.
+pub async fn open_loop_rounds(
+    addr: SocketAddr,
+    spec: &LoadSpec,
+    rates: &[f64],
+    seconds: f64,
+    clients: usize,
+    rounds: usize,
+) -> Result<Vec<OpenLoopReport>> {
     anyhow::ensure!(
-        rate.is_finite() && rate > 0.0 && seconds > 0.0,
-        "open-loop rate and duration must be positive (got {rate} req/s for {seconds} s)"
+        rates.iter().all(|r| r.is_finite() && *r > 0.0) && seconds > 0.0,
+        "open-loop rates and duration must be positive (got {rates:?} req/s for {seconds} s)"
+    );
+    anyhow::ensure!(
+        clients >= 1 && rounds >= 1,
+        "at least one client and one round"
     );
     let (path, body) = request_body(spec)?;
     let body = Arc::new(body);
-    let sent = ((rate * seconds).round() as usize).max(1);
-    let rss = RssSampler::start();
-    let start = tokio::time::Instant::now();
-    let mut tasks = Vec::with_capacity(sent);
-    for i in 0..sent {
-        tokio::time::sleep_until(start + std::time::Duration::from_secs_f64(i as f64 / rate)).await;
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move { send(addr, path, &body).await }));
+    // Per rate: outcomes, wall seconds, requests sent, peak RSS.
+    let mut acc: Vec<(Vec<Outcome>, f64, usize, u64)> =
+        rates.iter().map(|_| (Vec::new(), 0.0, 0, 0)).collect();
+    for _ in 0..rounds {
+        for (k, &rate) in rates.iter().enumerate() {
+            let sent = ((rate * seconds / rounds as f64).round() as usize).max(1);
+            let rss = RssSampler::start();
+            let start = tokio::time::Instant::now();
+            let next = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..clients.min(sent) {
+                let (body, next) = (body.clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        if i >= sent {
+                            break out;
+                        }
+                        let at = start + std::time::Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(at).await;
+                        out.push(send(addr, path, &body).await);
+                    }
+                }));
+            }
+            for t in tasks {
+                acc[k].0.extend(t.await?);
+            }
+            acc[k].1 += start.elapsed().as_secs_f64();
+            acc[k].2 += sent;
+            acc[k].3 = acc[k].3.max(rss.stop().await);
+        }
     }
-    let mut outcomes = Vec::with_capacity(sent);
-    for t in tasks {
-        outcomes.push(t.await?);
-    }
-    let wall = start.elapsed().as_secs_f64();
-    let s = Summary::of(&outcomes);
-    Ok(OpenLoopReport {
-        offered_rate: rate,
-        sent,
-        ok: s.ok,
-        rejected: s.rejected,
-        failed: s.failed,
-        throughput: s.ok as f64 / wall,
-        p50: s.p50,
-        p99: s.p99,
-        mean_batch: s.mean_batch,
-        mean_saved_fraction: s.mean_saved_fraction,
-        peak_rss_mib: rss.stop().await as f64 / (1024.0 * 1024.0),
-    })
+    Ok(rates
+        .iter()
+        .zip(acc)
+        .map(|(&rate, (outcomes, wall, sent, peak))| {
+            let s = Summary::of(&outcomes);
+            OpenLoopReport {
+                offered_rate: rate,
+                sent,
+                ok: s.ok,
+                rejected: s.rejected,
+                failed: s.failed,
+                throughput: s.ok as f64 / wall,
+                p50: s.p50,
+                p99: s.p99,
+                mean_batch: s.mean_batch,
+                mean_saved_fraction: s.mean_saved_fraction,
+                peak_rss_mib: peak as f64 / (1024.0 * 1024.0),
+            }
+        })
+        .collect())
 }
 
 /// Resident set size of this process in bytes (Linux; None elsewhere).

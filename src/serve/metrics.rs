@@ -66,6 +66,13 @@ struct Inner {
     batch: Hist,
     /// Exit layer per stream: image, text, decoder (one observation per generated token).
     exits: [Hist; 3],
+    /// Requests dropped by the worker before compute, by reason (expired, cancelled).
+    dropped: BTreeMap<&'static str, u64>,
+    /// Requests refused at admission, by reason (queue_full, wait, shutting_down).
+    rejected: BTreeMap<&'static str, u64>,
+    worker_panics: u64,
+    /// Multiply-adds executed and at full depth, per task.
+    macs: BTreeMap<&'static str, (u64, u64)>,
 }
 
 /// Server metrics: request counts by route and status, latency, batch sizes, exit layers.
@@ -88,6 +95,10 @@ impl Metrics {
                     Hist::new(layer_bounds.clone()),
                     Hist::new(layer_bounds),
                 ],
+                dropped: BTreeMap::new(),
+                rejected: BTreeMap::new(),
+                worker_panics: 0,
+                macs: BTreeMap::new(),
             }),
         }
     }
@@ -112,6 +123,37 @@ impl Metrics {
         for &t in &exits.token_layers {
             g.exits[2].observe(t as f64);
         }
+    }
+
+    pub fn observe_dropped(&self, reason: &'static str) {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .dropped
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    pub fn observe_rejected(&self, reason: &'static str) {
+        *self
+            .inner
+            .lock()
+            .unwrap()
+            .rejected
+            .entry(reason)
+            .or_insert(0) += 1;
+    }
+
+    pub fn observe_panic(&self) {
+        self.inner.lock().unwrap().worker_panics += 1;
+    }
+
+    pub fn observe_macs(&self, task: &'static str, executed: u64, full: u64) {
+        let mut g = self.inner.lock().unwrap();
+        let e = g.macs.entry(task).or_insert((0, 0));
+        e.0 += executed;
+        e.1 += full;
     }
 
     /// The Prometheus exposition text.
@@ -145,6 +187,44 @@ impl Metrics {
         for (name, h) in ["image", "text", "decoder"].iter().zip(&g.exits) {
             h.render(&mut out, "mue_exit_layer", &format!("stream=\"{name}\""));
         }
+        out.push_str(
+            "# HELP mue_requests_dropped_total Queued requests dropped before compute, by reason.\n",
+        );
+        out.push_str("# TYPE mue_requests_dropped_total counter\n");
+        for reason in ["expired", "cancelled"] {
+            let n = g.dropped.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(out, "mue_requests_dropped_total{{reason=\"{reason}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP mue_requests_rejected_total Requests refused with 503 before reading the body.\n",
+        );
+        out.push_str("# TYPE mue_requests_rejected_total counter\n");
+        for reason in ["queue_full", "wait", "shutting_down"] {
+            let n = g.rejected.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "mue_requests_rejected_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP mue_worker_panics_total Panics caught in the batching worker.\n");
+        out.push_str("# TYPE mue_worker_panics_total counter\n");
+        let _ = writeln!(out, "mue_worker_panics_total {}", g.worker_panics);
+        out.push_str(
+            "# HELP mue_macs_executed_total Multiply-adds executed for answered requests, per task.\n",
+        );
+        out.push_str("# TYPE mue_macs_executed_total counter\n");
+        for task in ["caption", "entail"] {
+            let n = g.macs.get(task).map_or(0, |m| m.0);
+            let _ = writeln!(out, "mue_macs_executed_total{{task=\"{task}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP mue_macs_full_total Multiply-adds the same requests would run at full depth, per task.\n",
+        );
+        out.push_str("# TYPE mue_macs_full_total counter\n");
+        for task in ["caption", "entail"] {
+            let n = g.macs.get(task).map_or(0, |m| m.1);
+            let _ = writeln!(out, "mue_macs_full_total{{task=\"{task}\"}} {n}");
+        }
         out.push_str("# HELP mue_queue_depth Requests waiting for the worker.\n");
         out.push_str("# TYPE mue_queue_depth gauge\n");
         let _ = writeln!(out, "mue_queue_depth {queue_depth}");
@@ -177,5 +257,14 @@ mod tests {
             "mue_request_duration_seconds_bucket{route=\"/v1/caption\",le=\"0.025\"} 1\n"
         ));
         assert!(text.contains("mue_queue_depth 2\n"));
+        m.observe_macs("caption", 30, 100);
+        m.observe_macs("caption", 20, 100);
+        m.observe_dropped("expired");
+        let text = m.render(0, 8);
+        assert!(text.contains("mue_macs_executed_total{task=\"caption\"} 50\n"));
+        assert!(text.contains("mue_macs_full_total{task=\"caption\"} 200\n"));
+        assert!(text.contains("mue_macs_full_total{task=\"entail\"} 0\n"));
+        assert!(text.contains("mue_requests_dropped_total{reason=\"expired\"} 1\n"));
+        assert!(text.contains("mue_requests_dropped_total{reason=\"cancelled\"} 0\n"));
     }
 }

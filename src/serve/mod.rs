@@ -2,7 +2,14 @@
 //!
 //! Routes: `POST /v1/caption`, `POST /v1/entail` (JSON or multipart), `GET /healthz`,
 //! `GET /readyz`, `GET /metrics` (Prometheus text), `GET /` (demo page),
-//! `GET /examples.json`, `GET /examples/{name}.png`.
+//! `GET /examples.json`, `GET /examples/{name}.png`, `GET /favicon.ico`.
+//!
+//! Under hostile traffic: connections are capped (`max_connections`, a semaphore around
+//! accept) and each has a header read timeout (hyper's, also the idle keep-alive bound);
+//! bodies have a read timeout and a size limit; a request takes an admission slot before
+//! its body is read (503 + Retry-After when the queue is full or its estimated wait is over
+//! the timeout); images are checked against a decode budget from their header and reduced
+//! to the model's input size before they are queued; shutdown drains within a bound.
 
 pub mod client;
 pub mod load;
@@ -14,9 +21,9 @@ use crate::exit::{DecoderThreshold, MuePolicy};
 use crate::generate::{Exits, SearchConfig};
 use crate::pipeline::{Engine, EntailRequest, MAX_TEXT_CHARS};
 use anyhow::Result;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Multipart, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,14 +31,14 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use image::DynamicImage;
 use metrics::Metrics;
-use queue::{Job, JobInput, JobOutput, PushError, Queue};
+use queue::{Admission, Hooks, Job, JobInput, JobOutput, PushError, Queue, Refusal};
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -40,7 +47,8 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// How long the oldest queued request waits for others to join its batch.
     pub max_wait: Duration,
-    /// Bound of the request queue (0 refuses every inference request with 503).
+    /// Admission slots: inference requests being read, decoded, queued or computed at once
+    /// (503 above it). Must be at least 1.
     pub queue: usize,
     /// Per-request limit from queueing to answer (504 after it).
     pub timeout: Duration,
@@ -53,6 +61,22 @@ pub struct ServeConfig {
     pub search: SearchConfig,
     /// Folder of example PNGs and `examples.json` served to the demo page.
     pub examples_dir: PathBuf,
+    /// Open connections at most; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// A connection that has not sent a full request head within this is closed (also the
+    /// idle keep-alive bound).
+    pub header_timeout: Duration,
+    /// A request body not received in full within this is answered 408.
+    pub body_timeout: Duration,
+    /// After a shutdown signal, connections still open after this are cut.
+    pub drain_timeout: Duration,
+    /// Bytes one image may take decoded (plus its 8-bit RGB copy); larger ones are refused
+    /// from their header, before decoding.
+    pub decode_budget: usize,
+    /// Images decoded at once (each within `decode_budget`).
+    pub decoders: usize,
+    #[doc(hidden)]
+    pub hooks: Arc<Hooks>,
 }
 
 impl Default for ServeConfig {
@@ -67,7 +91,73 @@ impl Default for ServeConfig {
             thresholds: TaskThresholds::default(),
             search: SearchConfig::default(),
             examples_dir: crate::cli::demo::examples_dir(),
+            max_connections: 512,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            decode_budget: 128 << 20,
+            decoders: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            hooks: Arc::default(),
         }
+    }
+}
+
+impl ServeConfig {
+    /// Every setting checked before the server listens; errors name the flag.
+    pub fn validate(&self, engine: &Engine) -> Result<()> {
+        self.validate_flags()?;
+        let positions = engine.model.cfg.max_positions;
+        anyhow::ensure!(
+            self.search.max_len < positions,
+            "--max-len {} is too long for this model: its decoder has {positions} positions, \
+             so --max-len must be at most {}",
+            self.search.max_len,
+            positions - 1
+        );
+        Ok(())
+    }
+
+    /// The checks that need no model (run before it is loaded).
+    pub fn validate_flags(&self) -> Result<()> {
+        use anyhow::ensure;
+        ensure!(self.max_batch >= 1, "--max-batch must be at least 1");
+        ensure!(
+            self.queue >= 1,
+            "--queue must be at least 1 (0 would refuse every request)"
+        );
+        ensure!(
+            !self.timeout.is_zero(),
+            "--timeout-ms must be positive (0 would time out every request)"
+        );
+        ensure!(
+            self.max_body >= 1,
+            "--max-body must be positive (0 would refuse every request body)"
+        );
+        ensure!(
+            self.max_image_side >= 1,
+            "--max-image-side must be positive"
+        );
+        ensure!(
+            self.max_connections >= 1,
+            "--max-connections must be at least 1"
+        );
+        ensure!(
+            !self.header_timeout.is_zero(),
+            "--header-timeout-ms must be positive"
+        );
+        ensure!(
+            !self.body_timeout.is_zero(),
+            "--body-timeout-ms must be positive"
+        );
+        ensure!(
+            self.decode_budget >= 1,
+            "--decode-budget-mib must be positive"
+        );
+        ensure!(self.decoders >= 1, "decoders must be at least 1");
+        self.search
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--beam/--max-len: {e:#}"))?;
+        Ok(())
     }
 }
 
@@ -76,7 +166,12 @@ struct AppState {
     cfg: ServeConfig,
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
+    admission: Arc<Admission>,
+    /// Image decodes at once.
+    decoders: Semaphore,
     ready: AtomicBool,
+    /// False once the batching worker's thread has ended.
+    worker_alive: Arc<AtomicBool>,
     /// Inference requests queued or being computed.
     in_flight: AtomicUsize,
 }
@@ -88,6 +183,8 @@ type Shared = Arc<AppState>;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds for `Retry-After` (503 only; 1 when unset).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -95,10 +192,19 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
     fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    /// A 500 whose details go to the log, never to the client.
+    fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {detail}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error (details are in the server log)",
+        )
     }
 }
 
@@ -106,25 +212,33 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            let secs = self.retry_after.unwrap_or(1).max(1);
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
 }
 
-/// Serve on `listener` until `shutdown` resolves; then stop accepting, answer every
-/// accepted request and stop the worker.
+/// How a server run ended.
+#[derive(Debug, Clone)]
+pub struct Drained {
+    /// From the shutdown signal to the last connection closing (or the drain bound).
+    pub drain_ms: f64,
+    /// Connections still open at the drain bound, cut.
+    pub cut: usize,
+}
+
+/// Serve on `listener` until `shutdown` resolves; then stop accepting, let open
+/// connections finish their requests for at most `drain_timeout`, cut the rest, and stop
+/// the worker once the queue is drained.
 pub async fn run(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     cfg: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    cfg.search.validate()?;
-    if cfg.max_batch == 0 {
-        anyhow::bail!("max batch must be at least 1");
-    }
+) -> Result<Drained> {
+    cfg.validate(&engine)?;
     let queue = Arc::new(Queue::new(cfg.queue));
     let max_layers = engine
         .model
@@ -132,43 +246,113 @@ pub async fn run(
         .encoder_layers
         .max(engine.model.cfg.decoder_layers);
     let metrics = Arc::new(Metrics::new(max_layers));
+    let admission = Arc::new(Admission::new(cfg.queue, cfg.max_batch, cfg.decoders));
+    let worker_alive = Arc::new(AtomicBool::new(true));
     let worker = {
-        let (engine, queue, metrics) = (engine.clone(), queue.clone(), metrics.clone());
-        let (max_batch, max_wait, search) = (cfg.max_batch, cfg.max_wait, cfg.search);
+        let ctx = queue::WorkerCtx {
+            engine: engine.clone(),
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            admission: admission.clone(),
+            alive: worker_alive.clone(),
+            hooks: cfg.hooks.clone(),
+            max_batch: cfg.max_batch,
+            max_wait: cfg.max_wait,
+            search: cfg.search,
+        };
         std::thread::Builder::new()
             .name("mue-batcher".into())
-            .spawn(move || queue::worker(engine, queue, metrics, max_batch, max_wait, search))?
+            .spawn(move || queue::worker(ctx))?
     };
     let state = Arc::new(AppState {
         engine,
+        decoders: Semaphore::new(cfg.decoders),
         cfg,
         queue: queue.clone(),
         metrics,
+        admission,
         ready: AtomicBool::new(true),
+        worker_alive,
         in_flight: AtomicUsize::new(0),
     });
     let app = router(state.clone());
-    let st = state.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            st.ready.store(false, Ordering::SeqCst);
-            tracing::info!("shutting down: finishing accepted requests");
-        })
-        .await;
+    let drained = serve_connections(listener, app, &state, shutdown).await;
     queue.close();
     tokio::task::spawn_blocking(move || worker.join())
         .await?
         .map_err(|_| anyhow::anyhow!("batching worker panicked"))?;
-    served?;
-    Ok(())
+    Ok(drained)
+}
+
+/// The accept loop: at most `max_connections` open (a permit per connection), hyper's
+/// HTTP/1 with a header read timeout, graceful shutdown bounded by `drain_timeout`.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    st: &Shared,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Drained {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(Semaphore::new(st.cfg.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(st.cfg.header_timeout)
+        // A client that half-closes after a short body still gets its 400.
+        .half_close(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("never closed"),
+            _ = &mut shutdown => break,
+        };
+        let stream = loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => break Some(s),
+                    Err(e) => {
+                        // E.g. out of file descriptors: back off instead of spinning.
+                        tracing::warn!("accept error: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                _ = &mut shutdown => break None,
+            }
+        };
+        let Some(stream) = stream else { break };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+        conns.spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    st.ready.store(false, Ordering::SeqCst);
+    let t = Instant::now();
+    tracing::info!("shutting down: finishing open requests");
+    let all_closed = tokio::time::timeout(st.cfg.drain_timeout, async {
+        graceful.shutdown().await;
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    let cut = if all_closed { 0 } else { conns.len() };
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
+    Drained {
+        drain_ms: t.elapsed().as_secs_f64() * 1e3,
+        cut,
+    }
 }
 
 /// A server running in the background (for tests and benchmarks).
 pub struct Server {
     pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<()>>,
+    task: tokio::task::JoinHandle<Result<Drained>>,
 }
 
 impl Server {
@@ -187,8 +371,8 @@ impl Server {
         })
     }
 
-    /// Graceful shutdown; waits until accepted requests are answered.
-    pub async fn shutdown(mut self) -> Result<()> {
+    /// Graceful shutdown; waits until accepted requests are answered (within the drain bound).
+    pub async fn shutdown(mut self) -> Result<Drained> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -207,9 +391,31 @@ fn router(state: Shared) -> Router {
         .route("/examples/{name}", get(example_png))
         .route("/v1/caption", post(caption))
         .route("/v1/entail", post(entail))
+        .route("/favicon.ico", get(favicon))
+        .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Counts a request whose connection closed before it was answered as status 499 (the
+/// client closed it: nginx's code), so that it shows up as a client error.
+struct Tracked {
+    st: Shared,
+    route: String,
+    t: Instant,
+    done: bool,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if !self.done {
+            self.st
+                .metrics
+                .observe_request(&self.route, 499, self.t.elapsed().as_secs_f64());
+        }
+    }
 }
 
 async fn track(State(st): State<Shared>, req: Request, next: Next) -> Response {
@@ -218,19 +424,66 @@ async fn track(State(st): State<Shared>, req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let t = Instant::now();
+    let mut g = Tracked {
+        st,
+        route,
+        t: Instant::now(),
+        done: false,
+    };
     let resp = next.run(req).await;
-    st.metrics
-        .observe_request(&route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    g.done = true;
+    g.st.metrics.observe_request(
+        &g.route,
+        resp.status().as_u16(),
+        g.t.elapsed().as_secs_f64(),
+    );
     resp
 }
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route {method} {} (see GET / for the API)", uri.path()),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    let allowed = if uri.path().starts_with("/v1/") {
+        "POST"
+    } else {
+        "GET"
+    };
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "method {method} not allowed on {}: use {allowed}",
+            uri.path()
+        ),
+    )
+}
+
+async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "max-age=86400"),
+        ],
+        FAVICON_SVG,
+    )
+        .into_response()
+}
+
+/// Three bars of falling height: streams leaving the stack at different layers.
+const FAVICON_SVG: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" fill="#1d3557"/><rect x="6" y="6" width="5" height="20" rx="1" fill="#e9c46a"/><rect x="13.5" y="12" width="5" height="14" rx="1" fill="#2a9d8f"/><rect x="21" y="18" width="5" height="8" rx="1" fill="#8ecae6"/></svg>"##;
 
 async fn index() -> Html<&'static str> {
     Html(include_str!("page.html"))
 }
 
 async fn readyz(State(st): State<Shared>) -> Response {
-    if st.ready.load(Ordering::SeqCst) {
+    if !st.worker_alive.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "batching worker stopped\n").into_response()
+    } else if st.ready.load(Ordering::SeqCst) {
         "ready\n".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
@@ -244,6 +497,15 @@ async fn metrics_text(State(st): State<Shared>) -> Response {
     body.push_str(&format!(
         "mue_requests_in_flight {}\n",
         st.in_flight.load(Ordering::SeqCst)
+    ));
+    body.push_str("# HELP mue_admitted Inference requests holding an admission slot.\n");
+    body.push_str("# TYPE mue_admitted gauge\n");
+    body.push_str(&format!("mue_admitted {}\n", st.admission.admitted()));
+    body.push_str("# HELP mue_worker_up 1 while the batching worker runs.\n");
+    body.push_str("# TYPE mue_worker_up gauge\n");
+    body.push_str(&format!(
+        "mue_worker_up {}\n",
+        u8::from(st.worker_alive.load(Ordering::SeqCst))
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
@@ -285,29 +547,91 @@ struct Fields {
 
 const EXIT_NAMES: [&str; 3] = ["image", "text", "decoder"];
 
-async fn read_fields(st: &Shared, req: Request) -> Result<Fields, ApiError> {
-    let ctype = req
-        .headers()
+/// Read the whole body within `body_timeout` and `max_body` bytes.
+async fn read_body(st: &Shared, body: Body) -> Result<Bytes, ApiError> {
+    let limit = st.cfg.max_body;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body: larger than the limit of {limit} bytes (--max-body)"),
+        )
+    };
+    match tokio::time::timeout(st.cfg.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "body: not received within {} ms",
+                st.cfg.body_timeout.as_millis()
+            ),
+        )),
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = src {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    return Err(too_large());
+                }
+                src = err.source();
+            }
+            Err(ApiError::bad(format!(
+                "body: incomplete, the connection ended before the whole body arrived ({e})"
+            )))
+        }
+    }
+}
+
+/// Base64 as people send it: line-wrapped (MIME) or as a `data:` URL.
+fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    let mut s = text.trim();
+    if let Some(rest) = s.strip_prefix("data:") {
+        let Some((meta, payload)) = rest.split_once(',') else {
+            return Err("image_base64: data URL without a comma".into());
+        };
+        if !meta.ends_with(";base64") {
+            return Err(format!(
+                "image_base64: data URL must be base64 (\"data:{meta},...\" is not)"
+            ));
+        }
+        s = payload;
+    }
+    // A copy without the line breaks only when there are any.
+    let clean: std::borrow::Cow<[u8]> = if s.bytes().any(|b| b.is_ascii_whitespace()) {
+        s.bytes().filter(|b| !b.is_ascii_whitespace()).collect()
+    } else {
+        s.as_bytes().into()
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(&clean)
+        .map_err(|e| format!("image_base64: invalid base64 ({e})"))
+}
+
+const JSON_FIELDS: [&str; 4] = ["image_base64", "hypothesis", "premise", "exits"];
+const MULTIPART_FIELDS: &str = "image, hypothesis, premise, exits.image, exits.text, exits.decoder";
+
+async fn read_fields(
+    st: &Shared,
+    parts: axum::http::request::Parts,
+    body: Bytes,
+) -> Result<Fields, ApiError> {
+    let ctype = parts
+        .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
     let mut f = Fields::default();
     if ctype.starts_with("multipart/form-data") {
+        let req = Request::from_parts(parts, Body::from(body));
+        // The body is complete here: any error is in what the client sent.
+        let mp_err = |e: axum::extract::multipart::MultipartError| {
+            ApiError::bad(format!("multipart body: {}", e.body_text()))
+        };
         let mut mp = Multipart::from_request(req, st)
             .await
-            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-        loop {
-            let field = match mp.next_field().await {
-                Ok(Some(field)) => field,
-                Ok(None) => break,
-                Err(e) => return Err(ApiError::new(e.status(), e.body_text())),
-            };
+            .map_err(|e| ApiError::bad(format!("multipart body: {}", e.body_text())))?;
+        while let Some(field) = mp.next_field().await.map_err(mp_err)? {
             let name = field.name().unwrap_or("").to_string();
-            let data = field
-                .bytes()
-                .await
-                .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+            let data = field.bytes().await.map_err(mp_err)?;
             let text = || {
                 String::from_utf8(data.to_vec())
                     .map_err(|_| ApiError::bad(format!("{name}: not UTF-8 text")))
@@ -317,28 +641,34 @@ async fn read_fields(st: &Shared, req: Request) -> Result<Fields, ApiError> {
                 "hypothesis" => f.hypothesis = Some(text()?),
                 "premise" => f.premise = Some(text()?),
                 other => {
-                    if let Some(i) = EXIT_NAMES
+                    let Some(i) = EXIT_NAMES
                         .iter()
                         .position(|s| other == format!("exits.{s}"))
-                    {
-                        let t = text()?;
-                        let v = t.trim().parse::<f64>().map_err(|_| {
-                            ApiError::bad(format!("{other} must be a number, got {t:?}"))
-                        })?;
-                        f.exits[i] = Some(json!(v));
-                    }
+                    else {
+                        return Err(ApiError::bad(format!(
+                            "{other:?}: unknown field (expected {MULTIPART_FIELDS})"
+                        )));
+                    };
+                    let t = text()?;
+                    let v = t.trim().parse::<f64>().map_err(|_| {
+                        ApiError::bad(format!("{other} must be a number, got {t:?}"))
+                    })?;
+                    f.exits[i] = Some(json!(v));
                 }
             }
         }
     } else {
-        let body = Bytes::from_request(req, st)
-            .await
-            .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad(format!("body is not valid JSON: {e}")))?;
         let Value::Object(obj) = v else {
             return Err(ApiError::bad("body must be a JSON object"));
         };
+        if let Some(k) = obj.keys().find(|k| !JSON_FIELDS.contains(&k.as_str())) {
+            return Err(ApiError::bad(format!(
+                "{k}: unknown field (expected {})",
+                JSON_FIELDS.join(", ")
+            )));
+        }
         let string = |key: &str| -> Result<Option<String>, ApiError> {
             match obj.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -347,10 +677,7 @@ async fn read_fields(st: &Shared, req: Request) -> Result<Fields, ApiError> {
             }
         };
         if let Some(b64) = string("image_base64")? {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|e| ApiError::bad(format!("image_base64: invalid base64 ({e})")))?;
-            f.image = Some(bytes);
+            f.image = Some(decode_base64(&b64).map_err(ApiError::bad)?);
         }
         f.hypothesis = string("hypothesis")?;
         f.premise = string("premise")?;
@@ -372,8 +699,11 @@ async fn read_fields(st: &Shared, req: Request) -> Result<Fields, ApiError> {
     Ok(f)
 }
 
-/// Decode an image with size limits; errors name the `image` field.
-pub fn decode_image(bytes: &[u8], max_side: u32) -> Result<DynamicImage, String> {
+/// Decode an image within a memory budget; errors name the `image` field. The header's
+/// dimensions, channels and bit depth are checked before any pixel is decoded:
+/// `budget` bounds the decoded image plus the 8-bit RGB copy preprocessing makes.
+pub fn decode_image(bytes: &[u8], max_side: u32, budget: usize) -> Result<DynamicImage, String> {
+    use image::ImageDecoder;
     if bytes.is_empty() {
         return Err("image: empty".into());
     }
@@ -386,17 +716,56 @@ pub fn decode_image(bytes: &[u8], max_side: u32) -> Result<DynamicImage, String>
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(max_side);
     limits.max_image_height = Some(max_side);
+    limits.max_alloc = Some(budget as u64);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| match e {
+    let decoder = reader.into_decoder().map_err(|e| match e {
         image::ImageError::Limits(_) => {
             format!("image: larger than the limit of {max_side}x{max_side} pixels")
         }
         e => format!("image: corrupt ({e})"),
     })?;
-    if img.width() == 0 || img.height() == 0 {
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
         return Err("image: zero size".into());
     }
+    if w > max_side || h > max_side {
+        return Err(format!(
+            "image: {w}x{h} is larger than the limit of {max_side}x{max_side} pixels"
+        ));
+    }
+    let ct = decoder.color_type();
+    let pixels = w as u64 * h as u64;
+    let need = pixels * (ct.bytes_per_pixel() as u64 + 3);
+    if need > budget as u64 {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        return Err(format!(
+            "image: {w}x{h} with {} channels of {} bits needs {:.0} MiB to decode, over the \
+             per-request decode budget of {:.0} MiB; send a smaller or 8-bit image",
+            ct.channel_count(),
+            ct.bits_per_pixel() / ct.channel_count() as u16,
+            mib(need),
+            mib(budget as u64)
+        ));
+    }
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::Limits(_) => format!(
+            "image: over the per-request decode budget of {} MiB",
+            budget >> 20
+        ),
+        e => format!("image: corrupt ({e})"),
+    })?;
     Ok(img)
+}
+
+/// The model's input picture: 8-bit RGB resized to `size` x `size` exactly as the engine
+/// does it (so the engine's own resize is then the identity). This, not the upload, is
+/// what waits in the queue: `size * size * 3` bytes per request.
+fn preprocess(img: &DynamicImage, size: u32) -> DynamicImage {
+    DynamicImage::ImageRgb8(crate::data::preprocess::resize_bicubic_pil(
+        &img.to_rgb8(),
+        size,
+        size,
+    ))
 }
 
 /// Exit thresholds of a request over the task's defaults; each must be finite in [-2, 2].
@@ -463,18 +832,73 @@ impl Drop for InFlight<'_> {
 
 async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiError> {
     let t0 = Instant::now();
-    let f = read_fields(&st, req).await?;
+    let deadline = t0 + st.cfg.timeout;
+    let refuse = |reason: &'static str, msg: String, retry: f64| {
+        st.metrics.observe_rejected(reason);
+        ApiError {
+            retry_after: Some(retry.ceil().max(1.0) as u64),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg)
+        }
+    };
+    if !st.ready.load(Ordering::SeqCst) || !st.worker_alive.load(Ordering::SeqCst) {
+        return Err(refuse(
+            "shutting_down",
+            "server is shutting down".into(),
+            1.0,
+        ));
+    }
+    // Admission before the body is read, parsed or decoded: refusing costs next to nothing.
+    let ticket = match st.admission.try_admit(st.cfg.timeout) {
+        Ok(t) => t,
+        Err(Refusal::Full) => {
+            let wait = st.admission.estimate(st.cfg.queue);
+            return Err(refuse(
+                "queue_full",
+                "queue is full, retry later".into(),
+                wait,
+            ));
+        }
+        Err(Refusal::Wait(wait)) => {
+            return Err(refuse(
+                "wait",
+                format!(
+                    "overloaded: estimated wait {:.0} ms is over the {} ms timeout, retry later",
+                    wait * 1e3,
+                    st.cfg.timeout.as_millis()
+                ),
+                wait,
+            ))
+        }
+    };
+    let (parts, body) = req.into_parts();
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > st.cfg.max_body as u64 {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "body: {len} bytes is larger than the limit of {} bytes (--max-body)",
+                    st.cfg.max_body
+                ),
+            ));
+        }
+    }
+    let body = read_body(&st, body).await?;
+    // Parsing (base64, multipart) and decoding copy the body: at most `decoders` at once.
+    let permit = st.decoders.acquire().await.expect("never closed");
+    let decode_start = Instant::now();
+    let f = read_fields(&st, parts, body).await?;
     let bytes = f
         .image
         .ok_or_else(|| ApiError::bad("image: missing (image_base64 in JSON, or an image part)"))?;
     let policy = policy_of(&f.exits, st.cfg.thresholds.get(task))?;
-    let max_side = st.cfg.max_image_side;
-    let image = tokio::task::spawn_blocking(move || decode_image(&bytes, max_side))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(ApiError::bad)?;
-    let input = match task {
-        Task::Caption => JobInput::Caption(image),
+    // Text checks are cheap: before the image is decoded.
+    let text = match task {
+        Task::Caption => None,
         Task::Entail => {
             let hyp = f.hypothesis.unwrap_or_default();
             if hyp.trim().is_empty() {
@@ -490,33 +914,47 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
             st.engine
                 .entail_prompt(&hyp, f.premise.as_deref())
                 .map_err(|e| ApiError::bad(format!("hypothesis: {e:#}")))?;
-            JobInput::Entail(EntailRequest {
-                image,
-                hypothesis: hyp,
-                premise: f.premise,
-            })
+            Some((hyp, f.premise))
         }
+    };
+    let (max_side, budget) = (st.cfg.max_image_side, st.cfg.decode_budget);
+    let size = st.engine.model.cfg.image_size as u32;
+    let image = tokio::task::spawn_blocking(move || {
+        decode_image(&bytes, max_side, budget).map(|img| preprocess(&img, size))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::bad)?;
+    drop(permit);
+    st.admission
+        .observe_decode(decode_start.elapsed().as_secs_f64());
+    let input = match text {
+        None => JobInput::Caption(image),
+        Some((hypothesis, premise)) => JobInput::Entail(EntailRequest {
+            image,
+            hypothesis,
+            premise,
+        }),
     };
     let (tx, rx) = oneshot::channel();
     let job = Job {
         input,
         policy,
         enqueued: Instant::now(),
+        deadline,
         reply: tx,
+        ticket,
     };
     if let Err((why, _)) = st.queue.push(job) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            match why {
-                PushError::Full => "queue is full, retry later",
-                PushError::Closed => "server is shutting down",
-            },
-        ));
+        return Err(match why {
+            PushError::Full => refuse("queue_full", "queue is full, retry later".into(), 1.0),
+            PushError::Closed => refuse("shutting_down", "server is shutting down".into(), 1.0),
+        });
     }
     let waited = {
         // Decrements also when the client disconnects and this future is dropped.
         let _guard = InFlight::enter(&st.in_flight);
-        tokio::time::timeout(st.cfg.timeout, rx).await
+        tokio::time::timeout_at(deadline.into(), rx).await
     };
     let done = match waited {
         Err(_) => {
@@ -525,17 +963,10 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
                 format!("request timed out after {} ms", st.cfg.timeout.as_millis()),
             ))
         }
-        Ok(Err(_)) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "worker dropped the request",
-            ))
-        }
+        Ok(Err(_)) => return Err(ApiError::internal("worker dropped the request")),
         Ok(Ok(d)) => d,
     };
-    let out = done
-        .output
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let out = done.output.map_err(ApiError::internal)?;
     let dec = match policy.decoder {
         DecoderThreshold::Constant { tau } | DecoderThreshold::Calm { tau, .. } => tau,
     };
@@ -544,6 +975,10 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
             "task": "caption",
             "caption": c.caption,
             "tokens": c.tokens,
+            // Each token's text alone, for showing the layer each token left at.
+            "token_texts": c.tokens.iter().map(|&t| {
+                st.engine.tokenizer.decode(&[t]).unwrap_or_default()
+            }).collect::<Vec<_>>(),
             "exits": exits_json(&c.exits),
             "saved_fraction": c.cost.saved_fraction,
             "layer_reduction": c.cost.layer_reduction,
