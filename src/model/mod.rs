@@ -4,6 +4,7 @@
 //! Per-request state (exit decisions, key/value caches) lives in `crate::generate`.
 
 pub mod config;
+pub mod conv;
 pub mod fused;
 pub mod layers;
 pub mod ofa;
@@ -48,11 +49,7 @@ impl ImageTrunk {
         match self {
             ImageTrunk::Patch(p) => stem::patchify(images, *p),
             ImageTrunk::Conv(s) => stem::patchify(&s.feature_map(images)?, s.patch),
-            ImageTrunk::Resnet(net) => {
-                let f = net.forward(images)?; // [b, 1024, h, w]
-                let (b, c, h, w) = f.dims4()?;
-                f.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
-            }
+            ImageTrunk::Resnet(net) => net.features(images),
         }
     }
 }
