@@ -6,6 +6,7 @@
 pub mod config;
 pub mod conv;
 pub mod fused;
+pub mod infer;
 pub mod layers;
 pub mod ofa;
 pub mod position;
@@ -322,6 +323,8 @@ impl Model {
     }
 
     /// A randomly initialised model (deterministic in `seed`) and its weights by name.
+    /// The weights are plain tensors (detached from the variables that drew them), so the
+    /// model runs the inference kernels exactly as the same weights loaded from disk do.
     pub fn random(
         cfg: &Config,
         seed: u64,
@@ -333,7 +336,7 @@ impl Model {
             .lock()
             .unwrap()
             .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?.detach())))
             .collect::<Result<_>>()?;
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, device);
         Ok((Model::new(cfg, vb)?, tensors))
