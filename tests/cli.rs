@@ -252,6 +252,27 @@ fn bench_prints_one_line_per_workload_and_batch() {
         lines[1]
     );
 
+    // The reference kernels (candle's composed ops) are labelled as such.
+    let (ok, out, err) = mue(&[
+        "bench",
+        "--model",
+        m,
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--iters",
+        "1",
+        "--workloads",
+        "caption",
+        "--reference-kernels",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("mue-reference size=") && out.contains(" caption batch=2 "),
+        "{out}"
+    );
+
     let (ok, _, err) = mue(&["bench", "--model", m, "--workloads", "image,bogus"]);
     assert!(!ok && err.contains("unknown workload \"bogus\""), "{err}");
     let (ok, _, err) = mue(&["bench", "--model", m, "--batch", "0"]);

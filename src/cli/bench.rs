@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Only these workloads (image, caption, entail), comma-separated.
     #[arg(long, default_value = "image,caption,entail", value_delimiter = ',')]
     pub workloads: Vec<String>,
+    /// Time candle's composed ops instead of the inference kernels (the engine before
+    /// issue 19), to compare the two in one sitting.
+    #[arg(long)]
+    pub reference_kernels: bool,
 }
 
 /// One timed workload.
@@ -200,12 +204,18 @@ pub fn main(args: BenchArgs) -> Result<()> {
     }
     let model = Model::load_dir(&args.model, &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
+    crate::model::infer::set_reference_kernels(args.reference_kernels);
     let size = size_name(&model.cfg);
+    let engine = if args.reference_kernels {
+        "mue-reference"
+    } else {
+        "mue"
+    };
     for &b in &args.batch {
         for w in &args.workloads {
             let line = run_workload(&model, w, b, args.steps, args.iters)?;
             println!(
-                "mue size={size} side={} threads={threads} {} batch={} steps={} median_ms={:.2} \
+                "{engine} size={size} side={} threads={threads} {} batch={} steps={} median_ms={:.2} \
                  min_ms={:.2} gflops={:.1} peak_rss_mib={:.0}",
                 model.cfg.image_size,
                 line.workload,

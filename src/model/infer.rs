@@ -4,12 +4,25 @@
 //! allocate a tensor per op and its exact GELU calls an f64 `erf` per element).
 //! No backward pass: used only when nothing tracks gradients (see [`fuses_inference`]).
 
-use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Tensor};
+
+static REFERENCE_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Process-wide switch back to candle's composed ops everywhere (the trunk's convolutions
+/// included): what `mue bench --reference-kernels` times the fast kernels against.
+pub fn set_reference_kernels(on: bool) {
+    REFERENCE_KERNELS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn reference_kernels() -> bool {
+    REFERENCE_KERNELS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Whether `y` may be overwritten by an inference kernel: f32 on the CPU, contiguous,
 /// and not part of a gradient graph.
 pub fn fuses_inference(y: &Tensor) -> bool {
-    y.device().is_cpu()
+    !reference_kernels()
+        && y.device().is_cpu()
         && y.dtype() == candle_core::DType::F32
         && y.is_contiguous()
         && !y.track_op()
@@ -173,6 +186,126 @@ pub fn bias_softmax(scores: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(scores)
 }
 
+/// Largest row count that takes [`rows_times_t`] instead of a packed GEMM.
+pub const SKINNY_ROWS: usize = 16;
+
+/// `x [m, k] @ w [n, k]^T` for few rows `m` (decoder steps, the vocabulary projection):
+/// each weight row is read once, straight from its storage, and dotted with every row of
+/// `x` (kept in cache). A packed GEMM first copies the whole weight into panels on every
+/// call, which costs more than the product when `m` is small.
+struct RowsTimesT;
+
+impl CustomOp2 for RowsTimesT {
+    fn name(&self) -> &'static str {
+        "mue-rows-times-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let slice = |s, l: &Layout| -> Result<&[f32]> {
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(&f32_slice(s, self.name())?[a..b]),
+                None => candle_core::bail!("{}: operands must be contiguous", self.name()),
+            }
+        };
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let ((m, k), (n, k2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != k2 {
+            candle_core::bail!("{}: inner sizes {k} and {k2} differ", self.name());
+        }
+        // [n, m] first: each thread fills the rows of its block of weight rows.
+        let mut out_t = vec![0f32; n * m];
+        if m > 0 && k > 0 {
+            par_rows(&mut out_t, m, m * n * k, |first, part| {
+                for (j, out) in part.chunks_exact_mut(m).enumerate() {
+                    let wj = &w[(first + j) * k..(first + j + 1) * k];
+                    for (r, o) in out.iter_mut().enumerate() {
+                        *o = dot(&x[r * k..(r + 1) * k], wj);
+                    }
+                }
+            });
+        }
+        let out = if m == 1 {
+            out_t
+        } else {
+            let mut out = vec![0f32; m * n];
+            for (j, row) in out_t.chunks_exact(m).enumerate() {
+                for (r, &v) in row.iter().enumerate() {
+                    out[r * n + j] = v;
+                }
+            }
+            out
+        };
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// Dot product with 16 independent partial sums (vectorisable; a fixed order, so the
+/// result does not depend on the machine or the thread split).
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    // Pairwise over the lanes.
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_body(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_body(a, b)
+}
+
+/// Runtime CPU-feature dispatch; the same arithmetic (and result) on every path.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { dot_avx512(a, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_body(a, b)
+}
+
+/// `x [m, k] @ w [n, k]^T` (see [`RowsTimesT`]); `x` and `w` contiguous f32 on the CPU.
+pub fn rows_times_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op2_no_bwd(w, &RowsTimesT)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +334,31 @@ mod tests {
         let y = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
         let b = Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap();
         assert!(bias_act(y, &b, 1.0, false).is_err());
+    }
+
+    #[test]
+    fn rows_times_t_matches_matmul() {
+        let dev = Device::Cpu;
+        // Odd sizes (remainders of the 16-lane sums), 1 and several rows, a large case for
+        // the threaded path.
+        for (m, k, n) in [
+            (1, 7, 3),
+            (1, 256, 1000),
+            (3, 33, 65),
+            (8, 256, 4001),
+            (16, 1024, 17),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            let got = rows_times_t(&x, &w).unwrap();
+            assert_eq!(got.dims(), &[m, n]);
+            let err = max_abs_diff(&got, &want).unwrap();
+            assert!(err < 1e-4, "{m}x{k} @ {n}x{k}^T: {err}");
+        }
+        let x = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 5), candle_core::DType::F32, &dev).unwrap();
+        assert!(rows_times_t(&x, &w).is_err());
     }
 
     #[test]

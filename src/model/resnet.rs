@@ -293,7 +293,8 @@ impl ResNet {
     /// Whether `x` can take the packed inference path: every convolution packed, and
     /// nothing that needs a gradient.
     fn packed_for(&self, x: &Tensor) -> bool {
-        x.device().is_cpu()
+        !super::infer::reference_kernels()
+            && x.device().is_cpu()
             && !x.track_op()
             && self.stem.packed.is_some()
             && self.blocks.iter().all(|b| {
