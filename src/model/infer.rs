@@ -28,22 +28,21 @@ pub fn fuses_inference(y: &Tensor) -> bool {
         && !y.track_op()
 }
 
-/// Splits `data` (rows of `row_len`) over candle's thread count when the work is large
-/// enough to pay for the threads, and runs `f(first_row, rows)` on each part.
+/// Splits `data` (rows of `row_len`) over the rayon pool that candle and gemm use (its
+/// threads persist: no spawn per call) when `work` is large enough to pay for the
+/// hand-off, and runs `f(first_row, rows)` on each part.
 fn par_rows<F: Fn(usize, &mut [f32]) + Sync>(data: &mut [f32], row_len: usize, work: usize, f: F) {
+    use rayon::prelude::*;
     let rows = data.len() / row_len.max(1);
     let threads = candle_core::utils::get_num_threads().min(rows).max(1);
-    if threads == 1 || work < 1 << 16 {
+    if threads == 1 || work < 1 << 18 {
         f(0, data);
         return;
     }
     let per = rows.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (i, part) in data.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            s.spawn(move || f(i * per, part));
-        }
-    });
+    data.par_chunks_mut(per * row_len)
+        .enumerate()
+        .for_each(|(i, part)| f(i * per, part));
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
@@ -187,7 +186,7 @@ pub fn bias_softmax(scores: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// Largest row count that takes [`rows_times_t`] instead of a packed GEMM.
-pub const SKINNY_ROWS: usize = 16;
+pub const SKINNY_ROWS: usize = 8;
 
 /// `x [m, k] @ w [n, k]^T` for few rows `m` (decoder steps, the vocabulary projection):
 /// each weight row is read once, straight from its storage, and dotted with every row of
@@ -222,12 +221,8 @@ impl CustomOp2 for RowsTimesT {
         let mut out_t = vec![0f32; n * m];
         if m > 0 && k > 0 {
             par_rows(&mut out_t, m, m * n * k, |first, part| {
-                for (j, out) in part.chunks_exact_mut(m).enumerate() {
-                    let wj = &w[(first + j) * k..(first + j + 1) * k];
-                    for (r, o) in out.iter_mut().enumerate() {
-                        *o = dot(&x[r * k..(r + 1) * k], wj);
-                    }
-                }
+                let rows = part.len() / m;
+                dots(x, &w[first * k..(first + rows) * k], k, part);
             });
         }
         let out = if m == 1 {
@@ -245,60 +240,92 @@ impl CustomOp2 for RowsTimesT {
     }
 }
 
-/// Dot product with 16 independent partial sums (vectorisable; a fixed order, so the
-/// result does not depend on the machine or the thread split).
+/// `out[j * m + r] = x_r . w_j` for the `m` rows of `x` and the rows of `w` (both `[_, k]`).
+/// Each dot product has 16 independent partial sums, reduced pairwise (vectorisable, and
+/// a fixed order: the result does not depend on the machine or the thread split); two
+/// rows of `x` share each load of `w`.
 #[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+fn dots_body(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     const L: usize = 16;
-    let mut acc = [0f32; L];
-    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..L {
-            acc[l] += x[l] * y[l];
+    let m = x.len() / k;
+    let full = k / L * L;
+    let reduce = |mut acc: [f32; L], tail: f32| {
+        let mut h = L;
+        while h > 1 {
+            h /= 2;
+            for l in 0..h {
+                acc[l] += acc[l + h];
+            }
+        }
+        acc[0] + tail
+    };
+    for (wj, out) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+        let mut r = 0;
+        while r + 2 <= m {
+            let (x0, x1) = (&x[r * k..(r + 1) * k], &x[(r + 1) * k..(r + 2) * k]);
+            let (mut a0, mut a1) = ([0f32; L], [0f32; L]);
+            for i in (0..full).step_by(L) {
+                let wc = &wj[i..i + L];
+                let (c0, c1) = (&x0[i..i + L], &x1[i..i + L]);
+                for l in 0..L {
+                    a0[l] += c0[l] * wc[l];
+                    a1[l] += c1[l] * wc[l];
+                }
+            }
+            let (mut t0, mut t1) = (0f32, 0f32);
+            for i in full..k {
+                t0 += x0[i] * wj[i];
+                t1 += x1[i] * wj[i];
+            }
+            out[r] = reduce(a0, t0);
+            out[r + 1] = reduce(a1, t1);
+            r += 2;
+        }
+        if r < m {
+            let x0 = &x[r * k..(r + 1) * k];
+            let mut a0 = [0f32; L];
+            for i in (0..full).step_by(L) {
+                let (wc, c0) = (&wj[i..i + L], &x0[i..i + L]);
+                for l in 0..L {
+                    a0[l] += c0[l] * wc[l];
+                }
+            }
+            let mut t0 = 0f32;
+            for i in full..k {
+                t0 += x0[i] * wj[i];
+            }
+            out[r] = reduce(a0, t0);
         }
     }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    // Pairwise over the lanes.
-    let mut w = L;
-    while w > 1 {
-        w /= 2;
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    acc[0] + tail
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_body(a, b)
+unsafe fn dots_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    dots_body(x, w, k, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_body(a, b)
+unsafe fn dots_avx512(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    dots_body(x, w, k, out)
 }
 
-/// Runtime CPU-feature dispatch; the same arithmetic (and result) on every path.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Runtime CPU-feature dispatch, once per block; the same arithmetic (and result) on
+/// every path.
+fn dots(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { dot_avx512(a, b) };
+            return unsafe { dots_avx512(x, w, k, out) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { dot_avx2(a, b) };
+            return unsafe { dots_avx2(x, w, k, out) };
         }
     }
-    dot_body(a, b)
+    dots_body(x, w, k, out)
 }
 
 /// `x [m, k] @ w [n, k]^T` (see [`RowsTimesT`]); `x` and `w` contiguous f32 on the CPU.
