@@ -4,7 +4,7 @@
 //! allocate a tensor per op and its exact GELU calls an f64 `erf` per element).
 //! No backward pass: used only when nothing tracks gradients (see [`fuses_inference`]).
 
-use candle_core::{CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
 
 static REFERENCE_KERNELS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -185,154 +185,6 @@ pub fn bias_softmax(scores: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(scores)
 }
 
-/// Largest row count that takes [`rows_times_t`] instead of a packed GEMM.
-pub const SKINNY_ROWS: usize = 8;
-
-/// `x [m, k] @ w [n, k]^T` for few rows `m` (decoder steps, the vocabulary projection):
-/// each weight row is read once, straight from its storage, and dotted with every row of
-/// `x` (kept in cache). A packed GEMM first copies the whole weight into panels on every
-/// call, which costs more than the product when `m` is small.
-struct RowsTimesT;
-
-impl CustomOp2 for RowsTimesT {
-    fn name(&self) -> &'static str {
-        "mue-rows-times-t"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let slice = |s, l: &Layout| -> Result<&[f32]> {
-            match l.contiguous_offsets() {
-                Some((a, b)) => Ok(&f32_slice(s, self.name())?[a..b]),
-                None => candle_core::bail!("{}: operands must be contiguous", self.name()),
-            }
-        };
-        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let ((m, k), (n, k2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        if k != k2 {
-            candle_core::bail!("{}: inner sizes {k} and {k2} differ", self.name());
-        }
-        // [n, m] first: each thread fills the rows of its block of weight rows.
-        let mut out_t = vec![0f32; n * m];
-        if m > 0 && k > 0 {
-            par_rows(&mut out_t, m, m * n * k, |first, part| {
-                let rows = part.len() / m;
-                dots(x, &w[first * k..(first + rows) * k], k, part);
-            });
-        }
-        let out = if m == 1 {
-            out_t
-        } else {
-            let mut out = vec![0f32; m * n];
-            for (j, row) in out_t.chunks_exact(m).enumerate() {
-                for (r, &v) in row.iter().enumerate() {
-                    out[r * n + j] = v;
-                }
-            }
-            out
-        };
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
-    }
-}
-
-/// `out[j * m + r] = x_r . w_j` for the `m` rows of `x` and the rows of `w` (both `[_, k]`).
-/// Each dot product has 16 independent partial sums, reduced pairwise (vectorisable, and
-/// a fixed order: the result does not depend on the machine or the thread split); two
-/// rows of `x` share each load of `w`.
-#[inline(always)]
-fn dots_body(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
-    const L: usize = 16;
-    let m = x.len() / k;
-    let full = k / L * L;
-    let reduce = |mut acc: [f32; L], tail: f32| {
-        let mut h = L;
-        while h > 1 {
-            h /= 2;
-            for l in 0..h {
-                acc[l] += acc[l + h];
-            }
-        }
-        acc[0] + tail
-    };
-    for (wj, out) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
-        let mut r = 0;
-        while r + 2 <= m {
-            let (x0, x1) = (&x[r * k..(r + 1) * k], &x[(r + 1) * k..(r + 2) * k]);
-            let (mut a0, mut a1) = ([0f32; L], [0f32; L]);
-            for i in (0..full).step_by(L) {
-                let wc = &wj[i..i + L];
-                let (c0, c1) = (&x0[i..i + L], &x1[i..i + L]);
-                for l in 0..L {
-                    a0[l] += c0[l] * wc[l];
-                    a1[l] += c1[l] * wc[l];
-                }
-            }
-            let (mut t0, mut t1) = (0f32, 0f32);
-            for i in full..k {
-                t0 += x0[i] * wj[i];
-                t1 += x1[i] * wj[i];
-            }
-            out[r] = reduce(a0, t0);
-            out[r + 1] = reduce(a1, t1);
-            r += 2;
-        }
-        if r < m {
-            let x0 = &x[r * k..(r + 1) * k];
-            let mut a0 = [0f32; L];
-            for i in (0..full).step_by(L) {
-                let (wc, c0) = (&wj[i..i + L], &x0[i..i + L]);
-                for l in 0..L {
-                    a0[l] += c0[l] * wc[l];
-                }
-            }
-            let mut t0 = 0f32;
-            for i in full..k {
-                t0 += x0[i] * wj[i];
-            }
-            out[r] = reduce(a0, t0);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dots_avx2(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
-    dots_body(x, w, k, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dots_avx512(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
-    dots_body(x, w, k, out)
-}
-
-/// Runtime CPU-feature dispatch, once per block; the same arithmetic (and result) on
-/// every path.
-fn dots(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            return unsafe { dots_avx512(x, w, k, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { dots_avx2(x, w, k, out) };
-        }
-    }
-    dots_body(x, w, k, out)
-}
-
-/// `x [m, k] @ w [n, k]^T` (see [`RowsTimesT`]); `x` and `w` contiguous f32 on the CPU.
-pub fn rows_times_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(w, &RowsTimesT)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,31 +213,6 @@ mod tests {
         let y = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
         let b = Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap();
         assert!(bias_act(y, &b, 1.0, false).is_err());
-    }
-
-    #[test]
-    fn rows_times_t_matches_matmul() {
-        let dev = Device::Cpu;
-        // Odd sizes (remainders of the 16-lane sums), 1 and several rows, a large case for
-        // the threaded path.
-        for (m, k, n) in [
-            (1, 7, 3),
-            (1, 256, 1000),
-            (3, 33, 65),
-            (8, 256, 4001),
-            (16, 1024, 17),
-        ] {
-            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let want = x.matmul(&w.t().unwrap()).unwrap();
-            let got = rows_times_t(&x, &w).unwrap();
-            assert_eq!(got.dims(), &[m, n]);
-            let err = max_abs_diff(&got, &want).unwrap();
-            assert!(err < 1e-4, "{m}x{k} @ {n}x{k}^T: {err}");
-        }
-        let x = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
-        let w = Tensor::zeros((4, 5), candle_core::DType::F32, &dev).unwrap();
-        assert!(rows_times_t(&x, &w).is_err());
     }
 
     #[test]

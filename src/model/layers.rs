@@ -200,19 +200,7 @@ pub fn matmul_flat(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
     let rows = x.elem_count() / k.max(1);
-    let x2 = x.reshape((rows, k))?;
-    // Few rows against a weight stored `[n, k]` (`w` is its transpose): the skinny
-    // product reads the weight in place instead of packing it (inference only).
-    let wt = w.t()?;
-    let skinny = rows <= super::infer::SKINNY_ROWS
-        && wt.is_contiguous()
-        && super::infer::fuses_inference(&x2)
-        && !wt.track_op();
-    let y = if skinny {
-        super::infer::rows_times_t(&x2, &wt)?
-    } else {
-        x2.matmul(w)?
-    };
+    let y = x.reshape((rows, k))?.matmul(w)?;
     let mut out = dims[..dims.len() - 1].to_vec();
     out.push(w.dim(1)?);
     y.reshape(out)
