@@ -31,6 +31,8 @@ enum Command {
     Calibrate(cli::eval::CalibrateArgs),
     /// Regenerate docs/results.md: calibrate, sweep every baseline, ablations, the table.
     Report(cli::report::ReportArgs),
+    /// Time the image / caption / entail workloads at full depth (issue 19's benchmark).
+    Bench(cli::bench::BenchArgs),
     /// Convert a Hugging Face OFA checkpoint into an engine model directory.
     Convert(cli::convert::ConvertArgs),
     /// Fine-tune with the layer-wise loss (decomposed encoder) on CPU.
@@ -85,6 +87,7 @@ fn main() -> Result<()> {
         Command::ServeBench(a) => cli::serve::bench_main(a),
         Command::Train(a) => cli::train::main(a),
         Command::Convert(a) => cli::convert::main(a),
+        Command::Bench(a) => cli::bench::main(a),
         Command::Eval(a) => cli::eval::eval_main(a),
         Command::Sweep(a) => cli::eval::sweep_main(a),
         Command::Calibrate(a) => cli::eval::calibrate_main(a),

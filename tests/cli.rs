@@ -384,3 +384,89 @@ fn default_model_is_found_and_named() {
         }
     }
 }
+
+#[test]
+fn bench_prints_one_line_per_workload_and_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    mue::cli::demo::write_random_model(dir.path(), 1).unwrap();
+    let m = dir.path().to_str().unwrap();
+    let args = [
+        "bench",
+        "--model",
+        m,
+        "--batch",
+        "1,2",
+        "--steps",
+        "3",
+        "--iters",
+        "2",
+        "--threads",
+        "1",
+    ];
+    let (ok, out, err) = mue(&args);
+    assert!(ok, "bench failed: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    let mut seen = Vec::new();
+    for line in &lines {
+        // Same form as bench_torch.py's lines, plus GFLOP/s and peak RSS.
+        let f: std::collections::HashMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .collect();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[0], "mue", "{line}");
+        assert_eq!(f["threads"], "1", "{line}");
+        assert_eq!(f["steps"], "3", "{line}");
+        assert_eq!(f["side"], "64", "{line}");
+        let num = |k: &str| f[k].parse::<f64>().unwrap();
+        // (this model's image trunk is a patch reshape: it may round to 0.0 ms)
+        assert!(num("min_ms") >= 0.0, "{line}");
+        if words[4] != "image" {
+            assert!(num("min_ms") > 0.0, "{line}");
+        }
+        assert!(num("min_ms") <= num("median_ms"), "{line}");
+        assert!(num("peak_rss_mib") > 0.0, "{line}");
+        assert!(num("gflops") >= 0.0, "{line}");
+        seen.push((words[4].to_string(), f["batch"].to_string()));
+    }
+    let want: Vec<(String, String)> = ["1", "2"]
+        .iter()
+        .flat_map(|b| ["image", "caption", "entail"].map(|w| (w.to_string(), b.to_string())))
+        .collect();
+    assert_eq!(seen, want);
+    // The decoding workloads do transformer work: a MAC count, so a positive GFLOP/s.
+    assert!(
+        lines[1].contains("gflops=") && !lines[1].contains("gflops=0.0 "),
+        "{}",
+        lines[1]
+    );
+
+    // The reference kernels (candle's composed ops) are labelled as such.
+    let (ok, out, err) = mue(&[
+        "bench",
+        "--model",
+        m,
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--iters",
+        "1",
+        "--workloads",
+        "caption",
+        "--reference-kernels",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("mue-reference size=") && out.contains(" caption batch=2 "),
+        "{out}"
+    );
+
+    let (ok, _, err) = mue(&["bench", "--model", m, "--workloads", "image,bogus"]);
+    assert!(!ok && err.contains("unknown workload \"bogus\""), "{err}");
+    let (ok, _, err) = mue(&["bench", "--model", m, "--batch", "0"]);
+    assert!(!ok && err.contains("at least 1"), "{err}");
+    let (ok, _, err) = mue(&["bench", "--model", "/nonexistent/model"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+}

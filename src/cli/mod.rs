@@ -1,5 +1,6 @@
 //! Command handlers behind the `mue` binary (kept in the library so they can be tested).
 
+pub mod bench;
 pub mod convert;
 pub mod demo;
 pub mod eval;

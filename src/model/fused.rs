@@ -164,6 +164,12 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 // 1 / sqrt(2 pi)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+/// Exact GELU of one value (the erf to ~1e-7): the training kernel's forward, also the
+/// inference epilogue of `fc1` (`super::infer`).
+pub(crate) fn gelu_scalar(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2))
+}
+
 struct GeluOp;
 
 impl CustomOp1 for GeluOp {
@@ -173,10 +179,7 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(s, l, self.name())?;
-        let y = x
-            .iter()
-            .map(|&v| 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2)))
-            .collect();
+        let y = x.iter().map(|&v| gelu_scalar(v)).collect();
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 

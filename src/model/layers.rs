@@ -134,6 +134,10 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = matmul_flat(x, &self.weight.t()?)?;
         match &self.bias {
+            // Inference: the bias goes into the fresh product in place.
+            Some(b) if super::infer::fuses_inference(&y) => {
+                super::infer::bias_act(y, b, 1.0, false)
+            }
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
@@ -152,6 +156,32 @@ impl Linear {
         match &self.bias {
             Some(b) => y.add(&rows_of(b, &y)?),
             None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    /// `act((x W^T + b) * scale)`, `act` the exact GELU when `gelu`, else the identity. At
+    /// inference on the CPU the bias, scale and GELU are one pass over the fresh product
+    /// (`super::infer`); otherwise the composed (differentiable) ops.
+    pub fn forward_act(&self, x: &Tensor, mode: Mode, scale: f64, gelu: bool) -> Result<Tensor> {
+        if !mode.train {
+            let y = matmul_flat(x, &self.weight.t()?)?;
+            if super::infer::fuses_inference(&y) {
+                let n = y.dim(D::Minus1)?;
+                let b = match &self.bias {
+                    Some(b) => b.clone(),
+                    None => Tensor::zeros(n, y.dtype(), y.device())?,
+                };
+                return super::infer::bias_act(y, &b, scale as f32, gelu);
+            }
+        }
+        let y = self.forward_t(x, mode)?;
+        let y = if scale != 1.0 { (y * scale)? } else { y };
+        if gelu {
+            self::gelu(&y, mode)
+        } else {
+            Ok(y)
         }
     }
 }
@@ -225,7 +255,7 @@ impl Attention {
     /// Scaled queries `[b, h, n, dh]`.
     pub fn query(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         split_heads(
-            &(self.q_proj.forward_t(x, mode)? * self.scaling)?,
+            &self.q_proj.forward_act(x, mode, self.scaling, false)?,
             self.heads,
         )
     }
@@ -249,10 +279,15 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, h, nq, dh) = q.dims4()?;
         let mut scores = q.matmul(&k.t()?)?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let probs = mode.softmax(&scores)?;
+        let probs = if !mode.train && super::infer::fuses_inference(&scores) {
+            // Inference: bias, mask and softmax in one pass, in place.
+            super::infer::bias_softmax(scores, bias)?
+        } else {
+            if let Some(bias) = bias {
+                scores = scores.broadcast_add(bias)?;
+            }
+            mode.softmax(&scores)?
+        };
         let probs = mode.dropout(&probs)?;
         let out = probs.matmul(v)?; // [b, h, nq, dh]
         let out = out.broadcast_mul(&self.c_attn.reshape((1, h, 1, 1))?)?;
@@ -279,7 +314,7 @@ fn ffn(
     fc2: &Linear,
     mode: Mode,
 ) -> Result<Tensor> {
-    let h = gelu(&fc1.forward_t(&norm.forward(x, mode)?, mode)?, mode)?;
+    let h = fc1.forward_act(&norm.forward(x, mode)?, mode, 1.0, true)?;
     let h = mode.dropout(&h)?;
     let h = fc2.forward_t(&mid.forward(&h, mode)?, mode)?;
     mode.dropout(&h)

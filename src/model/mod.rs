@@ -4,7 +4,9 @@
 //! Per-request state (exit decisions, key/value caches) lives in `crate::generate`.
 
 pub mod config;
+pub mod conv;
 pub mod fused;
+pub mod infer;
 pub mod layers;
 pub mod ofa;
 pub mod pool;
@@ -49,11 +51,7 @@ impl ImageTrunk {
         match self {
             ImageTrunk::Patch(p) => stem::patchify(images, *p),
             ImageTrunk::Conv(s) => stem::patchify(&s.feature_map(images)?, s.patch),
-            ImageTrunk::Resnet(net) => {
-                let f = net.forward(images)?; // [b, 1024, h, w]
-                let (b, c, h, w) = f.dims4()?;
-                f.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
-            }
+            ImageTrunk::Resnet(net) => net.features(images),
         }
     }
 }
@@ -326,6 +324,8 @@ impl Model {
     }
 
     /// A randomly initialised model (deterministic in `seed`) and its weights by name.
+    /// The weights are plain tensors (detached from the variables that drew them), so the
+    /// model runs the inference kernels exactly as the same weights loaded from disk do.
     pub fn random(
         cfg: &Config,
         seed: u64,
@@ -337,7 +337,7 @@ impl Model {
             .lock()
             .unwrap()
             .iter()
-            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?.detach())))
             .collect::<Result<_>>()?;
         let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, device);
         Ok((Model::new(cfg, vb)?, tensors))

@@ -4,9 +4,15 @@
 //! BatchNorm runs in inference mode; at load time each BatchNorm is folded
 //! into the preceding (bias-free) convolution, so the forward pass is only
 //! convolutions, additions and ReLUs.
+//!
+//! Inference on the CPU runs channels-last through [`super::conv`] (GEMMs with the bias,
+//! residual and ReLU fused); weights that train (variables) keep candle's ops, which have
+//! a backward pass.
 
+use super::conv::{epilogue, max_pool_3x3_s2, Nhwc, PackedConv};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 /// BatchNorm epsilon used by OFA's ResNet (torch default).
 const BN_EPS: f64 = 1e-5;
@@ -31,6 +37,8 @@ struct ConvBn {
     kernel: usize,
     stride: usize,
     padding: usize,
+    /// The inference form (CPU, weights that do not train), packed once at load.
+    packed: Option<Arc<PackedConv>>,
 }
 
 impl ConvBn {
@@ -66,12 +74,26 @@ impl ConvBn {
         } else {
             weight
         };
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let bias = bias.to_dtype(DType::F32)?;
+        let packed = if weight.device().is_cpu() && !weight.track_op() && !bias.track_op() {
+            Some(Arc::new(PackedConv::new(
+                &weight,
+                &bias,
+                kernel,
+                stride,
+                kernel / 2,
+            )?))
+        } else {
+            None
+        };
         Ok(Self {
-            weight: weight.to_dtype(DType::F32)?.contiguous()?,
-            bias: bias.to_dtype(DType::F32)?.reshape((1, c_out, 1, 1))?,
+            weight,
+            bias: bias.reshape((1, c_out, 1, 1))?,
             kernel,
             stride,
             padding: kernel / 2,
+            packed,
         })
     }
 
@@ -162,6 +184,32 @@ impl Bottleneck {
         (m1 + m2 + m3 + ds, h3, w3)
     }
 
+    /// Channels-last inference: the shortcut (or the downsample's product) is the buffer
+    /// conv3 accumulates into, then both biases and the ReLU go in one pass.
+    fn forward_packed(&self, x: Nhwc) -> Result<Nhwc> {
+        let p = |c: &ConvBn| {
+            c.packed
+                .clone()
+                .ok_or_else(|| candle_core::Error::Msg("ResNet: convolution not packed".into()))
+        };
+        let y = p(&self.conv1)?.forward(&x, true)?;
+        let y = p(&self.conv2)?.forward(&y, true)?;
+        let conv3 = p(&self.conv3)?;
+        let (acc, ds_bias) = match &self.downsample {
+            Some(ds) => {
+                let ds = p(ds)?;
+                (ds.product(&x, None)?, Some(ds))
+            }
+            None => (x, None),
+        };
+        let mut out = conv3.product(&y, Some(acc))?;
+        match &ds_bias {
+            Some(ds) => epilogue(&mut out.data, &[conv3.bias(), ds.bias()], true),
+            None => epilogue(&mut out.data, &[conv3.bias()], true),
+        }
+        Ok(out)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv1.forward(x)?.relu()?;
         let y = self.conv2.forward(&y)?.relu()?;
@@ -225,6 +273,50 @@ impl ResNet {
     /// `x`: `[B, 3, H, W]` f32 normalised pixels -> `[B, 1024, H/16, W/16]`
     /// (exactly torch's sizes for any H, W: conv/pool arithmetic with floor).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.packed_for(x) {
+            return self.forward_packed(x)?.into_nchw(x.device());
+        }
+        self.forward_candle(x)
+    }
+
+    /// `x`: `[B, 3, H, W]` -> `[B, h * w, 1024]`: the feature map as tokens in row-major
+    /// order (what the encoder reads; channels-last needs no transposition).
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        if self.packed_for(x) {
+            return self.forward_packed(x)?.into_tokens(x.device());
+        }
+        let f = self.forward_candle(x)?; // [b, 1024, h, w]
+        let (b, c, h, w) = f.dims4()?;
+        f.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// Whether `x` can take the packed inference path: every convolution packed, and
+    /// nothing that needs a gradient.
+    fn packed_for(&self, x: &Tensor) -> bool {
+        !super::infer::reference_kernels()
+            && x.device().is_cpu()
+            && !x.track_op()
+            && self.stem.packed.is_some()
+            && self.blocks.iter().all(|b| {
+                [&b.conv1, &b.conv2, &b.conv3]
+                    .into_iter()
+                    .chain(&b.downsample)
+                    .all(|c| c.packed.is_some())
+            })
+    }
+
+    fn forward_packed(&self, x: &Tensor) -> Result<Nhwc> {
+        let stem = self.stem.packed.as_ref().expect("checked by packed_for");
+        let y = stem.forward(&Nhwc::from_nchw(x)?, true)?;
+        let mut y = max_pool_3x3_s2(&y);
+        for block in &self.blocks {
+            y = block.forward_packed(y)?;
+        }
+        Ok(y)
+    }
+
+    /// candle's ops (differentiable): training, and the reference of the packed path.
+    pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let y = self.stem.forward(&x)?.relu()?;
         // 3x3/2 max pool with padding 1 (with a backward, for fine-tuning).
@@ -257,6 +349,79 @@ mod tests {
         let y = net.forward(&Tensor::zeros((1, 3, 48, 80), DType::F32, &Device::Cpu).unwrap());
         assert_eq!(y.unwrap().dims(), &[1, 1024, 3, 5]);
         assert!(net.macs(48, 80) > 0);
+    }
+
+    /// A ResNet with random weights (positive BatchNorm variances), and one built from
+    /// variables (which trains, so it keeps candle's ops).
+    fn random_resnet(blocks: [usize; 3], seed: u64) -> (ResNet, ResNet) {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let trains =
+            ResNet::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), blocks).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let data = varmap.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let mut tensors = std::collections::HashMap::new();
+        for name in names {
+            let shape = data[name].shape().clone();
+            let fan_in: usize = shape.dims()[1..].iter().product::<usize>().max(1);
+            let v: Vec<f32> = (0..shape.elem_count())
+                .map(|_| {
+                    let z: f32 = StandardNormal.sample(&mut rng);
+                    if name.ends_with("running_var") {
+                        0.5 + z.abs()
+                    } else if shape.rank() == 4 {
+                        z * (2.0 / fan_in as f32).sqrt()
+                    } else {
+                        1.0 + 0.1 * z
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(v, shape, &dev).unwrap();
+            data[name].set(&t).unwrap();
+            tensors.insert(name.clone(), t);
+        }
+        let fixed = ResNet::load(VarBuilder::from_tensors(tensors, DType::F32, &dev), blocks);
+        (fixed.unwrap(), trains)
+    }
+
+    #[test]
+    fn packed_trunk_matches_candle_ops() {
+        let dev = Device::Cpu;
+        let (net, trains) = random_resnet([2, 1, 2], 5);
+        assert!(net.stem.packed.is_some(), "plain weights are packed");
+        assert!(trains.stem.packed.is_none(), "variables keep candle's ops");
+        // Odd sizes, batch 1 and 3.
+        for (b, h, w) in [(1, 50, 37), (3, 33, 64)] {
+            let x = Tensor::randn(0f32, 1.0, (b, 3, h, w), &dev).unwrap();
+            let reference = net.forward_candle(&x).unwrap();
+            let scale = reference
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let got = net.forward(&x).unwrap();
+            assert_eq!(got.dims(), reference.dims());
+            let err = max_abs_diff(&got, &reference);
+            assert!(
+                err <= 1e-5 * scale.max(1.0),
+                "{b}x{h}x{w}: {err} (scale {scale})"
+            );
+            // Tokens: [b, h * w, c] in row-major order.
+            let (_, c, fh, fw) = reference.dims4().unwrap();
+            let tokens = reference
+                .reshape((b, c, fh * fw))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let err = max_abs_diff(&net.features(&x).unwrap(), &tokens);
+            assert!(err <= 1e-5 * scale.max(1.0), "features: {err}");
+        }
     }
 
     fn fixture(name: &str) -> std::path::PathBuf {
