@@ -12,7 +12,10 @@ use mue::data::{generate, GenerateOptions};
 use mue::eval::eval::{evaluate, oracle, quality, quality_and_scores, run, Dataset, EvalOptions};
 use mue::eval::report::Ablation;
 use mue::eval::sweep::{sweep, PolicySpec};
-use mue::exit::{EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy, StaticDepth};
+use mue::exit::{
+    DecoderThreshold, EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy,
+    StaticDepth,
+};
 use mue::generate::SearchConfig;
 use mue::pipeline::{Engine, EntailRequest};
 use std::path::{Path, PathBuf};
@@ -82,13 +85,34 @@ fn scoring_pass_fills_predictions_and_counts_their_macs() {
         .iter()
         .map(|a| e.tokenizer.encode(a).unwrap())
         .collect();
-    let positions: u64 = if answers.iter().all(|a| a.len() == 1) {
-        1
+    // The fair form projects onto the answer tokens allowed at each scored position only.
+    let outputs: u64 = if answers.iter().all(|a| a.len() == 1) {
+        let mut first: Vec<u32> = answers.iter().map(|a| a[0]).collect();
+        first.sort_unstable();
+        first.dedup();
+        first.len() as u64
     } else {
-        answers.iter().map(|a| a.len() as u64).sum()
+        let mut n = 0u64;
+        for a in &answers {
+            for j in 0..a.len() {
+                let mut allowed: Vec<u32> = answers
+                    .iter()
+                    .filter(|o| o.len() > j && o[..j] == a[..j])
+                    .map(|o| o[j])
+                    .collect();
+                allowed.sort_unstable();
+                allowed.dedup();
+                n += allowed.len() as u64;
+            }
+        }
+        n
     };
+    assert!(
+        outputs < v,
+        "the answers are a small part of the vocabulary"
+    );
     let full = e.entail(&reqs, &FullDepth).unwrap();
-    // Never exits, but pays for a vocabulary projection per scored position and layer.
+    // Never exits, but pays for a projection onto the answers per scored position and layer.
     let never = e.entail(&reqs, &EntropyPolicy::new(-1.0).unwrap()).unwrap();
     for (f, n) in full.iter().zip(&never) {
         assert_eq!(n.exits, f.exits);
@@ -96,8 +120,22 @@ fn scoring_pass_fills_predictions_and_counts_their_macs() {
         assert_eq!(n.cost.macs_full, f.cost.macs_full);
         assert_eq!(
             n.cost.macs_executed,
-            f.cost.macs_executed + (l - 1) * d * v * positions
+            f.cost.macs_executed + (l - 1) * d * outputs
         );
+    }
+    // The baselines read the three-way distribution over the answers, whose entropy is at
+    // most ln 3 (the random model's full-vocabulary entropy is near ln V): a threshold just
+    // above ln 3 exits every row after layer 1, one just below it does not for a random model.
+    let ln3 = 3f32.ln();
+    for o in e
+        .entail(&reqs, &EntropyPolicy::new(ln3 + 1e-4).unwrap())
+        .unwrap()
+    {
+        assert_eq!(o.exits.token_layers, vec![1]);
+    }
+    // A margin over three answers is at most 1 and positive unless two tie.
+    for o in e.entail(&reqs, &MarginPolicy::new(1.0).unwrap()).unwrap() {
+        assert_eq!(o.exits.token_layers, vec![cfg.decoder_layers]);
     }
     // Predictions are present: every prediction policy can exit after the first layer.
     let first_entropy = EntropyPolicy::new(1e9).unwrap();
@@ -286,7 +324,7 @@ fn sweep_writes_csv_json_and_plots() {
         PolicySpec::Mue {
             image: 0.5,
             text: 0.5,
-            decoder: 0.5,
+            decoder: DecoderThreshold::Constant { tau: 0.5 },
         },
         PolicySpec::Joint {
             encoder: -2.0,
@@ -359,12 +397,12 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
         specs.push(PolicySpec::Mue {
             image: t,
             text: t,
-            decoder: t,
+            decoder: DecoderThreshold::Constant { tau: t },
         });
         specs.push(PolicySpec::Mue {
             image: t,
             text: 1.0,
-            decoder: 1.0,
+            decoder: DecoderThreshold::Constant { tau: 1.0 },
         });
         specs.push(PolicySpec::Joint {
             encoder: t,
@@ -502,6 +540,8 @@ fn eval_command_runs_each_policy_kind() {
                 img_threshold: None,
                 text_threshold: None,
                 dec_threshold: None,
+                dec_strict_fraction: None,
+                dec_decay: None,
                 kv_fill: "propagate".into(),
             },
             out: Some(path.clone()),
@@ -555,6 +595,8 @@ fn eval_command_runs_each_policy_kind() {
             img_threshold: None,
             text_threshold: None,
             dec_threshold: None,
+            dec_strict_fraction: None,
+            dec_decay: None,
             kv_fill: "propagate".into(),
         },
         out: None,
@@ -622,7 +664,7 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
     let m = |i: f32, t: f32, d: f32| PolicySpec::Mue {
         image: i,
         text: t,
-        decoder: d,
+        decoder: DecoderThreshold::Constant { tau: d },
     };
     let cal = vec![m(0.5, 0.5, 0.5), m(-2.0, 1.0, 1.0)];
     std::fs::write(r.join("cal.json"), serde_json::to_string(&cal).unwrap()).unwrap();

@@ -317,7 +317,7 @@ mod tests {
         PolicySpec::Mue {
             image: i,
             text: i,
-            decoder: i,
+            decoder: crate::exit::DecoderThreshold::Constant { tau: i },
         }
     }
 

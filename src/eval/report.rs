@@ -9,6 +9,7 @@ use super::eval::{self, percent as pct, Dataset, EvalOptions, EvalReport, Qualit
 use super::sweep::{self, PolicySpec, SweepPoint, SweepResult};
 use super::write_json;
 use crate::cli::Task;
+use crate::exit::DecoderThreshold;
 use crate::generate::SearchConfig;
 use crate::pipeline::Engine;
 use crate::train::LossKind;
@@ -283,7 +284,7 @@ fn push_unique(grid: &mut Vec<PolicySpec>, spec: PolicySpec) {
 const NEVER_EXIT: PolicySpec = PolicySpec::Mue {
     image: 1.0,
     text: 1.0,
-    decoder: 1.0,
+    decoder: DecoderThreshold::Constant { tau: 1.0 },
 };
 
 /// The calibration grid: the MuE points of the file (or of the default grid), plus the
@@ -1638,7 +1639,7 @@ mod tests {
         PolicySpec::Mue {
             image: i,
             text: t,
-            decoder: d,
+            decoder: DecoderThreshold::Constant { tau: d },
         }
     }
 
