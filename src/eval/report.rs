@@ -260,7 +260,7 @@ pub struct TaskResults {
     /// MuE calibrated by the same rule among constant decoder thresholds only, and among
     /// scheduled ones only, when the calibration grid has both forms.
     #[serde(default)]
-    pub decoder_forms: Vec<Calibration>,
+    pub decoder_forms: Vec<DecoderForm>,
     /// The baseline families on the validation split, where each family's point is picked
     /// by MuE's rule. None in reports written before (their points were picked on test).
     #[serde(default)]
@@ -367,9 +367,18 @@ fn restrict(result: &SweepResult, keep: impl Fn(&SweepPoint) -> bool) -> SweepRe
     sweep::finish(result.task, result.examples, result.full_quality, points)
 }
 
+/// MuE calibrated among the points of one decoder-threshold form.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderForm {
+    /// The paper's schedule (true) or a constant threshold (false).
+    pub schedule: bool,
+    /// None when no point of this form meets the objective on valid.
+    pub calibration: Option<Calibration>,
+}
+
 /// MuE calibrated among constant decoder thresholds, then among scheduled ones, by the
 /// same objective; empty unless the sweep has both forms.
-pub fn decoder_forms(result: &SweepResult, objective: Objective) -> Vec<Calibration> {
+pub fn decoder_forms(result: &SweepResult, objective: Objective) -> Vec<DecoderForm> {
     let has = |sched: bool| {
         result
             .points
@@ -381,9 +390,12 @@ pub fn decoder_forms(result: &SweepResult, objective: Objective) -> Vec<Calibrat
     }
     [false, true]
         .iter()
-        .filter_map(|&sched| {
-            let sub = restrict(result, |p| p.spec.decoder_schedule() == Some(sched));
-            calibrate::calibrate(&sub, objective).ok()
+        .map(|&schedule| {
+            let sub = restrict(result, |p| p.spec.decoder_schedule() == Some(schedule));
+            DecoderForm {
+                schedule,
+                calibration: calibrate::calibrate(&sub, objective).ok(),
+            }
         })
         .collect()
 }
@@ -496,7 +508,11 @@ fn run_task(
     let valid_sweep = sweep::sweep(engine, &valid, &valid_grid, opts)?;
     sweep::write_outputs(&valid_sweep, &layout.valid_sweep_dir())?;
     let mut chosen = vec![calibration.point.spec];
-    chosen.extend(forms.iter().map(|c| c.point.spec));
+    chosen.extend(
+        forms
+            .iter()
+            .filter_map(|f| f.calibration.as_ref().map(|c| c.point.spec)),
+    );
     for fam in BASELINE_FAMILIES {
         if let Some((i, _)) = pick_family(&valid_sweep, fam, objective) {
             chosen.push(valid_sweep.points[i].spec);
@@ -1002,12 +1018,24 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
             metrics: Err("calibrated point not in the test sweep".into()),
         }),
     }
-    for c in &t.decoder_forms {
-        let sched = c.point.spec.decoder_schedule() == Some(true);
+    for f in &t.decoder_forms {
+        let sched = f.schedule;
         let (method, among) = if sched {
             ("MuE, decoder schedule", "scheduled")
         } else {
             ("MuE, constant decoder threshold", "constant")
+        };
+        let Some(c) = &f.calibration else {
+            out.push(Row {
+                key: RowKey::MueDecoder(sched),
+                method: method.into(),
+                setting: String::new(),
+                metrics: Err(format!(
+                    "no {among} point meets the objective on valid ({})",
+                    rule_text(PickRule::CheapestAtTarget, objective)
+                )),
+            });
+            continue;
         };
         let setting = format!(
             "{}; calibrated on valid among {among} decoder thresholds",
@@ -1290,11 +1318,19 @@ fn summary(s: &mut String, tables: &[(Task, Vec<Row>)]) {
         ));
     }
     keys.push((RowKey::Mue, "**MuE** (calibrated on valid)".into()));
-    keys.push((
-        RowKey::MueDecoder(false),
-        "MuE, constant decoder threshold".into(),
-    ));
-    keys.push((RowKey::MueDecoder(true), "MuE, decoder schedule".into()));
+    // Side by side only where some task calibrated both forms (captions).
+    for (sched, name) in [
+        (false, "MuE, constant decoder threshold"),
+        (true, "MuE, decoder schedule"),
+    ] {
+        let key = RowKey::MueDecoder(sched);
+        if tables
+            .iter()
+            .any(|(_, r)| r.iter().any(|row| row.key == key))
+        {
+            keys.push((key, name.into()));
+        }
+    }
     keys.push((RowKey::Picked("joint"), family_name("joint").into()));
     keys.push((RowKey::NoLayerWise, "MuE w/o layer-wise loss".into()));
     let mut header = vec!["method".to_string()];
@@ -2331,8 +2367,13 @@ mod tests {
         );
         let forms = decoder_forms(&cal_sweep, Objective::Target(0.99));
         assert_eq!(forms.len(), 2);
-        assert_eq!(forms[0].point.spec, mue(0.9, 0.99, 0.99));
-        assert_eq!(forms[1].point.spec, sched);
+        let spec = |i: usize| forms[i].calibration.as_ref().unwrap().point.spec;
+        assert_eq!(spec(0), mue(0.9, 0.99, 0.99));
+        assert_eq!(spec(1), sched);
+        assert!(!forms[0].schedule && forms[1].schedule);
+        // A form with no point at the target says so instead of disappearing.
+        let strict = decoder_forms(&cal_sweep, Objective::Target(0.999));
+        assert!(strict[1].calibration.is_none());
         // The overall pick is the scheduled one (cheaper at the target).
         assert_eq!(
             calibrate::calibrate(&cal_sweep, Objective::Target(0.99))
@@ -2364,8 +2405,19 @@ mod tests {
             d.setting
         );
         assert_eq!(d.metrics.as_ref().unwrap().macs, 0.5);
-        let page = render(&data(vec![t], false));
+        let page = render(&data(vec![t.clone()], false));
         assert!(page.contains("| MuE, decoder schedule |"));
         assert!(page.contains("| MuE, constant decoder threshold |"));
+        t.decoder_forms = strict;
+        let rows = super::rows(&t);
+        let d = rows
+            .iter()
+            .find(|r| r.key == RowKey::MueDecoder(true))
+            .unwrap();
+        assert!(d
+            .metrics
+            .as_ref()
+            .unwrap_err()
+            .contains("no scheduled point"));
     }
 }
