@@ -709,6 +709,10 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "--task caption --limit 2 --batch 4 --beam 2 --max-len 5 --target 0.96 --lower-bound --grid",
         "for CIDEr-D (the lower end of the point's 90% paired-bootstrap interval there",
         "baseline points of the test sweep",
+        // Every baseline's point is picked on valid, and the page gives the command.
+        "on valid |",
+        "Neither MuE nor any baseline is chosen on test",
+        "grid_entail_valid_baselines.json --kv-fill propagate --out-dir ",
     ] {
         assert!(text.contains(s), "page lacks {s:?}:\n{text}");
     }
@@ -730,6 +734,9 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "ablation/calibrate_entail/sweep_entail.json",
         "ablation/entail_test_mue.json",
         "ablation/caption_test_mue.json",
+        "report/grid_entail_valid_baselines.json",
+        "valid_baselines/sweep_entail.json",
+        "valid_baselines/sweep_caption.json",
     ] {
         let p = res.join(f);
         assert!(
@@ -752,6 +759,14 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
             .find(|p| p.spec == c.point.spec)
             .expect("calibrated point in the test sweep");
         assert!(t.sweep.points.iter().any(|p| p.spec == PolicySpec::Full));
+        // The baselines were swept on valid, and each family's pick there is on test.
+        let v = t.valid_sweep.as_ref().expect("baselines swept on valid");
+        assert_eq!(v.examples, limit);
+        assert!(v.points.iter().all(|p| p.family != "mue"));
+        for fam in ["entropy", "patience", "margin", "joint"] {
+            let (i, _) = mue::eval::report::pick_family(v, fam, t.objective()).unwrap();
+            assert!(t.sweep.points.iter().any(|p| p.spec == v.points[i].spec));
+        }
         // Same weights: the ablation calibrates to the same point and scores the same.
         match &t.ablation {
             Ablation::Run {
@@ -845,4 +860,45 @@ fn report_rejects_bad_input_before_running() {
         stderr.contains("not a model directory") && !stderr.contains("panicked"),
         "{stderr}"
     );
+}
+
+#[test]
+fn decoder_schedule_from_the_command_line() {
+    use mue::cli::decoder_threshold;
+    let c = DecoderThreshold::Constant { tau: 0.7 };
+    // --dec-threshold alone: a constant, as before.
+    assert_eq!(
+        decoder_threshold(c, Some(0.9), None, None),
+        DecoderThreshold::Constant { tau: 0.9 }
+    );
+    assert_eq!(decoder_threshold(c, None, None, None), c);
+    // A schedule flag: the paper's schedule around the given or stored tau.
+    let s = decoder_threshold(c, None, Some(0.25), None);
+    assert_eq!(
+        s,
+        DecoderThreshold::Calm {
+            tau: 0.7,
+            strict_fraction: 0.25,
+            decay: mue::exit::mue::PAPER_DECAY,
+        }
+    );
+    // Over a stored schedule, one flag changes only its own parameter.
+    assert_eq!(
+        decoder_threshold(s, Some(0.8), None, Some(0.5)),
+        DecoderThreshold::Calm {
+            tau: 0.8,
+            strict_fraction: 0.25,
+            decay: 0.5,
+        }
+    );
+    let args = ExitArgs {
+        img_threshold: None,
+        text_threshold: None,
+        dec_threshold: None,
+        dec_strict_fraction: Some(2.0),
+        dec_decay: None,
+        kv_fill: "propagate".into(),
+    };
+    let e = args.policy(MuePolicy::never()).unwrap_err().to_string();
+    assert!(e.contains("strict_fraction"), "{e}");
 }
