@@ -1541,6 +1541,44 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
         interval_text(t.calibration.point.report.relative_quality_interval),
         neg(t.calibration.point.mac_reduction),
     );
+    if let Some(v) = &t.valid_sweep {
+        let _ = writeln!(
+            s,
+            "The baselines: {} points of their families swept on the same {} validation \
+             examples; each family's point is picked there by the same rule and shown below \
+             on test.\n",
+            v.points.len(),
+            v.examples
+        );
+    }
+    let forms: Vec<String> = t
+        .decoder_forms
+        .iter()
+        .map(|f| {
+            let name = if f.schedule {
+                "decoder schedule"
+            } else {
+                "constant decoder threshold"
+            };
+            match &f.calibration {
+                Some(c) => format!(
+                    "{name}: {} at {} of full depth{}, MACs {}",
+                    c.point.params,
+                    pct(c.point.relative_quality),
+                    interval_text(c.point.report.relative_quality_interval),
+                    neg(c.point.mac_reduction)
+                ),
+                None => format!("{name}: no point meets the objective"),
+            }
+        })
+        .collect();
+    if !forms.is_empty() {
+        let _ = writeln!(
+            s,
+            "Each decoder form calibrated alone on valid: {}.\n",
+            forms.join("; ")
+        );
+    }
     let header: &[&str] = match t.task {
         Task::Entail => &[
             "method",
@@ -1609,6 +1647,11 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
             let _ = writeln!(s, "(No plot was written.)\n");
         }
     }
+    let _ = writeln!(
+        s,
+        "*Illustration, on test:* the plot and the statement below compare every point of \
+         the test sweep, whichever split would choose it.\n"
+    );
     let _ = writeln!(s, "{}\n", frontier_statement(t));
     let dom = dominance(sw);
     if !dom.is_empty() {
