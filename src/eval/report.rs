@@ -955,7 +955,7 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
     }
     let objective = t.objective();
     // Picked on valid by MuE's rule, shown on test; reports from before the valid sweep
-    // picked on test (said so in the setting).
+    // picked on test (said so on the page).
     let pick = |fam: &str| -> Option<(PolicySpec, String, String)> {
         match &t.valid_sweep {
             Some(v) => pick_family(v, fam, objective).map(|(i, rule)| {

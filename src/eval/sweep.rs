@@ -153,7 +153,8 @@ mod decoder_number {
 
 /// Similarity thresholds of the default MuE / joint grids (1.0: never exit).
 pub const SIMILARITY_GRID: [f32; 5] = [0.8, 0.9, 0.95, 0.99, 1.0];
-/// Entropy thresholds (nats, over the full vocabulary).
+/// Entropy thresholds (nats: over the vocabulary in generation, over the three answers in
+/// entailment, where the entropy is at most ln 3).
 pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
 /// Softmax margin thresholds.
 pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
