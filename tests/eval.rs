@@ -326,6 +326,16 @@ fn sweep_writes_csv_json_and_plots() {
             text: 0.5,
             decoder: DecoderThreshold::Constant { tau: 0.5 },
         },
+        // The paper's decoder schedule: exits never happen in the strict part.
+        PolicySpec::Mue {
+            image: 1.0,
+            text: 1.0,
+            decoder: DecoderThreshold::Calm {
+                tau: -2.0,
+                strict_fraction: 0.5,
+                decay: 0.9,
+            },
+        },
         PolicySpec::Joint {
             encoder: -2.0,
             decoder: 1.0,
@@ -370,6 +380,21 @@ fn sweep_writes_csv_json_and_plots() {
         }
         let csv = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.csv"))).unwrap();
         assert_eq!(csv.lines().count(), specs.len() + 1);
+        // The schedule is in the sweep's output and reads back as itself.
+        assert!(csv.contains("image=1 text=1 decoder=-2 strict=0.5 decay=0.9"));
+        let json = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.json"))).unwrap();
+        let back: mue::eval::sweep::SweepResult = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.points[2].spec, specs[2]);
+        let sched = &res.points[2].report.exits;
+        if task == Task::Caption {
+            // Tokens in the first half of the maximum length run in full; later ones may
+            // leave after layer 1 (tau -2 is below any similarity).
+            assert!(sched.mean_token_layer < sched.decoder_layers as f64);
+            assert!(sched.mean_token_layer > 1.0);
+        } else {
+            // Teacher-forced scoring is step 0: the schedule never exits there.
+            assert_eq!(sched.mean_token_layer, sched.decoder_layers as f64);
+        }
         let svg = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.svg"))).unwrap();
         assert!(svg.contains("<svg"));
     }
