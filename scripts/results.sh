@@ -25,6 +25,8 @@ $mue calibrate --model "$M" --data "$D/snli_ve_valid.tsv" --task entail --target
     --grid scripts/grid_entail_mue.json --sweep-out "$R/calibrate_entail" $q
 # Captions: the lower end of the bootstrap interval must reach the target (CIDEr-D has no
 # binomial guarantee, and the estimate alone picked a point at the edge that missed on test).
+# The caption grid has constant decoder thresholds and the paper's schedule (no exit in the
+# first third of the tokens, then decaying); calibration picks either.
 $mue calibrate --model "$M" --data "$D/caption_valid.tsv" --task caption --target 0.96 --lower-bound \
     --grid scripts/grid_caption_mue.json --sweep-out "$R/calibrate_caption" $q
 $mue eval --model "$M" --data "$D/snli_ve_test.tsv" --task entail --policy mue $q > "$R/entail_test_mue.json"
@@ -50,7 +52,9 @@ if [ -n "${ABLATION:-}" ]; then
   $mue eval --model "$ABLATION" --data "$D/caption_test.tsv" --task caption --policy full $q > "$R/caption_test_full_ablation.json"
 fi
 
-# MuE beside the baselines on the test split (CSV, JSON, Pareto frontier, PNG/SVG plot).
+# MuE beside the baselines on the test split (CSV, JSON, Pareto frontier, PNG/SVG plot): an
+# illustration of the frontiers. The table that picks every method's point on valid and
+# evaluates it once on test is `mue report` (docs/results.md).
 $mue sweep --model "$M" --data "$D/snli_ve_test.tsv" --task entail --grid scripts/grid_baselines.json \
     --out-dir "$R/sweep" $q > /dev/null
 echo "results in $R/"

@@ -12,7 +12,10 @@ use mue::data::{generate, GenerateOptions};
 use mue::eval::eval::{evaluate, oracle, quality, quality_and_scores, run, Dataset, EvalOptions};
 use mue::eval::report::Ablation;
 use mue::eval::sweep::{sweep, PolicySpec};
-use mue::exit::{EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy, StaticDepth};
+use mue::exit::{
+    DecoderThreshold, EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy,
+    StaticDepth,
+};
 use mue::generate::SearchConfig;
 use mue::pipeline::{Engine, EntailRequest};
 use std::path::{Path, PathBuf};
@@ -82,13 +85,34 @@ fn scoring_pass_fills_predictions_and_counts_their_macs() {
         .iter()
         .map(|a| e.tokenizer.encode(a).unwrap())
         .collect();
-    let positions: u64 = if answers.iter().all(|a| a.len() == 1) {
-        1
+    // The fair form projects onto the answer tokens allowed at each scored position only.
+    let outputs: u64 = if answers.iter().all(|a| a.len() == 1) {
+        let mut first: Vec<u32> = answers.iter().map(|a| a[0]).collect();
+        first.sort_unstable();
+        first.dedup();
+        first.len() as u64
     } else {
-        answers.iter().map(|a| a.len() as u64).sum()
+        let mut n = 0u64;
+        for a in &answers {
+            for j in 0..a.len() {
+                let mut allowed: Vec<u32> = answers
+                    .iter()
+                    .filter(|o| o.len() > j && o[..j] == a[..j])
+                    .map(|o| o[j])
+                    .collect();
+                allowed.sort_unstable();
+                allowed.dedup();
+                n += allowed.len() as u64;
+            }
+        }
+        n
     };
+    assert!(
+        outputs < v,
+        "the answers are a small part of the vocabulary"
+    );
     let full = e.entail(&reqs, &FullDepth).unwrap();
-    // Never exits, but pays for a vocabulary projection per scored position and layer.
+    // Never exits, but pays for a projection onto the answers per scored position and layer.
     let never = e.entail(&reqs, &EntropyPolicy::new(-1.0).unwrap()).unwrap();
     for (f, n) in full.iter().zip(&never) {
         assert_eq!(n.exits, f.exits);
@@ -96,8 +120,22 @@ fn scoring_pass_fills_predictions_and_counts_their_macs() {
         assert_eq!(n.cost.macs_full, f.cost.macs_full);
         assert_eq!(
             n.cost.macs_executed,
-            f.cost.macs_executed + (l - 1) * d * v * positions
+            f.cost.macs_executed + (l - 1) * d * outputs
         );
+    }
+    // The baselines read the three-way distribution over the answers, whose entropy is at
+    // most ln 3 (the random model's full-vocabulary entropy is near ln V): a threshold just
+    // above ln 3 exits every row after layer 1, one just below it does not for a random model.
+    let ln3 = 3f32.ln();
+    for o in e
+        .entail(&reqs, &EntropyPolicy::new(ln3 + 1e-4).unwrap())
+        .unwrap()
+    {
+        assert_eq!(o.exits.token_layers, vec![1]);
+    }
+    // A margin over three answers is at most 1 and positive unless two tie.
+    for o in e.entail(&reqs, &MarginPolicy::new(1.0).unwrap()).unwrap() {
+        assert_eq!(o.exits.token_layers, vec![cfg.decoder_layers]);
     }
     // Predictions are present: every prediction policy can exit after the first layer.
     let first_entropy = EntropyPolicy::new(1e9).unwrap();
@@ -286,7 +324,17 @@ fn sweep_writes_csv_json_and_plots() {
         PolicySpec::Mue {
             image: 0.5,
             text: 0.5,
-            decoder: 0.5,
+            decoder: DecoderThreshold::Constant { tau: 0.5 },
+        },
+        // The paper's decoder schedule: exits never happen in the strict part.
+        PolicySpec::Mue {
+            image: 1.0,
+            text: 1.0,
+            decoder: DecoderThreshold::Calm {
+                tau: -2.0,
+                strict_fraction: 0.5,
+                decay: 0.9,
+            },
         },
         PolicySpec::Joint {
             encoder: -2.0,
@@ -332,6 +380,21 @@ fn sweep_writes_csv_json_and_plots() {
         }
         let csv = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.csv"))).unwrap();
         assert_eq!(csv.lines().count(), specs.len() + 1);
+        // The schedule is in the sweep's output and reads back as itself.
+        assert!(csv.contains("image=1 text=1 decoder=-2 strict=0.5 decay=0.9"));
+        let json = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.json"))).unwrap();
+        let back: mue::eval::sweep::SweepResult = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.points[2].spec, specs[2]);
+        let sched = &res.points[2].report.exits;
+        if task == Task::Caption {
+            // Tokens in the first half of the maximum length run in full; later ones may
+            // leave after layer 1 (tau -2 is below any similarity).
+            assert!(sched.mean_token_layer < sched.decoder_layers as f64);
+            assert!(sched.mean_token_layer > 1.0);
+        } else {
+            // Teacher-forced scoring is step 0: the schedule never exits there.
+            assert_eq!(sched.mean_token_layer, sched.decoder_layers as f64);
+        }
         let svg = std::fs::read_to_string(out.path().join(format!("sweep/{stem}.svg"))).unwrap();
         assert!(svg.contains("<svg"));
     }
@@ -359,12 +422,12 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
         specs.push(PolicySpec::Mue {
             image: t,
             text: t,
-            decoder: t,
+            decoder: DecoderThreshold::Constant { tau: t },
         });
         specs.push(PolicySpec::Mue {
             image: t,
             text: 1.0,
-            decoder: 1.0,
+            decoder: DecoderThreshold::Constant { tau: 1.0 },
         });
         specs.push(PolicySpec::Joint {
             encoder: t,
@@ -502,6 +565,8 @@ fn eval_command_runs_each_policy_kind() {
                 img_threshold: None,
                 text_threshold: None,
                 dec_threshold: None,
+                dec_strict_fraction: None,
+                dec_decay: None,
                 kv_fill: "propagate".into(),
             },
             out: Some(path.clone()),
@@ -555,6 +620,8 @@ fn eval_command_runs_each_policy_kind() {
             img_threshold: None,
             text_threshold: None,
             dec_threshold: None,
+            dec_strict_fraction: None,
+            dec_decay: None,
             kv_fill: "propagate".into(),
         },
         out: None,
@@ -622,7 +689,7 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
     let m = |i: f32, t: f32, d: f32| PolicySpec::Mue {
         image: i,
         text: t,
-        decoder: d,
+        decoder: DecoderThreshold::Constant { tau: d },
     };
     let cal = vec![m(0.5, 0.5, 0.5), m(-2.0, 1.0, 1.0)];
     std::fs::write(r.join("cal.json"), serde_json::to_string(&cal).unwrap()).unwrap();
@@ -667,6 +734,10 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "--task caption --limit 2 --batch 4 --beam 2 --max-len 5 --target 0.96 --lower-bound --grid",
         "for CIDEr-D (the lower end of the point's 90% paired-bootstrap interval there",
         "baseline points of the test sweep",
+        // Every baseline's point is picked on valid, and the page gives the command.
+        "on valid |",
+        "Neither MuE nor any baseline is chosen on test",
+        "grid_entail_valid_baselines.json --kv-fill propagate --out-dir ",
     ] {
         assert!(text.contains(s), "page lacks {s:?}:\n{text}");
     }
@@ -688,6 +759,9 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "ablation/calibrate_entail/sweep_entail.json",
         "ablation/entail_test_mue.json",
         "ablation/caption_test_mue.json",
+        "report/grid_entail_valid_baselines.json",
+        "valid_baselines/sweep_entail.json",
+        "valid_baselines/sweep_caption.json",
     ] {
         let p = res.join(f);
         assert!(
@@ -710,6 +784,14 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
             .find(|p| p.spec == c.point.spec)
             .expect("calibrated point in the test sweep");
         assert!(t.sweep.points.iter().any(|p| p.spec == PolicySpec::Full));
+        // The baselines were swept on valid, and each family's pick there is on test.
+        let v = t.valid_sweep.as_ref().expect("baselines swept on valid");
+        assert_eq!(v.examples, limit);
+        assert!(v.points.iter().all(|p| p.family != "mue"));
+        for fam in ["entropy", "patience", "margin", "joint"] {
+            let (i, _) = mue::eval::report::pick_family(v, fam, t.objective()).unwrap();
+            assert!(t.sweep.points.iter().any(|p| p.spec == v.points[i].spec));
+        }
         // Same weights: the ablation calibrates to the same point and scores the same.
         match &t.ablation {
             Ablation::Run {
@@ -803,4 +885,45 @@ fn report_rejects_bad_input_before_running() {
         stderr.contains("not a model directory") && !stderr.contains("panicked"),
         "{stderr}"
     );
+}
+
+#[test]
+fn decoder_schedule_from_the_command_line() {
+    use mue::cli::decoder_threshold;
+    let c = DecoderThreshold::Constant { tau: 0.7 };
+    // --dec-threshold alone: a constant, as before.
+    assert_eq!(
+        decoder_threshold(c, Some(0.9), None, None),
+        DecoderThreshold::Constant { tau: 0.9 }
+    );
+    assert_eq!(decoder_threshold(c, None, None, None), c);
+    // A schedule flag: the paper's schedule around the given or stored tau.
+    let s = decoder_threshold(c, None, Some(0.25), None);
+    assert_eq!(
+        s,
+        DecoderThreshold::Calm {
+            tau: 0.7,
+            strict_fraction: 0.25,
+            decay: mue::exit::mue::PAPER_DECAY,
+        }
+    );
+    // Over a stored schedule, one flag changes only its own parameter.
+    assert_eq!(
+        decoder_threshold(s, Some(0.8), None, Some(0.5)),
+        DecoderThreshold::Calm {
+            tau: 0.8,
+            strict_fraction: 0.25,
+            decay: 0.5,
+        }
+    );
+    let args = ExitArgs {
+        img_threshold: None,
+        text_threshold: None,
+        dec_threshold: None,
+        dec_strict_fraction: Some(2.0),
+        dec_decay: None,
+        kv_fill: "propagate".into(),
+    };
+    let e = args.policy(MuePolicy::never()).unwrap_err().to_string();
+    assert!(e.contains("strict_fraction"), "{e}");
 }

@@ -154,9 +154,18 @@ pub struct ExitArgs {
     /// Text-stream threshold.
     #[arg(long, allow_negative_numbers = true)]
     pub text_threshold: Option<f32>,
-    /// Decoder threshold (per generated token).
+    /// Decoder threshold (per generated token). Alone it is a constant; with
+    /// --dec-strict-fraction or --dec-decay it is the schedule's tau.
     #[arg(long, allow_negative_numbers = true)]
     pub dec_threshold: Option<f32>,
+    /// Decoder schedule (the paper's, after CALM): no exit during this fraction of the
+    /// maximum length, then `decay * tau + (1 - decay) * exp(-(t + 1) / (T + 1))`. Giving
+    /// it or --dec-decay turns the schedule on (the other defaults to the paper's 1/3, 0.9).
+    #[arg(long)]
+    pub dec_strict_fraction: Option<f32>,
+    /// Decay of the decoder schedule (see --dec-strict-fraction).
+    #[arg(long)]
+    pub dec_decay: Option<f32>,
     /// Keys/values of skipped decoder layers: propagate or copy.
     #[arg(long, default_value = "propagate")]
     pub kv_fill: String,
@@ -164,18 +173,48 @@ pub struct ExitArgs {
 
 impl ExitArgs {
     pub fn policy(&self, base: MuePolicy) -> Result<MuePolicy> {
-        let dec = match self.dec_threshold {
-            Some(t) => DecoderThreshold::Constant { tau: t },
-            None => base.decoder,
-        };
-        let p = MuePolicy::new(
+        let dec = decoder_threshold(
+            base.decoder,
+            self.dec_threshold,
+            self.dec_strict_fraction,
+            self.dec_decay,
+        );
+        MuePolicy::with_decoder(
             self.img_threshold.unwrap_or(base.image),
             self.text_threshold.unwrap_or(base.text),
-            match dec {
-                DecoderThreshold::Constant { tau } => tau,
-                DecoderThreshold::Calm { tau, .. } => tau,
-            },
-        )?;
-        Ok(MuePolicy { decoder: dec, ..p })
+            dec,
+        )
+    }
+}
+
+/// The decoder threshold from the command line over `base`: `--dec-threshold` alone is a
+/// constant; a schedule flag makes (or adjusts) the schedule, keeping what is not given
+/// from `base` (or the paper's values when `base` is a constant).
+pub fn decoder_threshold(
+    base: DecoderThreshold,
+    tau: Option<f32>,
+    strict_fraction: Option<f32>,
+    decay: Option<f32>,
+) -> DecoderThreshold {
+    use crate::exit::mue::{PAPER_DECAY, PAPER_STRICT_FRACTION};
+    let tau_v = tau.unwrap_or(base.tau());
+    if strict_fraction.is_none() && decay.is_none() {
+        return match tau {
+            Some(tau) => DecoderThreshold::Constant { tau },
+            None => base,
+        };
+    }
+    let (s0, d0) = match base {
+        DecoderThreshold::Calm {
+            strict_fraction,
+            decay,
+            ..
+        } => (strict_fraction, decay),
+        DecoderThreshold::Constant { .. } => (PAPER_STRICT_FRACTION, PAPER_DECAY),
+    };
+    DecoderThreshold::Calm {
+        tau: tau_v,
+        strict_fraction: strict_fraction.unwrap_or(s0),
+        decay: decay.unwrap_or(d0),
     }
 }

@@ -113,8 +113,18 @@ pub fn point_p_value(result: &SweepResult, p: &SweepPoint, target: f64) -> Optio
 /// Index of the chosen point among those with MuE thresholds (`mue` and `joint` families),
 /// or `None` when none satisfies the objective.
 pub fn pick(result: &SweepResult, objective: Objective) -> Option<usize> {
+    pick_among(result, objective, |p| p.spec.as_mue().is_some())
+}
+
+/// [`pick`] among the points `keep` accepts: the rule every method's point is chosen by
+/// (a baseline family's points on the validation split, as MuE's thresholds).
+pub fn pick_among(
+    result: &SweepResult,
+    objective: Objective,
+    keep: impl Fn(&SweepPoint) -> bool,
+) -> Option<usize> {
     let full = result.full_quality.primary;
-    let cand = (0..result.points.len()).filter(|&i| result.points[i].spec.as_mue().is_some());
+    let cand = (0..result.points.len()).filter(|&i| keep(&result.points[i]));
     let p = |i: usize| &result.points[i];
     let cheapest = |eligible: &dyn Fn(usize) -> bool| {
         cand.clone().filter(|&i| eligible(i)).max_by(|&a, &b| {
@@ -249,8 +259,11 @@ pub fn write_exits(path: &Path, cal: &Calibration) -> Result<TaskThresholds> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, serde_json::to_string_pretty(&t)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+    // Written to a temporary name and renamed: a crash never leaves half a thresholds file.
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&t)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(t)
 }
 
@@ -317,7 +330,7 @@ mod tests {
         PolicySpec::Mue {
             image: i,
             text: i,
-            decoder: i,
+            decoder: crate::exit::DecoderThreshold::Constant { tau: i },
         }
     }
 
@@ -545,5 +558,39 @@ mod tests {
         let back = TaskThresholds::for_model(dir.path()).unwrap();
         assert_eq!(back.entail, cal.policy);
         assert_eq!(back.caption, other.policy);
+    }
+
+    #[test]
+    fn a_scheduled_point_is_calibrated_and_stored() {
+        use crate::exit::DecoderThreshold;
+        let calm = DecoderThreshold::Calm {
+            tau: 0.7,
+            strict_fraction: crate::exit::mue::PAPER_STRICT_FRACTION,
+            decay: crate::exit::mue::PAPER_DECAY,
+        };
+        let sched = PolicySpec::Mue {
+            image: 0.99,
+            text: 0.9,
+            decoder: calm,
+        };
+        let mut s = sweep();
+        s.task = Task::Caption;
+        s.points.push(point(sched, 0.799, 0.3));
+        let s = finish(s.task, s.examples, s.full_quality, s.points);
+        let cal = calibrate(&s, Objective::Target(0.99)).unwrap();
+        assert_eq!(cal.point.spec, sched);
+        assert_eq!(cal.policy.decoder, calm);
+        assert!(cal.point.params.contains("strict=0.333 decay=0.9"));
+        // Restricted to constant decoder thresholds, the rule picks the best constant.
+        let c = pick_among(&s, Objective::Target(0.99), |p| {
+            p.spec.decoder_schedule() == Some(false)
+        });
+        assert_eq!(c, Some(2));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exits.json");
+        write_exits(&path, &cal).unwrap();
+        let back = TaskThresholds::for_model(dir.path()).unwrap();
+        assert_eq!(back.caption.decoder, calm);
+        assert!(!dir.path().join("exits.json.tmp").exists());
     }
 }

@@ -4,8 +4,8 @@
 use super::eval::{self, primary_metric, report, run, Dataset, EvalOptions, EvalReport, Quality};
 use crate::cli::Task;
 use crate::exit::{
-    EntropyPolicy, ExitPolicy, FullDepth, JointSimilarity, MarginPolicy, MuePolicy, PatiencePolicy,
-    StaticDepth,
+    DecoderThreshold, EntropyPolicy, ExitPolicy, FullDepth, JointSimilarity, MarginPolicy,
+    MuePolicy, PatiencePolicy, StaticDepth,
 };
 use crate::pipeline::Engine;
 use anyhow::{bail, Context, Result};
@@ -13,17 +13,35 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// A policy and its parameters, as a sweep grid lists them.
+/// A policy and its parameters, as a sweep grid lists them. MuE's decoder threshold is a
+/// number (constant) or the paper's schedule,
+/// `{"kind": "calm", "tau": 0.9, "strict_fraction": 0.333, "decay": 0.9}`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "policy", rename_all = "lowercase")]
 pub enum PolicySpec {
     Full,
-    Mue { image: f32, text: f32, decoder: f32 },
-    Joint { encoder: f32, decoder: f32 },
-    Entropy { threshold: f32 },
-    Patience { patience: usize },
-    Margin { threshold: f32 },
-    Static { depth: usize },
+    Mue {
+        image: f32,
+        text: f32,
+        #[serde(with = "decoder_number")]
+        decoder: DecoderThreshold,
+    },
+    Joint {
+        encoder: f32,
+        decoder: f32,
+    },
+    Entropy {
+        threshold: f32,
+    },
+    Patience {
+        patience: usize,
+    },
+    Margin {
+        threshold: f32,
+    },
+    Static {
+        depth: usize,
+    },
 }
 
 /// The policy families, in plotting order.
@@ -52,7 +70,7 @@ impl PolicySpec {
                 image,
                 text,
                 decoder,
-            } => format!("image={image} text={text} decoder={decoder}"),
+            } => format!("image={image} text={text} {}", decoder.params()),
             PolicySpec::Joint { encoder, decoder } => {
                 format!("encoder={encoder} decoder={decoder}")
             }
@@ -71,7 +89,7 @@ impl PolicySpec {
                 image,
                 text,
                 decoder,
-            } => Box::new(MuePolicy::new(image, text, decoder)?),
+            } => Box::new(MuePolicy::with_decoder(image, text, decoder)?),
             PolicySpec::Joint { encoder, decoder } => {
                 Box::new(JointSimilarity::new(encoder, decoder)?)
             }
@@ -98,21 +116,62 @@ impl PolicySpec {
                 image,
                 text,
                 decoder,
-            } => MuePolicy::new(image, text, decoder).ok(),
+            } => MuePolicy::with_decoder(image, text, decoder).ok(),
             PolicySpec::Joint { encoder, decoder } => JointSimilarity::new(encoder, decoder)
                 .ok()
                 .map(|j| j.as_mue()),
             _ => None,
         }
     }
+
+    /// Whether this is a MuE point whose decoder threshold follows the schedule.
+    pub fn decoder_schedule(&self) -> Option<bool> {
+        match self {
+            PolicySpec::Mue { decoder, .. } => Some(decoder.is_schedule()),
+            _ => None,
+        }
+    }
+}
+
+/// A constant decoder threshold is written as a plain number (as grid files have always
+/// had it), the schedule as its tagged object; both read back.
+mod decoder_number {
+    use crate::exit::DecoderThreshold;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &DecoderThreshold, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            DecoderThreshold::Constant { tau } => tau.serialize(s),
+            calm => calm.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DecoderThreshold, D::Error> {
+        DecoderThreshold::deserialize(d)
+    }
 }
 
 /// Similarity thresholds of the default MuE / joint grids (1.0: never exit).
 pub const SIMILARITY_GRID: [f32; 5] = [0.8, 0.9, 0.95, 0.99, 1.0];
-/// Entropy thresholds (nats, over the full vocabulary).
+/// Entropy thresholds (nats: over the vocabulary in generation, over the three answers in
+/// entailment, where the entropy is at most ln 3).
 pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
 /// Softmax margin thresholds.
 pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
+
+/// Decoder thresholds of the default MuE grid: constants, and the paper's schedule.
+pub fn default_decoder_thresholds() -> Vec<DecoderThreshold> {
+    let mut d: Vec<DecoderThreshold> = [0.9f32, 0.99, 1.0]
+        .iter()
+        .map(|&tau| DecoderThreshold::Constant { tau })
+        .collect();
+    d.push(DecoderThreshold::Calm {
+        tau: 0.9,
+        strict_fraction: crate::exit::mue::PAPER_STRICT_FRACTION,
+        decay: crate::exit::mue::PAPER_DECAY,
+    });
+    d
+}
 
 /// The default grid of every policy for a model with `decoder_layers` decoder layers.
 /// Entailment scores answers in a single decoder pass, so its decoder threshold matters
@@ -121,7 +180,7 @@ pub fn default_grid(decoder_layers: usize) -> Vec<PolicySpec> {
     let mut g = vec![PolicySpec::Full];
     for &image in &SIMILARITY_GRID {
         for &text in &SIMILARITY_GRID {
-            for &decoder in &[0.9f32, 0.99, 1.0] {
+            for decoder in default_decoder_thresholds() {
                 g.push(PolicySpec::Mue {
                     image,
                     text,
@@ -445,6 +504,32 @@ mod tests {
                 );
             }
         }
+        assert!(default_grid(6)
+            .iter()
+            .any(|s| s.decoder_schedule() == Some(true)));
+        // Grid files: a number is a constant decoder threshold, an object the schedule.
+        let g: Vec<PolicySpec> = serde_json::from_str(
+            r#"[{"policy": "mue", "image": 0.99, "text": 0.9, "decoder": 0.7},
+                {"policy": "mue", "image": 0.99, "text": 0.9, "decoder":
+                 {"kind": "calm", "tau": 0.7, "strict_fraction": 0.3333, "decay": 0.9}}]"#,
+        )
+        .unwrap();
+        assert_eq!(g[0].decoder_schedule(), Some(false));
+        assert_eq!(g[1].decoder_schedule(), Some(true));
+        assert_eq!(g[0].params(), "image=0.99 text=0.9 decoder=0.7");
+        assert_eq!(
+            g[1].params(),
+            "image=0.99 text=0.9 decoder=0.7 strict=0.333 decay=0.9"
+        );
+        // A constant is written back as a number, as before.
+        assert!(serde_json::to_string(&g[0])
+            .unwrap()
+            .contains(r#""decoder":0.7"#));
+        assert!(g[1].build().unwrap().name() == "mue");
+        let bad = r#"{"policy": "mue", "image": 0.99, "text": 0.9, "decoder":
+                     {"kind": "calm", "tau": 0.7, "strict_fraction": -1, "decay": 0.9}}"#;
+        let bad: PolicySpec = serde_json::from_str(bad).unwrap();
+        assert!(bad.build().is_err());
         assert!(PolicySpec::Static { depth: 0 }.build().is_err());
         assert_eq!(
             PolicySpec::Joint {

@@ -4,7 +4,9 @@
 use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
 
-/// Exit when `entropy(softmax(intermediate logits)) < threshold` (nats).
+/// Exit when `entropy(softmax(intermediate logits)) < threshold` (nats). In generation the
+/// softmax is over the vocabulary; in entailment over the answer tokens, the distribution
+/// the answer is chosen from (`generate::score`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EntropyPolicy {
     pub threshold: f32,

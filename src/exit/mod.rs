@@ -86,7 +86,8 @@ pub trait ExitPolicy: Send + Sync + std::fmt::Debug {
     fn name(&self) -> String;
 
     /// Whether decoder layers must produce an output distribution for `Prediction` signals.
-    /// Costly (a full vocabulary projection per executed layer); MuE does not need it.
+    /// Costly in generation (a full vocabulary projection per executed layer; classification
+    /// projects onto the answer tokens only); MuE does not need it.
     fn needs_predictions(&self) -> bool {
         false
     }

@@ -4,8 +4,11 @@ use super::{validate_threshold, ExitPolicy, LayerSignal, Site, Stream};
 use serde::{Deserialize, Serialize};
 
 /// Decoder threshold, constant or following CALM's schedule over the decoding step.
+/// Stored as `{"kind": "constant", "tau": ..}` or `{"kind": "calm", ..}`; a plain number
+/// also reads as a constant (sweep grids write it that way).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(from = "DecoderThresholdRepr")]
 pub enum DecoderThreshold {
     Constant {
         tau: f32,
@@ -19,7 +22,101 @@ pub enum DecoderThreshold {
     },
 }
 
+/// What a stored decoder threshold may look like: a number or the tagged form.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DecoderThresholdRepr {
+    Tau(f32),
+    Tagged(TaggedThreshold),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum TaggedThreshold {
+    Constant {
+        tau: f32,
+    },
+    Calm {
+        tau: f32,
+        strict_fraction: f32,
+        decay: f32,
+    },
+}
+
+impl From<DecoderThresholdRepr> for DecoderThreshold {
+    fn from(r: DecoderThresholdRepr) -> Self {
+        match r {
+            DecoderThresholdRepr::Tau(tau)
+            | DecoderThresholdRepr::Tagged(TaggedThreshold::Constant { tau }) => {
+                DecoderThreshold::Constant { tau }
+            }
+            DecoderThresholdRepr::Tagged(TaggedThreshold::Calm {
+                tau,
+                strict_fraction,
+                decay,
+            }) => DecoderThreshold::Calm {
+                tau,
+                strict_fraction,
+                decay,
+            },
+        }
+    }
+}
+
+/// The paper's schedule (after CALM): no exit in the first third of the maximum length.
+pub const PAPER_STRICT_FRACTION: f32 = 1.0 / 3.0;
+/// The paper's schedule: `0.9 * tau + 0.1 * exp(-(t + 1) / (T + 1))` after the strict part.
+pub const PAPER_DECAY: f32 = 0.9;
+
 impl DecoderThreshold {
+    /// The base threshold `tau` (the constant, or the schedule's).
+    pub fn tau(&self) -> f32 {
+        match *self {
+            DecoderThreshold::Constant { tau } | DecoderThreshold::Calm { tau, .. } => tau,
+        }
+    }
+
+    pub fn is_schedule(&self) -> bool {
+        matches!(self, DecoderThreshold::Calm { .. })
+    }
+
+    /// Check that every parameter is usable.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        validate_threshold("decoder", self.tau())?;
+        if let DecoderThreshold::Calm {
+            strict_fraction,
+            decay,
+            ..
+        } = *self
+        {
+            if !(0.0..=1.0).contains(&strict_fraction) {
+                anyhow::bail!(
+                    "decoder schedule: strict_fraction must lie in [0, 1], got {strict_fraction}"
+                );
+            }
+            if !(0.0..=1.0).contains(&decay) {
+                anyhow::bail!("decoder schedule: decay must lie in [0, 1], got {decay}");
+            }
+        }
+        Ok(())
+    }
+
+    /// `key=value` words as sweeps and reports print them: `decoder=0.9`, or
+    /// `decoder=0.9 strict=0.333 decay=0.9` for the schedule.
+    pub fn params(&self) -> String {
+        match *self {
+            DecoderThreshold::Constant { tau } => format!("decoder={tau}"),
+            DecoderThreshold::Calm {
+                tau,
+                strict_fraction,
+                decay,
+            } => format!(
+                "decoder={tau} strict={} decay={decay}",
+                (strict_fraction * 1000.0).round() / 1000.0
+            ),
+        }
+    }
+
     pub fn at(&self, step: usize, max_len: usize) -> f32 {
         match *self {
             DecoderThreshold::Constant { tau } => tau,
@@ -56,6 +153,18 @@ impl MuePolicy {
             image,
             text,
             decoder: DecoderThreshold::Constant { tau: decoder },
+        })
+    }
+
+    /// Any decoder threshold form, validated.
+    pub fn with_decoder(image: f32, text: f32, decoder: DecoderThreshold) -> anyhow::Result<Self> {
+        validate_threshold("image", image)?;
+        validate_threshold("text", text)?;
+        decoder.validate()?;
+        Ok(Self {
+            image,
+            text,
+            decoder,
         })
     }
 
@@ -127,5 +236,67 @@ mod tests {
         let late = s.at(10, 15);
         let want = 0.9 * 0.9 + 0.1 * (-(11.0f32) / 16.0).exp();
         assert!((late - want).abs() < 1e-6);
+    }
+
+    #[test]
+    fn both_forms_round_trip_and_old_files_load() {
+        let calm = DecoderThreshold::Calm {
+            tau: 0.8,
+            strict_fraction: PAPER_STRICT_FRACTION,
+            decay: PAPER_DECAY,
+        };
+        for d in [DecoderThreshold::Constant { tau: 0.7 }, calm] {
+            let p = MuePolicy::with_decoder(0.99, 0.9, d).unwrap();
+            let back: MuePolicy =
+                serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            assert_eq!(back, p);
+        }
+        // exits.json as written before the schedule could be calibrated.
+        let old = r#"{"image": 0.993, "text": 0.9, "decoder": {"kind": "constant", "tau": 0.7}}"#;
+        let p: MuePolicy = serde_json::from_str(old).unwrap();
+        assert_eq!(p.decoder, DecoderThreshold::Constant { tau: 0.7 });
+        // A plain number reads as a constant.
+        let p: MuePolicy =
+            serde_json::from_str(r#"{"image": 1, "text": 1, "decoder": 0.9}"#).unwrap();
+        assert_eq!(p.decoder, DecoderThreshold::Constant { tau: 0.9 });
+        assert!(serde_json::from_str::<MuePolicy>(
+            r#"{"image": 1, "text": 1, "decoder": {"kind": "cosine", "tau": 0.9}}"#
+        )
+        .is_err());
+        // Bad schedule parameters are refused by name.
+        let bad = DecoderThreshold::Calm {
+            tau: 0.9,
+            strict_fraction: 1.5,
+            decay: 0.9,
+        };
+        let e = MuePolicy::with_decoder(0.9, 0.9, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("strict_fraction"), "{e}");
+        assert_eq!(calm.params(), "decoder=0.8 strict=0.333 decay=0.9");
+        assert_eq!(
+            DecoderThreshold::Constant { tau: 0.7 }.params(),
+            "decoder=0.7"
+        );
+    }
+
+    #[test]
+    fn schedule_holds_early_tokens_a_constant_does_not() {
+        let p = |d| MuePolicy::with_decoder(1.0, 1.0, d).unwrap();
+        let constant = p(DecoderThreshold::Constant { tau: 0.7 });
+        let calm = p(DecoderThreshold::Calm {
+            tau: 0.7,
+            strict_fraction: PAPER_STRICT_FRACTION,
+            decay: PAPER_DECAY,
+        });
+        let at = |step| Site::Decoder { step, max_len: 16 };
+        // Step 0 of 16 with a similarity of 0.8: the constant lets the token leave, the
+        // schedule holds it (no exit in the first third), and releases it later.
+        assert!(constant.should_exit(at(0), &[sig(0.8)], 6));
+        assert!(!calm.should_exit(at(0), &[sig(0.8)], 6));
+        assert!(!calm.should_exit(at(5), &[sig(0.8)], 6));
+        assert!(calm.should_exit(at(6), &[sig(0.8)], 6));
+        // The threshold decays over the steps after the strict part.
+        assert!(calm.decoder.at(6, 16) > calm.decoder.at(15, 16));
     }
 }

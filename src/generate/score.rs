@@ -51,7 +51,7 @@ pub fn score_candidates(
             }
         }
     }
-    let (states, exits, macs) = run_rows(model, enc, &rows, policy)?;
+    let (states, exits, macs) = run_rows(model, enc, &rows, candidates, policy)?;
     let mut out: Vec<Scored> = (0..b)
         .map(|_| Scored {
             scores: vec![0.0; candidates.len()],
@@ -120,19 +120,70 @@ fn log_sum_exp(v: &[f32]) -> f32 {
     m + v.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
 }
 
+/// The answer tokens allowed at each scored position of a row: the tokens continuing some
+/// candidate's prefix, as the final score normalises over (for one-token answers, the
+/// answers themselves).
+fn allowed_tokens(candidates: &[Vec<u32>], cand: Option<usize>) -> Vec<Vec<u32>> {
+    let Some(c) = cand else {
+        let mut a: Vec<u32> = candidates.iter().map(|c| c[0]).collect();
+        a.sort_unstable();
+        a.dedup();
+        return vec![a];
+    };
+    let cand_toks = &candidates[c];
+    (0..cand_toks.len())
+        .map(|j| {
+            let mut a: Vec<u32> = candidates
+                .iter()
+                .filter(|o| o.len() > j && o[..j] == cand_toks[..j])
+                .map(|o| o[j])
+                .collect();
+            a.sort_unstable();
+            a.dedup();
+            a
+        })
+        .collect()
+}
+
+/// Softmax of logits restricted to the answers: the distribution the answer is chosen from.
+pub fn answer_distribution(logits: &[f32]) -> Vec<f32> {
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|v| (v - m).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    e.iter().map(|x| x / sum).collect()
+}
+
 /// Intermediate prediction of one row (`h`: `[1, t, d]`) over its scored positions, from
-/// the full-vocabulary softmax as in generation. With several scored positions (multi-token
-/// candidates) the row is as uncertain as its least certain position: the largest entropy,
-/// the smallest margin, and the top-1 token of the first scored position.
-fn row_prediction(model: &Model, h: &Tensor, scored: &[usize]) -> Result<Prediction> {
+/// the same distribution the answer is chosen from (the fair form for the entropy, margin
+/// and patience baselines): a softmax over the answer tokens allowed at each position
+/// (`allowed[j]`), not over the whole vocabulary. Only those rows of the output
+/// projection are computed. With several scored positions (multi-token candidates) the row
+/// is as uncertain as its least certain position: the largest entropy, the smallest
+/// margin, and the top-1 answer token of the first scored position.
+fn row_prediction(
+    model: &Model,
+    h: &Tensor,
+    scored: &[usize],
+    allowed: &[Vec<u32>],
+) -> Result<Prediction> {
     let hs = h.i((.., scored[0]..scored[0] + scored.len(), ..))?;
-    let logits = model.logits(&hs, Mode::INFER)?.squeeze(0)?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?;
+    let x = model
+        .decoder
+        .layer_norm
+        .forward(&hs, Mode::INFER)?
+        .squeeze(0)?; // [k, d]
     let mut out: Option<Prediction> = None;
-    for p in &probs {
-        let q = Prediction::from_probs(p);
+    for (j, toks) in allowed.iter().enumerate() {
+        let ids = Tensor::from_slice(toks, toks.len(), &model.device)?;
+        let w = model.embed_tokens.index_select(&ids, 0)?; // [a, d]
+        let lg = x
+            .narrow(0, j, 1)?
+            .matmul(&w.t()?)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let mut q = Prediction::from_probs(&answer_distribution(&lg));
+        q.top1 = toks[q.top1 as usize];
         out = Some(match out {
             None => q,
             Some(o) => Prediction {
@@ -153,6 +204,7 @@ fn run_rows(
     model: &Model,
     enc: &EncoderRun,
     rows: &[RowSpec],
+    candidates: &[Vec<u32>],
     policy: &dyn ExitPolicy,
 ) -> Result<(Vec<Tensor>, Vec<usize>, Vec<Macs>)> {
     let mode = Mode::INFER;
@@ -194,7 +246,6 @@ fn run_rows(
 
     let d = cfg.d_model as u64;
     let ffn = cfg.decoder_ffn_dim as u64;
-    let vocab = cfg.vocab_size as u64;
     let mut macs = vec![Macs::default(); enc.memory.dim(0)?];
     let mut x_rows: Vec<Tensor> = {
         let x = model.embed_decoder(&ids, mode)?;
@@ -244,8 +295,15 @@ fn run_rows(
             let mut p = Vec::with_capacity(active.len());
             for (j, &r) in active.iter().enumerate() {
                 let scored = &rows[r].3;
-                macs[rows[r].0].executed += scored.len() as u64 * d * vocab;
-                p.push(row_prediction(model, &y.narrow(0, j, 1)?, scored)?);
+                let allowed = allowed_tokens(candidates, rows[r].1);
+                let outputs: usize = allowed.iter().map(|a| a.len()).sum();
+                macs[rows[r].0].executed += outputs as u64 * d;
+                p.push(row_prediction(
+                    model,
+                    &y.narrow(0, j, 1)?,
+                    scored,
+                    &allowed,
+                )?);
             }
             Some(p)
         } else {
@@ -272,4 +330,40 @@ fn run_rows(
         }
     }
     Ok((x_rows, exit, macs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_distribution_sums_to_one_over_the_answers() {
+        for lg in [
+            vec![0.3f32, -1.2, 2.5],
+            vec![40.0, 40.0, -40.0],
+            vec![-1e3, -1e3 + 1.0, -1e3 - 1.0],
+        ] {
+            let p = answer_distribution(&lg);
+            assert_eq!(p.len(), 3);
+            let sum: f32 = p.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-6, "{p:?}");
+            assert!(p.iter().all(|&x| (0.0..=1.0).contains(&x)));
+            // Same order as the logits: the answer chosen is the distribution's top-1.
+            let top = Prediction::from_probs(&p).top1 as usize;
+            let best = (0..3).fold(0, |b, i| if lg[i] > lg[b] { i } else { b });
+            assert_eq!(top, best);
+            assert!(Prediction::from_probs(&p).entropy <= 3f32.ln() + 1e-6);
+        }
+    }
+
+    #[test]
+    fn allowed_tokens_follow_the_candidates_prefixes() {
+        let one = vec![vec![7u32], vec![3], vec![9]];
+        assert_eq!(allowed_tokens(&one, None), vec![vec![3, 7, 9]]);
+        // " maybe" as two tokens sharing nothing with the others; " no" and " not" share 5.
+        let multi = vec![vec![5u32], vec![5, 8], vec![4, 2]];
+        assert_eq!(allowed_tokens(&multi, Some(1)), vec![vec![4, 5], vec![8]]);
+        assert_eq!(allowed_tokens(&multi, Some(2)), vec![vec![4, 5], vec![2]]);
+        assert_eq!(allowed_tokens(&multi, Some(0)), vec![vec![4, 5]]);
+    }
 }
