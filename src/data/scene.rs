@@ -474,8 +474,8 @@ fn put_blend(img: &mut RgbImage, x: i64, y: i64, rgb: [u8; 3], alpha: f32) {
         return;
     }
     let p = img.get_pixel_mut(x as u32, y as u32);
-    for k in 0..3 {
-        let v = p.0[k] as f32 * (1.0 - alpha) + rgb[k] as f32 * alpha;
+    for (k, &c) in rgb.iter().enumerate() {
+        let v = p.0[k] as f32 * (1.0 - alpha) + c as f32 * alpha;
         p.0[k] = v.round().clamp(0.0, 255.0) as u8;
     }
 }

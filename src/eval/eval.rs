@@ -666,9 +666,6 @@ mod tests {
         assert_eq!(paired_bootstrap_ratio(&a, &b, 1.0, 500), None);
         // Full depth right on one example in ten: many draws miss it and have no ratio.
         let full: Vec<f64> = (0..10).map(|i| f64::from(u8::from(i == 0))).collect();
-        assert_eq!(
-            paired_bootstrap_ratio(&vec![1.0; 10], &full, 0.9, 500),
-            None
-        );
+        assert_eq!(paired_bootstrap_ratio(&[1.0; 10], &full, 0.9, 500), None);
     }
 }

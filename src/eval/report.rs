@@ -231,6 +231,7 @@ pub struct Machine {
 /// The ablation without the layer-wise loss for one task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)] // one per task and report: its size does not matter
 pub enum Ablation {
     NotRun {
         reason: String,

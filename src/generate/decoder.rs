@@ -224,6 +224,8 @@ impl<'a> DecoderState<'a> {
     }
 
     /// Feed one token per row at position `self.t`; returns next-token logits.
+    // The layer loop indexes the cache, the biases and the layers alike by `l`.
+    #[allow(clippy::needless_range_loop)]
     pub fn step(&mut self, tokens: &[u32]) -> Result<StepOutput> {
         let model = self.model;
         let mode = Mode::INFER;

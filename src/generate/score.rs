@@ -38,7 +38,8 @@ pub fn score_candidates(
     }
     let single = candidates.iter().all(|c| c.len() == 1);
     // Rows: (sample, candidate or None, input ids, scored positions).
-    let mut rows: Vec<(usize, Option<usize>, Vec<u32>, Vec<usize>)> = Vec::new();
+    type Row = (usize, Option<usize>, Vec<u32>, Vec<usize>);
+    let mut rows: Vec<Row> = Vec::new();
     for (s, p) in prefixes.iter().enumerate() {
         if single {
             rows.push((s, None, p.clone(), vec![p.len() - 1]));

@@ -167,7 +167,9 @@ impl Config {
         pos(self.decoder_ffn_dim, "decoder_ffn_dim")?;
         pos(self.image_size, "image_size")?;
         pos(self.max_positions, "max_positions")?;
-        if self.d_model % self.encoder_heads != 0 || self.d_model % self.decoder_heads != 0 {
+        if !self.d_model.is_multiple_of(self.encoder_heads)
+            || !self.d_model.is_multiple_of(self.decoder_heads)
+        {
             bail!(
                 "config: d_model {} is not divisible by the number of heads ({} / {})",
                 self.d_model,
@@ -183,7 +185,7 @@ impl Config {
         }
         match &self.image_embedder {
             ImageEmbedder::Patch { patch } => {
-                if *patch == 0 || self.image_size % patch != 0 {
+                if *patch == 0 || !self.image_size.is_multiple_of(*patch) {
                     bail!(
                         "config: image_size {} is not a multiple of the patch size {patch}",
                         self.image_size
@@ -192,7 +194,7 @@ impl Config {
             }
             ImageEmbedder::Conv { stem, patch } => {
                 let stride = (1usize << stem.len().min(16)) * patch;
-                if *patch == 0 || stem.len() > 16 || self.image_size % stride != 0 {
+                if *patch == 0 || stem.len() > 16 || !self.image_size.is_multiple_of(stride) {
                     bail!(
                         "config: image_size {} is not a multiple of the conv stem's stride {} \
                          ({} stride-2 convolutions, patch {patch})",

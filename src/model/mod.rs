@@ -737,24 +737,24 @@ fn reinit_seeded(varmap: &VarMap, seed: u64, branches: BranchInit) -> Result<()>
         // scale 1 (the shift is a bias, 0 below).
         let batch_norm = name.starts_with("encoder.embed_images.")
             && (name.contains(".bn") || name.contains(".downsample.1."));
-        let values: Vec<f32> = if branches.zeroes(name) {
-            vec![0.0; n]
-        } else if batch_norm && name.ends_with(".running_mean") {
-            vec![0.0; n]
-        } else if batch_norm && (name.ends_with(".running_var") || name.ends_with(".weight")) {
-            vec![1.0; n]
-        } else if name.ends_with("c_attn") || (is_norm && name.ends_with(".weight")) {
-            vec![1.0; n]
-        } else if conv {
-            let fan_in: usize = shape.dims()[1..].iter().product();
-            scaled((2.0 / fan_in as f32).sqrt(), &mut rng)
-        } else if name.ends_with(".bias") {
-            vec![0.0; n]
-        } else if dense {
-            scaled((shape.dims()[1] as f32).powf(-0.5), &mut rng)
-        } else {
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
+        let values: Vec<f32> =
+            if branches.zeroes(name) || (batch_norm && name.ends_with(".running_mean")) {
+                vec![0.0; n]
+            } else if (batch_norm && (name.ends_with(".running_var") || name.ends_with(".weight")))
+                || name.ends_with("c_attn")
+                || (is_norm && name.ends_with(".weight"))
+            {
+                vec![1.0; n]
+            } else if conv {
+                let fan_in: usize = shape.dims()[1..].iter().product();
+                scaled((2.0 / fan_in as f32).sqrt(), &mut rng)
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else if dense {
+                scaled((shape.dims()[1] as f32).powf(-0.5), &mut rng)
+            } else {
+                (0..n).map(|_| normal.sample(&mut rng)).collect()
+            };
         var.set(&Tensor::from_vec(values, shape, var.device())?)?;
     }
     Ok(())

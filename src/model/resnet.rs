@@ -240,7 +240,7 @@ impl ResNet {
     /// stage (see [`blocks_for`]). Weights are converted to f32 and BatchNorms
     /// folded into the convolutions.
     pub fn load(vb: VarBuilder, blocks: [usize; 3]) -> Result<Self> {
-        if blocks.iter().any(|&n| n == 0) {
+        if blocks.contains(&0) {
             candle_core::bail!("every ResNet stage needs at least one block, got {blocks:?}");
         }
         let stem = ConvBn::load(&vb, "conv1", "bn1", 3, 64, 7, 2)?;

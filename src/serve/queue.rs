@@ -220,6 +220,8 @@ impl Queue {
         self.len() == 0
     }
 
+    // The refused job goes back to the caller, which still has to answer it.
+    #[allow(clippy::result_large_err)]
     pub fn push(&self, job: Job) -> Result<(), (PushError, Job)> {
         let mut st = self.state.lock().unwrap();
         if st.closed {
