@@ -563,11 +563,7 @@ mod tests {
     #[test]
     fn a_scheduled_point_is_calibrated_and_stored() {
         use crate::exit::DecoderThreshold;
-        let calm = DecoderThreshold::Calm {
-            tau: 0.7,
-            strict_fraction: crate::exit::mue::PAPER_STRICT_FRACTION,
-            decay: crate::exit::mue::PAPER_DECAY,
-        };
+        let calm = DecoderThreshold::paper(0.7);
         let sched = PolicySpec::Mue {
             image: 0.99,
             text: 0.9,

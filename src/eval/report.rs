@@ -2388,11 +2388,7 @@ mod tests {
         let task = Task::Caption;
         let mut t = task_results(task, false);
         let full = t.sweep.full_quality.primary;
-        let calm = DecoderThreshold::Calm {
-            tau: 0.7,
-            strict_fraction: crate::exit::mue::PAPER_STRICT_FRACTION,
-            decay: crate::exit::mue::PAPER_DECAY,
-        };
+        let calm = DecoderThreshold::paper(0.7);
         let sched = PolicySpec::Mue {
             image: 0.9,
             text: 0.99,

@@ -165,11 +165,7 @@ pub fn default_decoder_thresholds() -> Vec<DecoderThreshold> {
         .iter()
         .map(|&tau| DecoderThreshold::Constant { tau })
         .collect();
-    d.push(DecoderThreshold::Calm {
-        tau: 0.9,
-        strict_fraction: crate::exit::mue::PAPER_STRICT_FRACTION,
-        decay: crate::exit::mue::PAPER_DECAY,
-    });
+    d.push(DecoderThreshold::paper(0.9));
     d
 }
 

@@ -69,6 +69,15 @@ pub const PAPER_STRICT_FRACTION: f32 = 1.0 / 3.0;
 pub const PAPER_DECAY: f32 = 0.9;
 
 impl DecoderThreshold {
+    /// The paper's schedule around `tau`.
+    pub fn paper(tau: f32) -> Self {
+        DecoderThreshold::Calm {
+            tau,
+            strict_fraction: PAPER_STRICT_FRACTION,
+            decay: PAPER_DECAY,
+        }
+    }
+
     /// The base threshold `tau` (the constant, or the schedule's).
     pub fn tau(&self) -> f32 {
         match *self {
@@ -240,11 +249,7 @@ mod tests {
 
     #[test]
     fn both_forms_round_trip_and_old_files_load() {
-        let calm = DecoderThreshold::Calm {
-            tau: 0.8,
-            strict_fraction: PAPER_STRICT_FRACTION,
-            decay: PAPER_DECAY,
-        };
+        let calm = DecoderThreshold::paper(0.8);
         for d in [DecoderThreshold::Constant { tau: 0.7 }, calm] {
             let p = MuePolicy::with_decoder(0.99, 0.9, d).unwrap();
             let back: MuePolicy =
@@ -284,11 +289,7 @@ mod tests {
     fn schedule_holds_early_tokens_a_constant_does_not() {
         let p = |d| MuePolicy::with_decoder(1.0, 1.0, d).unwrap();
         let constant = p(DecoderThreshold::Constant { tau: 0.7 });
-        let calm = p(DecoderThreshold::Calm {
-            tau: 0.7,
-            strict_fraction: PAPER_STRICT_FRACTION,
-            decay: PAPER_DECAY,
-        });
+        let calm = p(DecoderThreshold::paper(0.7));
         let at = |step| Site::Decoder { step, max_len: 16 };
         // Step 0 of 16 with a similarity of 0.8: the constant lets the token leave, the
         // schedule holds it (no exit in the first third), and releases it later.

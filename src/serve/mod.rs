@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod queue;
 
 use crate::cli::{Task, TaskThresholds};
-use crate::exit::{DecoderThreshold, MuePolicy};
+use crate::exit::MuePolicy;
 use crate::generate::{Exits, SearchConfig};
 use crate::pipeline::{Engine, EntailRequest, MAX_TEXT_CHARS};
 use anyhow::Result;
@@ -770,9 +770,7 @@ fn preprocess(img: &DynamicImage, size: u32) -> DynamicImage {
 
 /// Exit thresholds of a request over the task's defaults; each must be finite in [-2, 2].
 fn policy_of(raw: &[Option<Value>; 3], base: MuePolicy) -> Result<MuePolicy, ApiError> {
-    let base_dec = match base.decoder {
-        DecoderThreshold::Constant { tau } | DecoderThreshold::Calm { tau, .. } => tau,
-    };
+    let base_dec = base.decoder.tau();
     let mut vals = [base.image, base.text, base_dec];
     for (i, r) in raw.iter().enumerate() {
         let Some(v) = r else { continue };
@@ -967,9 +965,7 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
         Ok(Ok(d)) => d,
     };
     let out = done.output.map_err(ApiError::internal)?;
-    let dec = match policy.decoder {
-        DecoderThreshold::Constant { tau } | DecoderThreshold::Calm { tau, .. } => tau,
-    };
+    let dec = policy.decoder.tau();
     let mut v = match &out {
         JobOutput::Caption(c) => json!({
             "task": "caption",
