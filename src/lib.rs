@@ -6,6 +6,8 @@ pub mod eval;
 pub mod exit;
 pub mod generate;
 pub mod model;
+pub mod paths;
 pub mod pipeline;
 pub mod serve;
+pub mod task;
 pub mod train;

@@ -72,8 +72,8 @@ where
     builder.margin(20);
     if text {
         let task = match result.task {
-            crate::cli::Task::Caption => "captioning",
-            crate::cli::Task::Entail => "visual entailment",
+            crate::task::Task::Caption => "captioning",
+            crate::task::Task::Entail => "visual entailment",
         };
         builder
             .caption(

@@ -2,12 +2,12 @@
 //! Pareto frontier of quality against multiply-add reduction, written as CSV and JSON.
 
 use super::eval::{self, primary_metric, report, run, Dataset, EvalOptions, EvalReport, Quality};
-use crate::cli::Task;
 use crate::exit::{
     DecoderThreshold, EntropyPolicy, ExitPolicy, FullDepth, JointSimilarity, MarginPolicy,
     MuePolicy, PatiencePolicy, StaticDepth,
 };
 use crate::pipeline::Engine;
+use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;

@@ -16,10 +16,10 @@ pub mod load;
 pub mod metrics;
 pub mod queue;
 
-use crate::cli::{Task, TaskThresholds};
 use crate::exit::MuePolicy;
 use crate::generate::{Exits, SearchConfig};
-use crate::pipeline::{Engine, EntailRequest, MAX_TEXT_CHARS};
+use crate::pipeline::{Engine, EntailRequest};
+use crate::task::{Task, TaskThresholds, MAX_TEXT_CHARS};
 use anyhow::Result;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Multipart, Request, State};
@@ -90,7 +90,7 @@ impl Default for ServeConfig {
             max_image_side: 4096,
             thresholds: TaskThresholds::default(),
             search: SearchConfig::default(),
-            examples_dir: crate::cli::demo::examples_dir(),
+            examples_dir: crate::paths::examples_dir(),
             max_connections: 512,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
