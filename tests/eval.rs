@@ -310,6 +310,7 @@ fn data_args(dir: &Path, task: Task) -> DataArgs {
         max_len: 5,
         quiet: true,
         premise: false,
+        images: None,
     }
 }
 
