@@ -4,7 +4,8 @@
 
 use super::cost::{self, Macs};
 use super::encoder::EncoderRun;
-use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Prediction, Site};
+use super::rows::{signals, ExitRows};
+use crate::exit::{row_similarity, ExitPolicy, Prediction, Site};
 use crate::model::layers::{key_padding_bias, Mode};
 use crate::model::Model;
 use candle_core::{DType, IndexOp, Result, Tensor, D};
@@ -243,23 +244,22 @@ impl<'a> DecoderState<'a> {
         let vocab = model.cfg.vocab_size as u64;
         let dev = &model.device;
         let ids = Tensor::from_vec(tokens.to_vec(), (rows, 1), dev)?;
-        let mut h = model.embed_decoder(&ids, mode)?;
-        let mut active: Vec<usize> = (0..rows).collect();
-        let mut exit_layer = vec![layers; rows];
-        let mut final_state: Vec<Option<Tensor>> = vec![None; rows];
-        // New keys/values per layer: (rows, k, v) pieces.
-        let mut new_kv: Vec<Vec<(Vec<usize>, Tensor, Tensor)>> = vec![Vec::new(); layers];
-        let mut history: Vec<Vec<LayerSignal>> = vec![Vec::new(); rows];
         let site = Site::Decoder {
             step: t,
             max_len: self.max_len,
         };
+        let mut run = ExitRows::new(&model.embed_decoder(&ids, mode)?, layers, site)?;
+        // New keys/values per layer: (rows, k, v) pieces.
+        let mut new_kv: Vec<Vec<(Vec<usize>, Tensor, Tensor)>> = vec![Vec::new(); layers];
         let needs_pred = self.policy.needs_predictions();
 
         for l in 0..layers {
+            let active = run.active();
+            if active.is_empty() {
+                break;
+            }
             self.ensure_cross_kv(l, &active)?;
-            let all = active.len() == rows;
-            let idx = if all {
+            let idx = if active.len() == rows {
                 None
             } else {
                 Some(Tensor::from_vec(
@@ -275,60 +275,31 @@ impl<'a> DecoderState<'a> {
             };
             let bias = self.self_biases[l].i((.., .., t..t + 1, 0..t + 1))?;
             let dl = &model.decoder.layers[l];
+            let h = run.gather(&active)?;
             let (x, (k, v)) =
                 dl.self_block(&h, past.as_ref().map(|(k, v)| (k, v)), Some(&bias), mode)?;
             let x = self.cross(l, &active, &x)?;
             let y = dl.ffn_block(&x, mode)?;
             new_kv[l].push((active.clone(), k, v));
-            for &r in &active {
-                let s = self.row_sample[r];
-                self.macs[s].executed +=
-                    cost::decoder_layer(1, t as u64 + 1, self.memory_len[s] as u64, d, ffn);
-            }
-            if l + 1 == layers {
-                for (j, &r) in active.iter().enumerate() {
-                    final_state[r] = Some(y.narrow(0, j, 1)?);
-                }
-                break;
-            }
-            let sims = row_similarity(&y, &h, None)?;
-            let preds = if needs_pred {
-                for &r in &active {
-                    self.macs[self.row_sample[r]].executed += d * vocab;
-                }
-                Some(self.predictions(&y)?)
+            run.charge(&active, |r| {
+                let n_mem = self.memory_len[self.row_sample[r]] as u64;
+                cost::decoder_layer(1, t as u64 + 1, n_mem, d, ffn)
+            });
+            // No decision follows the last layer.
+            let signals = if l + 1 == layers {
+                Vec::new()
             } else {
-                None
-            };
-            let mut keep = Vec::with_capacity(active.len());
-            for (j, &r) in active.iter().enumerate() {
-                history[r].push(LayerSignal {
-                    similarity: sims[j],
-                    prediction: preds.as_ref().map(|p| p[j]),
-                });
-                if self.policy.should_exit(site, &history[r], layers) {
-                    exit_layer[r] = l + 1;
-                    final_state[r] = Some(y.narrow(0, j, 1)?);
+                let preds = if needs_pred {
+                    run.charge(&active, |_| d * vocab);
+                    Some(self.predictions(&y)?)
                 } else {
-                    keep.push(j);
-                }
-            }
-            if keep.is_empty() {
-                active.clear();
-                break;
-            }
-            if keep.len() < active.len() {
-                let ki = Tensor::from_vec(
-                    keep.iter().map(|&j| j as u32).collect::<Vec<_>>(),
-                    keep.len(),
-                    dev,
-                )?;
-                h = y.index_select(&ki, 0)?;
-                active = keep.iter().map(|&j| active[j]).collect();
-            } else {
-                h = y;
-            }
+                    None
+                };
+                signals(row_similarity(&y, &h, None)?, preds)
+            };
+            run.update(&active, l, &y, signals, self.policy)?;
         }
+        let exit_layer = run.exit.clone();
 
         // Skipped layers still need this token's keys/values for later, deeper tokens.
         for m in 1..layers {
@@ -338,10 +309,7 @@ impl<'a> DecoderState<'a> {
             }
             let (k, v) = match self.fill {
                 KvFill::Propagate => {
-                    let parts: Vec<&Tensor> = fill_rows
-                        .iter()
-                        .map(|&r| final_state[r].as_ref().unwrap())
-                        .collect();
+                    let parts: Vec<&Tensor> = fill_rows.iter().map(|&r| run.state(r)).collect();
                     let hs = Tensor::cat(&parts, 0)?;
                     for &r in &fill_rows {
                         self.macs[self.row_sample[r]].executed += cost::propagate(d);
@@ -369,12 +337,12 @@ impl<'a> DecoderState<'a> {
                 None => (k, v),
             });
         }
-        let parts: Vec<Tensor> = final_state.into_iter().map(|s| s.unwrap()).collect();
+        let parts: Vec<&Tensor> = (0..rows).map(|r| run.state(r)).collect();
         let hs = Tensor::cat(&parts, 0)?;
         let logits = model.logits(&hs, mode)?.squeeze(1)?;
         for r in 0..rows {
             let s = self.row_sample[r];
-            self.macs[s].executed += d * vocab;
+            self.macs[s].executed += run.macs[r] + d * vocab;
             let full_step = layers as u64
                 * cost::decoder_layer(1, t as u64 + 1, self.memory_len[s] as u64, d, ffn)
                 + d * vocab;
