@@ -652,7 +652,19 @@ impl Model {
     /// Vocabulary logits from a decoder state: final layer norm, then the tied projection.
     pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.decoder.layer_norm.forward(h, mode)?;
-        matmul_flat(&x, &self.embed_tokens.t()?)
+        if mode.train {
+            return matmul_flat(&x, &self.embed_tokens.t()?);
+        }
+        // Inference multiplies the vocabulary matrix as stored, `E x^T`: `x E^T` made gemm
+        // repack all of E^T on every decoding step, most of a step's time (same sums, same
+        // values; `mue bench` caption workload).
+        let dims = x.dims().to_vec();
+        let d = dims[dims.len() - 1];
+        let x = x.reshape((x.elem_count() / d.max(1), d))?;
+        let y = self.embed_tokens.matmul(&x.t()?)?.t()?.contiguous()?;
+        let mut out = dims[..dims.len() - 1].to_vec();
+        out.push(self.embed_tokens.dim(0)?);
+        y.reshape(out)
     }
 
     /// Log-probabilities over the vocabulary (differentiable).
