@@ -150,10 +150,10 @@ mod tests {
                 .to_vec1()
                 .unwrap()
         };
-        for r in 0..3 {
-            for p in 0..35 {
-                assert_eq!(got(&k, r, p), want[r][p], "row {r} position {p}");
-                assert_eq!(got(&v, r, p), want[r][p]);
+        for (r, positions) in want.iter().enumerate() {
+            for (p, w) in positions.iter().enumerate() {
+                assert_eq!(&got(&k, r, p), w, "row {r} position {p}");
+                assert_eq!(&got(&v, r, p), w);
             }
         }
         // Rows 2 and 0 read through an index, then a reorder keeps row 2 twice.
