@@ -73,12 +73,27 @@ pub fn score_candidates(
         o.macs = enc.macs[s];
         o.macs += macs[s];
     }
-    let mode = Mode::INFER;
+    // Every row's scored positions in one vocabulary projection (one pass over the
+    // embedding matrix for the batch, not one per row).
+    let positions: Vec<Tensor> = rows
+        .iter()
+        .zip(&states)
+        .map(|(row, h)| h.i((.., row.scored[0]..row.scored[0] + row.scored.len(), ..)))
+        .collect::<Result<_>>()?;
+    let all = if positions.is_empty() {
+        Vec::new()
+    } else {
+        model
+            .logits(&Tensor::cat(&positions, 1)?, Mode::INFER)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()? // [scored positions of all rows, V]
+    };
+    let mut start = 0;
     for (r, row) in rows.iter().enumerate() {
-        let (s, scored) = (&row.sample, &row.scored);
-        let h = states[r].i((.., scored[0]..scored[0] + scored.len(), ..))?;
-        let logits = model.logits(&h, mode)?.squeeze(0)?.to_dtype(DType::F32)?; // [k, V]
-        let lg = logits.to_vec2::<f32>()?;
+        let s = &row.sample;
+        let lg = &all[start..start + row.scored.len()];
+        start += row.scored.len();
         out[*s].decoder_exit = out[*s].decoder_exit.max(exits[r]);
         match &row.candidate {
             None => {
