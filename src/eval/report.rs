@@ -9,7 +9,7 @@ use super::eval::{self, percent as pct, Dataset, EvalOptions, EvalReport, Qualit
 use super::sweep::{self, PolicySpec, SweepPoint, SweepResult};
 use super::write_json;
 use crate::cli::Task;
-use crate::exit::DecoderThreshold;
+use crate::exit::{DecoderThreshold, FullDepth, MueSpec, StaticSpec};
 use crate::generate::SearchConfig;
 use crate::pipeline::Engine;
 use crate::train::LossKind;
@@ -304,11 +304,11 @@ fn push_unique(grid: &mut Vec<PolicySpec>, spec: PolicySpec) {
     }
 }
 
-const NEVER_EXIT: PolicySpec = PolicySpec::Mue {
+const NEVER_EXIT: PolicySpec = PolicySpec::Mue(MueSpec {
     image: 1.0,
     text: 1.0,
     decoder: DecoderThreshold::Constant { tau: 1.0 },
-};
+});
 
 /// The calibration grid: the MuE points of the file (or of the default grid), plus the
 /// never-exit point so that any target can be met.
@@ -331,12 +331,12 @@ pub fn test_grid(
     static_layers: usize,
     chosen: &[PolicySpec],
 ) -> Result<Vec<PolicySpec>> {
-    let mut g = vec![PolicySpec::Full];
+    let mut g = vec![PolicySpec::Full(FullDepth)];
     for s in sweep::select_grid(file, decoder_layers, &[])? {
         push_unique(&mut g, s);
     }
     for depth in static_depths(static_layers) {
-        push_unique(&mut g, PolicySpec::Static { depth });
+        push_unique(&mut g, PolicySpec::Static(StaticSpec { depth }));
     }
     for &c in chosen {
         push_unique(&mut g, c);
@@ -357,7 +357,7 @@ pub fn valid_baseline_grid(
         push_unique(&mut g, s);
     }
     for depth in static_depths(static_layers) {
-        push_unique(&mut g, PolicySpec::Static { depth });
+        push_unique(&mut g, PolicySpec::Static(StaticSpec { depth }));
     }
     Ok(g)
 }
@@ -938,7 +938,11 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
         "Full model ({}+{} layers)",
         t.encoder_layers, t.decoder_layers
     );
-    match s.points.iter().position(|p| p.spec == PolicySpec::Full) {
+    match s
+        .points
+        .iter()
+        .position(|p| p.spec == PolicySpec::Full(FullDepth))
+    {
         Some(i) => out.push(point_row(RowKey::Full, full_name, String::new(), i)),
         None => out.push(missing(RowKey::Full, full_name, "not in the sweep grid")),
     }
@@ -948,7 +952,7 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
         match s
             .points
             .iter()
-            .position(|p| p.spec == PolicySpec::Static { depth: d })
+            .position(|p| p.spec == PolicySpec::Static(StaticSpec { depth: d }))
         {
             Some(i) => out.push(point_row(RowKey::Static(d), name, format!("depth={d}"), i)),
             None => out.push(missing(RowKey::Static(d), name, "not in the sweep grid")),
@@ -977,7 +981,7 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
     };
     let picked = |fam: &'static str, out: &mut Vec<Row>| match pick(fam) {
         Some((spec, params, rule)) => {
-            if let PolicySpec::Static { depth } = spec {
+            if let PolicySpec::Static(StaticSpec { depth }) = spec {
                 if depths.contains(&depth) {
                     return;
                 }
@@ -1864,6 +1868,7 @@ mod tests {
     use super::*;
     use crate::eval::eval::{ExitStats, Reduction};
     use crate::eval::sweep::finish;
+    use crate::exit::{EntropyPolicy, JointSpec, MarginPolicy, PatiencePolicy};
 
     fn quality(task: Task, v: f64) -> Quality {
         match task {
@@ -1932,11 +1937,11 @@ mod tests {
     }
 
     fn mue(i: f32, t: f32, d: f32) -> PolicySpec {
-        PolicySpec::Mue {
+        PolicySpec::Mue(MueSpec {
             image: i,
             text: t,
             decoder: DecoderThreshold::Constant { tau: d },
-        }
+        })
     }
 
     /// Entailment at full accuracy 0.8: every baseline point below MuE's frontier unless
@@ -1949,15 +1954,39 @@ mod tests {
         let f = |x: f64| x * full / 0.8;
         let cal = mue(0.9, 0.99, 0.99);
         let mut pts = vec![
-            (PolicySpec::Full, f(0.8), 0.0),
-            (PolicySpec::Static { depth: 4 }, f(0.76), 0.3),
-            (PolicySpec::Static { depth: 2 }, f(0.6), 0.6),
-            (PolicySpec::Entropy { threshold: 0.5 }, f(0.8), 0.05),
-            (PolicySpec::Entropy { threshold: 1.0 }, f(0.795), 0.2),
-            (PolicySpec::Entropy { threshold: 2.0 }, f(0.7), 0.5),
-            (PolicySpec::Patience { patience: 1 }, f(0.7), 0.3),
-            (PolicySpec::Patience { patience: 2 }, f(0.75), 0.1),
-            (PolicySpec::Margin { threshold: 0.9 }, f(0.793), 0.25),
+            (PolicySpec::Full(FullDepth), f(0.8), 0.0),
+            (PolicySpec::Static(StaticSpec { depth: 4 }), f(0.76), 0.3),
+            (PolicySpec::Static(StaticSpec { depth: 2 }), f(0.6), 0.6),
+            (
+                PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
+                f(0.8),
+                0.05,
+            ),
+            (
+                PolicySpec::Entropy(EntropyPolicy { threshold: 1.0 }),
+                f(0.795),
+                0.2,
+            ),
+            (
+                PolicySpec::Entropy(EntropyPolicy { threshold: 2.0 }),
+                f(0.7),
+                0.5,
+            ),
+            (
+                PolicySpec::Patience(PatiencePolicy { patience: 1 }),
+                f(0.7),
+                0.3,
+            ),
+            (
+                PolicySpec::Patience(PatiencePolicy { patience: 2 }),
+                f(0.75),
+                0.1,
+            ),
+            (
+                PolicySpec::Margin(MarginPolicy { threshold: 0.9 }),
+                f(0.793),
+                0.25,
+            ),
             (mue(1.0, 1.0, 1.0), f(0.8), 0.0),
             (cal, f(0.795), 0.4),
             (mue(0.95, 1.0, 1.0), f(0.8), 0.2),
@@ -1965,16 +1994,16 @@ mod tests {
             (mue(0.7, 0.9, 0.9), f(0.76), 0.65),
             (mue(0.5, 0.5, 0.5), f(0.7), 0.8),
             (
-                PolicySpec::Joint {
+                PolicySpec::Joint(JointSpec {
                     encoder: 0.95,
-                    decoder: 0.99,
-                },
+                    decoder: DecoderThreshold::Constant { tau: 0.99 },
+                }),
                 f(0.795),
                 0.15,
             ),
         ];
         if open_static {
-            pts.push((PolicySpec::Static { depth: 1 }, f(0.8), 0.9));
+            pts.push((PolicySpec::Static(StaticSpec { depth: 1 }), f(0.8), 0.9));
         }
         let points = pts
             .into_iter()
@@ -2111,7 +2140,10 @@ mod tests {
         assert!(g.contains(&NEVER_EXIT));
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("g.json");
-        let only = vec![PolicySpec::Entropy { threshold: 0.5 }, mue(0.9, 0.9, 0.9)];
+        let only = vec![
+            PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
+            mue(0.9, 0.9, 0.9),
+        ];
         std::fs::write(&file, serde_json::to_string(&only).unwrap()).unwrap();
         // MuE points of the file, plus never-exit.
         assert_eq!(
@@ -2123,11 +2155,11 @@ mod tests {
         assert_eq!(
             t,
             vec![
-                PolicySpec::Full,
-                PolicySpec::Entropy { threshold: 0.5 },
+                PolicySpec::Full(FullDepth),
+                PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
                 mue(0.9, 0.9, 0.9),
-                PolicySpec::Static { depth: 4 },
-                PolicySpec::Static { depth: 2 },
+                PolicySpec::Static(StaticSpec { depth: 4 }),
+                PolicySpec::Static(StaticSpec { depth: 2 }),
                 cal
             ]
         );
@@ -2323,20 +2355,44 @@ mod tests {
         // On valid: entropy 0.5 keeps 99% cheapest (1.0 and 2.0 miss); patience none
         // reaches 99% (best quality: patience 2); margin 0.9 is cheapest at 99%.
         let valid_pts = [
-            (PolicySpec::Full, f(0.8), 0.0),
-            (PolicySpec::Static { depth: 4 }, f(0.7), 0.3),
-            (PolicySpec::Static { depth: 2 }, f(0.6), 0.6),
-            (PolicySpec::Entropy { threshold: 0.5 }, f(0.8), 0.1),
-            (PolicySpec::Entropy { threshold: 1.0 }, f(0.78), 0.2),
-            (PolicySpec::Entropy { threshold: 2.0 }, f(0.7), 0.5),
-            (PolicySpec::Patience { patience: 1 }, f(0.6), 0.3),
-            (PolicySpec::Patience { patience: 2 }, f(0.75), 0.1),
-            (PolicySpec::Margin { threshold: 0.9 }, f(0.793), 0.25),
+            (PolicySpec::Full(FullDepth), f(0.8), 0.0),
+            (PolicySpec::Static(StaticSpec { depth: 4 }), f(0.7), 0.3),
+            (PolicySpec::Static(StaticSpec { depth: 2 }), f(0.6), 0.6),
             (
-                PolicySpec::Joint {
+                PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
+                f(0.8),
+                0.1,
+            ),
+            (
+                PolicySpec::Entropy(EntropyPolicy { threshold: 1.0 }),
+                f(0.78),
+                0.2,
+            ),
+            (
+                PolicySpec::Entropy(EntropyPolicy { threshold: 2.0 }),
+                f(0.7),
+                0.5,
+            ),
+            (
+                PolicySpec::Patience(PatiencePolicy { patience: 1 }),
+                f(0.6),
+                0.3,
+            ),
+            (
+                PolicySpec::Patience(PatiencePolicy { patience: 2 }),
+                f(0.75),
+                0.1,
+            ),
+            (
+                PolicySpec::Margin(MarginPolicy { threshold: 0.9 }),
+                f(0.793),
+                0.25,
+            ),
+            (
+                PolicySpec::Joint(JointSpec {
                     encoder: 0.9,
-                    decoder: 0.99,
-                },
+                    decoder: DecoderThreshold::Constant { tau: 0.99 },
+                }),
                 f(0.7),
                 0.15,
             ),
@@ -2350,7 +2406,7 @@ mod tests {
         // still show entropy 0.5, the valid pick, with its test figures.
         assert_eq!(
             pick_baseline(&t.sweep, "entropy", 0.99).map(|(i, _)| t.sweep.points[i].spec),
-            Some(PolicySpec::Entropy { threshold: 1.0 })
+            Some(PolicySpec::Entropy(EntropyPolicy { threshold: 1.0 }))
         );
         let rows = rows(&t);
         let row = |fam| {
@@ -2365,7 +2421,7 @@ mod tests {
             .sweep
             .points
             .iter()
-            .find(|p| p.spec == PolicySpec::Entropy { threshold: 0.5 })
+            .find(|p| p.spec == PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }))
             .unwrap();
         assert_eq!(e.metrics.as_ref().unwrap().macs, test_e.mac_reduction);
         let pa = row("patience");
@@ -2389,11 +2445,11 @@ mod tests {
         let mut t = task_results(task, false);
         let full = t.sweep.full_quality.primary;
         let calm = DecoderThreshold::paper(0.7);
-        let sched = PolicySpec::Mue {
+        let sched = PolicySpec::Mue(MueSpec {
             image: 0.9,
             text: 0.99,
             decoder: calm,
-        };
+        });
         let cal_sweep = finish(
             task,
             12,

@@ -6,8 +6,70 @@
 //! faithful version is the same threshold for both streams: each stream still stops on
 //! its own similarity, but neither can be tuned to its modality's saturation point.
 
+use super::mue::{decoder_number, SIMILARITY_GRID};
+use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
 use super::{validate_threshold, DecoderThreshold, ExitPolicy, LayerSignal, MuePolicy, Site};
 use serde::{Deserialize, Serialize};
+
+pub const FAMILY: Family = Family {
+    name: "joint",
+    title: "MuE w/o modality decomposition (`joint`)",
+    help: "One similarity threshold (--threshold) for both streams, --dec-threshold for tokens",
+    role: Role::Ablation,
+    calibrated: true,
+    style: Style {
+        color: (31, 119, 180),
+        marker: Marker::Circle,
+    },
+    grid,
+    from_flags,
+};
+
+fn grid(_decoder_layers: usize) -> Vec<PolicySpec> {
+    let mut g = Vec::new();
+    for &encoder in &SIMILARITY_GRID {
+        for &tau in &[0.9f32, 0.99, 1.0] {
+            g.push(PolicySpec::Joint(JointSpec {
+                encoder,
+                decoder: DecoderThreshold::Constant { tau },
+            }));
+        }
+    }
+    g
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
+    Ok(PolicySpec::Joint(JointSpec {
+        encoder: f.threshold("joint")?,
+        decoder: f.mue.decoder,
+    }))
+}
+
+/// A joint grid point: `{"policy": "joint", "encoder": 0.9, "decoder": 0.99}` (the decoder
+/// threshold written as MuE's is).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct JointSpec {
+    pub encoder: f32,
+    #[serde(with = "decoder_number")]
+    pub decoder: DecoderThreshold,
+}
+
+impl Params for JointSpec {
+    fn params(&self) -> String {
+        format!("encoder={} {}", self.encoder, self.decoder.params())
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(JointSimilarity::with_decoder(
+            self.encoder,
+            self.decoder,
+        )?))
+    }
+    fn as_mue(&self) -> Option<MuePolicy> {
+        JointSimilarity::with_decoder(self.encoder, self.decoder)
+            .ok()
+            .map(|j| j.as_mue())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct JointSimilarity {
@@ -24,6 +86,13 @@ impl JointSimilarity {
             encoder,
             decoder: DecoderThreshold::Constant { tau: decoder },
         })
+    }
+
+    /// Any decoder threshold form, validated.
+    pub fn with_decoder(encoder: f32, decoder: DecoderThreshold) -> anyhow::Result<Self> {
+        validate_threshold("encoder", encoder)?;
+        decoder.validate()?;
+        Ok(Self { encoder, decoder })
     }
 
     /// The equivalent decomposed policy (equal image and text thresholds).

@@ -6,17 +6,19 @@ pub mod joint_similarity;
 pub mod margin;
 pub mod mue;
 pub mod patience;
+pub mod spec;
 pub mod static_depth;
 
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 pub use entropy::EntropyPolicy;
-pub use joint_similarity::JointSimilarity;
+pub use joint_similarity::{JointSimilarity, JointSpec};
 pub use margin::MarginPolicy;
-pub use mue::{DecoderThreshold, MuePolicy};
+pub use mue::{DecoderThreshold, MuePolicy, MueSpec};
 pub use patience::PatiencePolicy;
-pub use static_depth::StaticDepth;
+pub use spec::{Family, PolicySpec, FAMILIES};
+pub use static_depth::{StaticDepth, StaticSpec};
 
 /// The two encoder streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -98,8 +100,31 @@ pub trait ExitPolicy: Send + Sync + std::fmt::Debug {
 }
 
 /// Never exits: the full-depth model.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct FullDepth;
+
+pub const FULL: spec::Family = spec::Family {
+    name: "full",
+    title: "Full model",
+    help: "Full depth: no exit",
+    role: spec::Role::Reference,
+    calibrated: false,
+    style: spec::Style {
+        color: (0, 0, 0),
+        marker: spec::Marker::Circle,
+    },
+    grid: |_| vec![PolicySpec::Full(FullDepth)],
+    from_flags: |_| Ok(PolicySpec::Full(FullDepth)),
+};
+
+impl spec::Params for FullDepth {
+    fn params(&self) -> String {
+        String::new()
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(FullDepth))
+    }
+}
 
 impl ExitPolicy for FullDepth {
     fn name(&self) -> String {

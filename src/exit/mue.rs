@@ -1,7 +1,114 @@
 //! MuE: exit once a layer stops changing its input (cosine similarity above a threshold).
 
+use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
 use super::{validate_threshold, ExitPolicy, LayerSignal, Site, Stream};
 use serde::{Deserialize, Serialize};
+
+pub const FAMILY: Family = Family {
+    name: "mue",
+    title: "MuE",
+    help: "MuE (thresholds from --img/--text/--dec-threshold over the model's exits.json)",
+    role: Role::Proposed,
+    calibrated: true,
+    style: Style {
+        color: (214, 39, 40),
+        marker: Marker::Circle,
+    },
+    grid,
+    from_flags,
+};
+
+/// Similarity thresholds of the default MuE / joint grids (1.0: never exit).
+pub const SIMILARITY_GRID: [f32; 5] = [0.8, 0.9, 0.95, 0.99, 1.0];
+
+/// Decoder thresholds of the default MuE grid: constants, and the paper's schedule.
+pub fn default_decoder_thresholds() -> Vec<DecoderThreshold> {
+    let mut d: Vec<DecoderThreshold> = [0.9f32, 0.99, 1.0]
+        .iter()
+        .map(|&tau| DecoderThreshold::Constant { tau })
+        .collect();
+    d.push(DecoderThreshold::paper(0.9));
+    d
+}
+
+/// Entailment scores answers in a single decoder pass, so its decoder threshold matters
+/// less than its stream thresholds; captioning gets the same grid for simplicity.
+fn grid(_decoder_layers: usize) -> Vec<PolicySpec> {
+    let mut g = Vec::new();
+    for &image in &SIMILARITY_GRID {
+        for &text in &SIMILARITY_GRID {
+            for decoder in default_decoder_thresholds() {
+                g.push(PolicySpec::Mue(MueSpec {
+                    image,
+                    text,
+                    decoder,
+                }));
+            }
+        }
+    }
+    g
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
+    Ok(PolicySpec::Mue(MueSpec {
+        image: f.mue.image,
+        text: f.mue.text,
+        decoder: f.mue.decoder,
+    }))
+}
+
+/// A MuE grid point: the thresholds of [`MuePolicy`], its decoder threshold written as a
+/// number when constant (as grid files have always had it), else the schedule's object,
+/// `{"kind": "calm", "tau": 0.9, "strict_fraction": 0.333, "decay": 0.9}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MueSpec {
+    pub image: f32,
+    pub text: f32,
+    #[serde(with = "decoder_number")]
+    pub decoder: DecoderThreshold,
+}
+
+impl Params for MueSpec {
+    fn params(&self) -> String {
+        format!(
+            "image={} text={} {}",
+            self.image,
+            self.text,
+            self.decoder.params()
+        )
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(MuePolicy::with_decoder(
+            self.image,
+            self.text,
+            self.decoder,
+        )?))
+    }
+    fn as_mue(&self) -> Option<MuePolicy> {
+        MuePolicy::with_decoder(self.image, self.text, self.decoder).ok()
+    }
+    fn decoder_schedule(&self) -> Option<bool> {
+        Some(self.decoder.is_schedule())
+    }
+}
+
+/// A constant decoder threshold is written as a plain number, the schedule as its tagged
+/// object; both read back.
+pub mod decoder_number {
+    use super::DecoderThreshold;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &DecoderThreshold, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            DecoderThreshold::Constant { tau } => tau.serialize(s),
+            calm => calm.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DecoderThreshold, D::Error> {
+        DecoderThreshold::deserialize(d)
+    }
+}
 
 /// Decoder threshold, constant or following CALM's schedule over the decoding step.
 /// Stored as `{"kind": "constant", "tau": ..}` or `{"kind": "calm", ..}`; a plain number

@@ -1,8 +1,44 @@
 //! PABEE: exit a decoder token once its intermediate top-1 prediction has stayed the same
 //! for `patience` consecutive layers. Encoder streams run at full depth.
 
+use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
 use super::{ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
+
+pub const FAMILY: Family = Family {
+    name: "patience",
+    title: "PABEE (patience)",
+    help: "PABEE: decoder top-1 unchanged for --patience layers",
+    role: Role::Baseline,
+    calibrated: false,
+    style: Style {
+        color: (255, 127, 14),
+        marker: Marker::Circle,
+    },
+    grid,
+    from_flags,
+};
+
+fn grid(decoder_layers: usize) -> Vec<PolicySpec> {
+    (1..decoder_layers.saturating_sub(1).max(2))
+        .map(|patience| PolicySpec::Patience(PatiencePolicy { patience }))
+        .collect()
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
+    Ok(PolicySpec::Patience(PatiencePolicy {
+        patience: f.patience,
+    }))
+}
+
+impl Params for PatiencePolicy {
+    fn params(&self) -> String {
+        format!("patience={}", self.patience)
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(*self))
+    }
+}
 
 /// Exit after layer `i` when the predictions of layers `i - patience ..= i` all agree
 /// (the prediction was unchanged `patience` times in a row). `patience = 0` exits at the

@@ -1,7 +1,54 @@
 //! Fixed depths: the "smaller model" baseline.
 
+use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
 use super::{ExitPolicy, LayerSignal, Site, Stream};
 use serde::{Deserialize, Serialize};
+
+pub const FAMILY: Family = Family {
+    name: "static",
+    title: "Smaller model (static depth)",
+    help: "Every stream and token stops after --depth layers",
+    role: Role::SmallerModel,
+    calibrated: false,
+    style: Style {
+        color: (127, 127, 127),
+        marker: Marker::Circle,
+    },
+    grid,
+    from_flags,
+};
+
+fn grid(decoder_layers: usize) -> Vec<PolicySpec> {
+    (1..decoder_layers)
+        .map(|depth| PolicySpec::Static(StaticSpec { depth }))
+        .collect()
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
+    Ok(PolicySpec::Static(StaticSpec { depth: f.depth }))
+}
+
+/// A static grid point: the same depth for both streams and every token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticSpec {
+    pub depth: usize,
+}
+
+impl Params for StaticSpec {
+    fn params(&self) -> String {
+        format!("depth={}", self.depth)
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        if self.depth == 0 {
+            anyhow::bail!("a static depth must be at least 1 (--depth 0)");
+        }
+        Ok(Box::new(StaticDepth {
+            image: self.depth,
+            text: self.depth,
+            decoder: self.depth,
+        }))
+    }
+}
 
 /// Exit every stream / token after a fixed number of layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
