@@ -7,5 +7,6 @@ pub mod exit;
 pub mod generate;
 pub mod model;
 pub mod pipeline;
+pub mod run_meta;
 pub mod serve;
 pub mod train;

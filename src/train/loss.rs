@@ -7,17 +7,8 @@
 use crate::model::layers::Mode;
 use crate::model::Model;
 use candle_core::{DType, Device, Result, Tensor, D};
-use serde::{Deserialize, Serialize};
 
-/// Which decoder layers carry the task loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum LossKind {
-    /// MuE: one cross-entropy per decoder layer, summed.
-    LayerWise,
-    /// Ablation: the last decoder layer only (standard fine-tuning).
-    FinalOnly,
-}
+pub use crate::run_meta::LossKind;
 
 /// Target positions of a batch of decoder rows, flattened over `[b, t]`.
 #[derive(Debug, Clone)]
