@@ -45,12 +45,11 @@ pub(super) const NEVER_EXIT: PolicySpec = PolicySpec::Mue(MueSpec {
 /// The calibration grid: the MuE points of the file (or of the default grid), plus the
 /// never-exit point so that any target can be met.
 pub fn calibration_grid(file: Option<&Path>, decoder_layers: usize) -> Result<Vec<PolicySpec>> {
-    let mut g = sweep::select_grid(file, decoder_layers, &["mue".to_string()]).with_context(
-        || match file {
-            Some(f) => format!("calibration grid {} (its MuE points)", f.display()),
-            None => "the default calibration grid".to_string(),
-        },
-    )?;
+    let mue = [crate::exit::mue::FAMILY.name.to_string()];
+    let mut g = sweep::select_grid(file, decoder_layers, &mue).with_context(|| match file {
+        Some(f) => format!("calibration grid {} (its MuE points)", f.display()),
+        None => "the default calibration grid".to_string(),
+    })?;
     push_unique(&mut g, NEVER_EXIT);
     Ok(g)
 }
