@@ -15,12 +15,10 @@ mod tests;
 
 pub use machine::{utc_date, Machine};
 pub use render::{frontier_statement, render, report_command};
-pub use run::{
-    calibration_grid, decoder_forms, run, static_depths, test_grid, valid_baseline_grid,
-};
+pub use run::{calibration_grid, decoder_forms, run, test_grid, valid_baseline_grid};
 pub use select::{
-    dominance, dominated_by_mue, mue_points, pick_baseline, pick_family, rows, Dominance, Metrics,
-    PickRule, Row, RowKey,
+    dominance, dominated_by_mue, mue_points, pick_baseline, pick_family, rows, static_depths,
+    Dominance, Metrics, PickRule, Row, RowKey,
 };
 
 use super::calibrate::{Calibration, Objective};

@@ -3,9 +3,8 @@
 //! results folder.
 
 use super::machine::{cpu_model, load_average, utc_date, Machine};
-use super::select::pick_family;
-use super::TaskResults;
-use super::{page_link, Ablation, DecoderForm, Layout, ReportConfig, ReportData};
+use super::select::{pick_family, static_depths};
+use super::{page_link, Ablation, DecoderForm, Layout, ReportConfig, ReportData, TaskResults};
 use crate::cli::Task;
 use crate::eval::calibrate::{self, Objective};
 use crate::eval::eval::{self, Dataset, EvalOptions};
@@ -17,18 +16,6 @@ use crate::run_meta;
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-/// Static depths shown as the "smaller model": about 2/3 (OFA-Tiny's 4 of OFA-Base's 6
-/// layers) and 1/3 of the depth, each below full depth.
-pub fn static_depths(layers: usize) -> Vec<usize> {
-    let mut d: Vec<usize> = [2.0, 1.0]
-        .iter()
-        .map(|f| (f * layers as f64 / 3.0).round() as usize)
-        .filter(|&d| d >= 1 && d < layers)
-        .collect();
-    d.dedup();
-    d
-}
 
 fn push_unique(grid: &mut Vec<PolicySpec>, spec: PolicySpec) {
     if !grid.contains(&spec) {

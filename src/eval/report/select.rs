@@ -2,13 +2,24 @@
 //! on valid, MuE's calibrated and frontier points, and which baseline points MuE's points
 //! match or beat.
 
-use super::run::static_depths;
 use super::{Ablation, TaskResults};
 use crate::eval::calibrate::{self, Objective};
 use crate::eval::eval::{self, Quality};
 use crate::eval::sweep::{PolicySpec, SweepPoint, SweepResult};
 use crate::exit::spec::{self, Family, Role};
 use crate::exit::{FullDepth, StaticSpec};
+
+/// Static depths shown as the "smaller model": about 2/3 (OFA-Tiny's 4 of OFA-Base's 6
+/// layers) and 1/3 of the depth, each below full depth.
+pub fn static_depths(layers: usize) -> Vec<usize> {
+    let mut d: Vec<usize> = [2.0, 1.0]
+        .iter()
+        .map(|f| (f * layers as f64 / 3.0).round() as usize)
+        .filter(|&d| d >= 1 && d < layers)
+        .collect();
+    d.dedup();
+    d
+}
 
 /// How a baseline family's row was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
