@@ -12,7 +12,8 @@ use candle_core::Device;
 use image::RgbImage;
 use mue::model::layers::Mode;
 use mue::model::{BranchInit, Model};
-use mue::train::data::{make_batch, Dataset, Example, TaskKind};
+use mue::task::Task;
+use mue::train::data::{make_batch, Dataset, Example};
 use mue::train::{batch_loss, AdamW, AdamWParams, LossKind, TrainOptions};
 use std::time::Instant;
 
@@ -26,7 +27,7 @@ fn dataset(vocab: u32) -> Dataset {
         let mut dec = vec![0];
         dec.extend(&cap);
         examples.push(Example {
-            task: TaskKind::Caption,
+            task: Task::Caption,
             image: i,
             enc_ids: [0]
                 .into_iter()
@@ -45,7 +46,7 @@ fn dataset(vocab: u32) -> Dataset {
         let mut targets = vec![None; dec.len()];
         targets[dec.len() - 2] = Some(5);
         examples.push(Example {
-            task: TaskKind::Entail,
+            task: Task::Entail,
             image: i,
             enc_ids: [0].into_iter().chain(prompt).chain([2]).collect(),
             dec_ids: dec,

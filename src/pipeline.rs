@@ -2,13 +2,12 @@
 //! visual-entailment requests on raw images and text, with exits.
 
 use crate::data::preprocess::{check_dimensions, ofa_image_tensor};
-use crate::data::tokenizer::{
-    ofa_caption_postprocess, ofa_ve_normalize, ve_prompt, Tokenizer, VeLabel,
-};
-use crate::data::tokenizer::{CAPTION_PROMPT, VE_ANSWERS, VE_MAX_WORDS};
+use crate::data::prompt::{answer_ids, encoder_ids, entail_ids};
+use crate::data::tokenizer::Tokenizer;
 use crate::exit::ExitPolicy;
 use crate::generate::{self, Cost, Exits, Input, SearchConfig};
 use crate::model::Model;
+use crate::task::{ofa_caption_postprocess, Label, CAPTION_PROMPT};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::DynamicImage;
@@ -16,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Longest accepted request text, in characters (before tokenization).
-pub const MAX_TEXT_CHARS: usize = 4096;
+pub use crate::task::MAX_TEXT_CHARS;
 
 /// A loaded model with its tokenizer. Immutable; share it across threads.
 pub struct Engine {
@@ -72,10 +71,7 @@ impl Engine {
                 model.cfg.vocab_size
             );
         }
-        let answers = VE_ANSWERS
-            .iter()
-            .map(|a| tokenizer.encode(a))
-            .collect::<Result<Vec<_>>>()?;
+        let answers = answer_ids(&tokenizer)?;
         Ok(Self {
             model,
             tokenizer,
@@ -97,16 +93,6 @@ impl Engine {
         )?)
     }
 
-    fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        if text.chars().count() > MAX_TEXT_CHARS {
-            bail!("text is too long: more than {MAX_TEXT_CHARS} characters");
-        }
-        let ids = self
-            .tokenizer
-            .encode_limited(text, self.model.cfg.max_text_len())?;
-        Ok(ids)
-    }
-
     /// Caption each image.
     pub fn caption(
         &self,
@@ -114,7 +100,11 @@ impl Engine {
         policy: &dyn ExitPolicy,
         search: &SearchConfig,
     ) -> Result<Vec<CaptionOutput>> {
-        let prompt = self.encode_text(CAPTION_PROMPT)?;
+        let prompt = encoder_ids(
+            &self.tokenizer,
+            CAPTION_PROMPT,
+            self.model.cfg.max_text_len(),
+        )?;
         let inputs = images
             .iter()
             .map(|img| {
@@ -146,16 +136,14 @@ impl Engine {
         hypothesis: &str,
         premise: Option<&str>,
     ) -> Result<(Vec<u32>, Vec<u32>)> {
-        let hyp = ofa_ve_normalize(hypothesis, VE_MAX_WORDS);
-        if hyp.trim().is_empty() {
-            bail!("hypothesis is empty");
-        }
-        let prem = premise.map(|p| ofa_ve_normalize(p, VE_MAX_WORDS));
-        let text = ve_prompt(&hyp, prem.as_deref());
-        let ids = self.encode_text(&text)?;
-        let mut prefix = vec![self.model.cfg.bos_id];
-        prefix.extend_from_slice(&ids[1..ids.len() - 1]);
-        Ok((ids, prefix))
+        let cfg = &self.model.cfg;
+        entail_ids(
+            &self.tokenizer,
+            hypothesis,
+            premise,
+            cfg.max_text_len(),
+            cfg.bos_id,
+        )
     }
 
     /// Visual entailment: score " yes" / " no" / " maybe".
@@ -180,12 +168,11 @@ impl Engine {
         Ok(results
             .into_iter()
             .map(|r| {
-                let label =
-                    VeLabel::from_answer(VE_ANSWERS[r.best]).expect("answers map to labels");
+                let label = Label::from_index(r.best).expect("one score per answer");
                 let p: Vec<f32> = r.scores.iter().map(|s| s.exp()).collect();
                 EntailOutput {
-                    label: label.name().to_string(),
-                    answer: VE_ANSWERS[r.best].trim().to_string(),
+                    label: label.as_str().to_string(),
+                    answer: label.answer().trim().to_string(),
                     probabilities: [p[0], p[1], p[2]],
                     exits: r.exits,
                     cost: r.cost,

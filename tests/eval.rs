@@ -6,8 +6,7 @@ use mue::cli::eval::{
     calibrate_with, eval_with, sweep_with, CalibrateArgs, DataArgs, EvalArgs, PolicyKind, SweepArgs,
 };
 use mue::cli::report::{report_with, ReportArgs};
-use mue::cli::{ExitArgs, Task, TaskThresholds};
-use mue::data::tokenizer::VE_ANSWERS;
+use mue::cli::ExitArgs;
 use mue::data::{generate, GenerateOptions};
 use mue::eval::eval::{evaluate, oracle, quality, quality_and_scores, run, Dataset, EvalOptions};
 use mue::eval::report::Ablation;
@@ -18,6 +17,7 @@ use mue::exit::{
 };
 use mue::generate::SearchConfig;
 use mue::pipeline::{Engine, EntailRequest};
+use mue::task::{Task, TaskThresholds, VE_ANSWERS};
 use std::path::{Path, PathBuf};
 
 fn data_dir(n_val: usize) -> tempfile::TempDir {
@@ -310,6 +310,7 @@ fn data_args(dir: &Path, task: Task) -> DataArgs {
         max_len: 5,
         quiet: true,
         premise: false,
+        images: None,
     }
 }
 

@@ -1,13 +1,14 @@
 //! `mue serve` over real HTTP on 127.0.0.1 with a random model.
 
 use base64::Engine as _;
-use mue::cli::demo::{examples_dir, random_engine};
-use mue::cli::{Task, TaskThresholds};
+use mue::cli::demo::random_engine;
 use mue::exit::MuePolicy;
 use mue::generate::SearchConfig;
+use mue::paths::examples_dir;
 use mue::pipeline::{Engine, EntailRequest};
 use mue::serve::client::{self, HttpResponse};
 use mue::serve::{load, ServeConfig, Server};
+use mue::task::{Task, TaskThresholds};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::SocketAddr;

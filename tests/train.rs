@@ -6,7 +6,8 @@ use candle_nn::VarMap;
 use image::RgbImage;
 use mue::model::layers::Mode;
 use mue::model::{BranchInit, Config, EncoderMode, ImageEmbedder, Model};
-use mue::train::data::{batch_indices, make_batch, Batch, Dataset, Example, TaskKind};
+use mue::task::Task;
+use mue::train::data::{batch_indices, make_batch, Batch, Dataset, Example};
 use mue::train::{
     batch_loss, layer_loss, lr_at, task_loss, AdamW, AdamWParams, LossKind, TrainOptions,
 };
@@ -32,7 +33,7 @@ fn dataset() -> Dataset {
         dec.extend(&cap);
         let targets = cap.iter().copied().chain([2]).map(Some).collect();
         Example {
-            task: TaskKind::Caption,
+            task: Task::Caption,
             image,
             enc_ids: enc,
             dec_ids: dec,
@@ -49,7 +50,7 @@ fn dataset() -> Dataset {
         let mut targets = vec![None; dec.len()];
         targets[dec.len() - 2] = Some(answer);
         Example {
-            task: TaskKind::Entail,
+            task: Task::Entail,
             image,
             enc_ids: enc,
             dec_ids: dec,
@@ -313,14 +314,7 @@ fn layerwise_loss_is_the_sum_of_per_layer_losses_and_final_only_the_last() {
         .map(|e| {
             let mut tg = e.targets.clone();
             tg.resize(t, None);
-            (
-                tg,
-                if e.task == TaskKind::Caption {
-                    0.1
-                } else {
-                    0.0
-                },
-            )
+            (tg, if e.task == Task::Caption { 0.1 } else { 0.0 })
         })
         .collect();
     let mut sum = 0.0;
@@ -531,7 +525,8 @@ fn training_resumes_from_the_saved_step_exactly() {
     let hyp = "There is a Red circle.";
     assert_eq!(
         engine.entail_prompt(hyp, None).unwrap(),
-        mue::train::data::entail_prompt(&engine.tokenizer, hyp).unwrap()
+        mue::train::data::entail_prompt(&engine.tokenizer, hyp, engine.model.cfg.max_text_len())
+            .unwrap()
     );
     // Resuming a finished run does nothing more.
     let r3 = mue::train::train(&o).unwrap();

@@ -20,19 +20,7 @@ pub struct Example {
     pub captions: Vec<String>,
 }
 
-/// The demo's examples folder (`$MUE_EXAMPLES`, `./examples`, then `examples` beside the
-/// executable, see [`super::find_default`]); the error lists the places tried.
-pub fn find_examples_dir() -> Result<super::Found> {
-    super::find_default("MUE_EXAMPLES", "examples", "examples.json")
-}
-
-/// [`find_examples_dir`], or `examples` (relative) when none is found, so that the caller's
-/// read of a file there fails naming it.
-pub fn examples_dir() -> PathBuf {
-    find_examples_dir()
-        .map(|f| f.path)
-        .unwrap_or_else(|_| PathBuf::from("examples"))
-}
+pub use crate::paths::{examples_dir, find_examples_dir};
 
 /// Write `n` benchmark test-split examples (PNG + examples.json) to `dir`.
 pub fn write_examples(dir: &Path, n: usize, image_size: u32) -> Result<()> {
@@ -105,7 +93,7 @@ fn random_parts() -> Result<(Config, Tokenizer)> {
             t
         })
         .chain([
-            crate::data::tokenizer::CAPTION_PROMPT.to_string(),
+            crate::task::CAPTION_PROMPT.to_string(),
             " does the image describe \" a \"? yes no maybe".to_string(),
         ])
         .collect();

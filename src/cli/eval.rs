@@ -63,9 +63,13 @@ pub struct DataArgs {
     /// $MUE_MODEL, ./models/default, or models/default beside the executable].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// OFA TSV split (snli_ve_*.tsv for entail, caption_*.tsv for caption).
+    /// OFA TSV split (snli_ve_*.tsv for entail, caption_*.tsv for caption), or with
+    /// --images a COCO Karpathy `dataset_coco.json` (caption; its test split).
     #[arg(long)]
     pub data: PathBuf,
+    /// Image folder of a COCO Karpathy --data file (`filepath/filename` under it).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub task: Task,
     /// Use at most this many examples.
@@ -104,8 +108,26 @@ impl DataArgs {
     }
 
     pub fn load(&self) -> Result<Dataset> {
-        Dataset::load(&self.data, self.task, self.limit)
+        match &self.images {
+            Some(dir) => coco_test_split(&self.data, dir, self.task, self.limit),
+            None => Dataset::load(&self.data, self.task, self.limit),
+        }
     }
+}
+
+/// The test split of a COCO Karpathy file as a caption data set.
+fn coco_test_split(
+    json: &Path,
+    images: &Path,
+    task: Task,
+    limit: Option<usize>,
+) -> Result<Dataset> {
+    anyhow::ensure!(
+        task == Task::Caption,
+        "--images reads a COCO Karpathy caption file: use it with --task caption"
+    );
+    let coco = crate::data::coco::CocoKarpathy::open(json, images)?;
+    Ok(Dataset::Caption(coco.caption_rows("test", limit)?))
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -194,11 +216,14 @@ pub fn build_policy(args: &EvalArgs, base: TaskThresholds) -> Result<Option<Box<
     let PolicyKind::Family(name) = args.policy else {
         return Ok(None);
     };
+    let mue = args.exits.policy(base.get(args.data.task))?;
     let flags = Flags {
         threshold: args.threshold,
         patience: args.patience,
         depth: args.depth,
-        mue: args.exits.policy(base.get(args.data.task))?,
+        image: mue.image,
+        text: mue.text,
+        decoder: mue.decoder,
     };
     let point = (spec::family(name)?.from_flags)(&flags)?;
     Ok(Some(point.build()?))

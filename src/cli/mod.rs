@@ -10,138 +10,19 @@ pub mod serve;
 pub mod train;
 
 use crate::exit::{DecoderThreshold, MuePolicy};
-use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use anyhow::Result;
 
-/// How many folders above the executable's own are searched for a default resource, so
-/// that `target/release/mue` (or `target/release/deps/...`) in a clone finds the
-/// repository's `models/default` and `examples`.
-const EXE_ANCESTORS: usize = 4;
+pub use crate::paths::{find_default, model_dir, Found};
+pub use crate::task::{Task, TaskThresholds};
 
-/// A default resource found by [`find_default`]: where it is and why that one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Found {
-    pub path: PathBuf,
-    /// `$VAR`, `working directory` or `beside the executable`.
-    pub source: String,
-}
-
-/// Finds a default resource the way an installed command should: the environment
-/// variable `var` when set (used as given, existing or not: the user asked for it), then
-/// `rel` under the working directory, then `rel` beside the executable and in up to
-/// [`EXE_ANCESTORS`] folders above it. A candidate counts when it holds `marker`. The
-/// error lists every place tried.
-pub fn find_default(var: &str, rel: &str, marker: &str) -> Result<Found> {
-    if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-        return Ok(Found {
-            path: PathBuf::from(v),
-            source: format!("${var}"),
-        });
-    }
-    let mut tried = vec![format!("${var} (not set)")];
-    let cwd = PathBuf::from(rel);
-    if cwd.join(marker).is_file() {
-        return Ok(Found {
-            path: cwd,
-            source: "working directory".into(),
-        });
-    }
-    tried.push(format!("./{rel}"));
-    if let Some(exe_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.canonicalize().ok())
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        for dir in exe_dir.ancestors().take(EXE_ANCESTORS + 1) {
-            let p = dir.join(rel);
-            if p.join(marker).is_file() {
-                return Ok(Found {
-                    path: p,
-                    source: "beside the executable".into(),
-                });
-            }
-            tried.push(p.display().to_string());
-        }
-    }
-    anyhow::bail!(
-        "no {rel} found (a folder with {marker}); tried: {}",
-        tried.join(", ")
-    )
-}
-
-/// The model directory a command uses: `--model` when given, else the default model
-/// (`$MUE_MODEL`, `./models/default`, then `models/default` beside the executable), and
-/// says on stderr which default was used.
-pub fn model_dir(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    let found = find_default("MUE_MODEL", "models/default", "config.json")
-        .context("no --model given and no default model")?;
-    eprintln!("mue: model {} ({})", found.path.display(), found.source);
-    Ok(found.path)
-}
-
-/// The two tasks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    Caption,
-    Entail,
-}
-
-impl Task {
-    /// The name on the command line and in file names.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Task::Caption => "caption",
-            Task::Entail => "entail",
-        }
-    }
-}
-
-/// Per-task MuE thresholds, as `exits.json` in a model directory stores them.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct TaskThresholds {
-    pub caption: MuePolicy,
-    pub entail: MuePolicy,
-}
-
-impl Default for TaskThresholds {
-    /// The paper's published settings: the image stream saturates early on entailment,
-    /// the text prompt on captioning.
-    fn default() -> Self {
-        let c = |i: f32, t: f32, d: f32| MuePolicy {
-            image: i,
-            text: t,
-            decoder: DecoderThreshold::Constant { tau: d },
-        };
-        TaskThresholds {
-            caption: c(0.99, 0.7, 0.9),
-            entail: c(0.7, 0.99, 0.9),
-        }
-    }
-}
-
-impl TaskThresholds {
-    /// `exits.json` of the model directory if present, else the paper's settings.
-    pub fn for_model(dir: &Path) -> Result<Self> {
-        let path = dir.join("exits.json");
-        if !path.is_file() {
-            return Ok(Self::default());
-        }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid thresholds file", path.display()))
+/// clap reads a task by its name (`caption`, `entail`); the type itself knows no clap.
+impl clap::ValueEnum for Task {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Task::ALL
     }
 
-    pub fn get(&self, task: Task) -> MuePolicy {
-        match task {
-            Task::Caption => self.caption,
-            Task::Entail => self.entail,
-        }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
     }
 }
 

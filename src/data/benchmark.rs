@@ -13,51 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use super::scene::{render, Color, Object, Scene, Shape, Size, GRID};
 use super::tsv::{encode_png_base64, write_caption_row, write_ve_row};
+use crate::task::Label;
 
 // ---------------------------------------------------------------------------
 // Labels and hypothesis specifications
 // ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Label {
-    Entailment,
-    Neutral,
-    Contradiction,
-}
-
-impl Label {
-    pub const ALL: [Label; 3] = [Label::Entailment, Label::Neutral, Label::Contradiction];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Label::Entailment => "entailment",
-            Label::Neutral => "neutral",
-            Label::Contradiction => "contradiction",
-        }
-    }
-    /// OFA's answer string for the label (with the leading space).
-    pub fn answer(self) -> &'static str {
-        match self {
-            Label::Entailment => " yes",
-            Label::Neutral => " maybe",
-            Label::Contradiction => " no",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Label> {
-        match s {
-            "entailment" => Some(Label::Entailment),
-            "neutral" => Some(Label::Neutral),
-            "contradiction" => Some(Label::Contradiction),
-            _ => None,
-        }
-    }
-    fn from_possible(can_be_true: bool, can_be_false: bool) -> Label {
-        match (can_be_true, can_be_false) {
-            (true, false) => Label::Entailment,
-            (true, true) => Label::Neutral,
-            _ => Label::Contradiction,
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum HypType {

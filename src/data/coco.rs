@@ -3,8 +3,12 @@
 //! The JSON is `{"images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg",
 //! "split": "test", "sentences": [{"raw": "A man ..."}, ...], "cocoid": 391895}, ...]}`
 //! with splits `train`, `restval`, `val` and `test`. The file is read once; images are
-//! only located (path joined), never decoded here.
+//! located (path joined) by [`CocoKarpathy::split`] and decoded by
+//! [`CocoKarpathy::caption_rows`], which `mue eval --data dataset_coco.json --images DIR
+//! --task caption` reads (the `test` split).
 
+use super::preprocess::load_image;
+use super::tsv::CaptionRow;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -92,6 +96,28 @@ impl CocoKarpathy {
                 Some(_) => Some(Err(self.field_err(i, "split", "is not a string"))),
                 None => Some(Err(self.field_err(i, "split", "is missing"))),
             }))
+    }
+
+    /// The first `limit` items of `split` (all when `None`) as caption rows, images decoded
+    /// (PNG or JPEG, at their own size: the engine resizes them as OFA does). An image that
+    /// is missing or does not decode is an error naming its path.
+    pub fn caption_rows(&self, split: &str, limit: Option<usize>) -> Result<Vec<CaptionRow>> {
+        self.split(split)?
+            .take(limit.unwrap_or(usize::MAX))
+            .map(|item| {
+                let item = item?;
+                let image = load_image(&item.image).with_context(|| {
+                    format!("COCO image {} (cocoid {})", item.image.display(), item.id)
+                })?;
+                Ok(CaptionRow {
+                    id: item.id.to_string(),
+                    image_id: item.id.to_string(),
+                    captions: item.captions,
+                    object_labels: String::new(),
+                    image,
+                })
+            })
+            .collect()
     }
 
     fn field_err(&self, index: usize, field: &str, what: &str) -> anyhow::Error {

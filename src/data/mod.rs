@@ -4,13 +4,14 @@
 pub mod benchmark;
 pub mod coco;
 pub mod preprocess;
+pub mod prompt;
 pub mod scene;
 pub mod tokenizer;
 pub mod tsv;
 
 pub use benchmark::{
     generate, label, summary_stats, GenerateOptions, GenerateReport, HypSpec, HypType,
-    ImageExample, Label, SummaryStats,
+    ImageExample, SummaryStats,
 };
 pub use scene::{render, Scene};
 pub use tsv::{

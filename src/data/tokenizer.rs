@@ -1,6 +1,6 @@
-//! Text side of OFA: GPT-2 byte-level BPE with BART-style special ids, plus
-//! the small pure text helpers OFA applies before tokenisation (SNLI-VE
-//! normalisation, prompts) and after decoding (caption post-processing).
+//! Text side of OFA: GPT-2 byte-level BPE with BART-style special ids. The
+//! prompts and text clean-up of each task are in [`crate::task`], their token
+//! layout in [`crate::data::prompt`].
 //!
 //! Id layout (see `docs/ofa.md`, section 3):
 //! `<s>` = 0, `<pad>` = 1, `</s>` = 2, `<unk>` = 3, then the BPE tokens,
@@ -8,7 +8,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
@@ -35,13 +34,6 @@ pub const NUM_CODE_TOKENS: usize = 8192;
 pub const NUM_BIN_TOKENS: usize = 1000;
 /// Smallest vocabulary [`Tokenizer::train`] accepts: 4 specials + 256 byte symbols.
 pub const MIN_TRAIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
-
-/// Prompt OFA feeds the encoder for image captioning.
-pub const CAPTION_PROMPT: &str = " what does the image describe?";
-/// Decoder answers for SNLI-VE, indexed by [`VeLabel::index`].
-pub const VE_ANSWERS: [&str; 3] = [" yes", " no", " maybe"];
-/// Default word limit used by OFA for SNLI-VE text (`max_src_length`).
-pub const VE_MAX_WORDS: usize = 80;
 
 /// Errors specific to the tokenizer. Functions return `anyhow::Result`, and
 /// these can be recovered with `err.downcast_ref::<TokenizerError>()`.
@@ -391,141 +383,10 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
     })
 }
 
-/// OFA's `pre_caption` as used for SNLI-VE hypotheses and premises:
-/// lower-case, strip *leading* `,.!?*#:;~`, turn `-` and `/` into spaces,
-/// `<person>` into `person`, collapse runs of 2+ whitespace characters into
-/// one space, drop a trailing newline, trim spaces, and keep at most
-/// `max_words` space-separated words (OFA uses 80).
-pub fn ofa_ve_normalize(text: &str, max_words: usize) -> String {
-    let lowered = text.to_lowercase();
-    let stripped = lowered.trim_start_matches([',', '.', '!', '?', '*', '#', ':', ';', '~']);
-    let replaced = stripped
-        .replace(['-', '/'], " ")
-        .replace("<person>", "person");
-
-    // Runs of two or more whitespace characters become a single space; a lone
-    // whitespace character (even a tab or newline) is kept as is.
-    let mut collapsed = String::with_capacity(replaced.len());
-    let mut chars = replaced.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c.is_whitespace() && chars.peek().is_some_and(|n| n.is_whitespace()) {
-            while chars.peek().is_some_and(|n| n.is_whitespace()) {
-                chars.next();
-            }
-            collapsed.push(' ');
-        } else {
-            collapsed.push(c);
-        }
-    }
-
-    let trimmed = collapsed.trim_end_matches('\n').trim_matches(' ');
-    let words: Vec<&str> = trimmed.split(' ').collect();
-    if words.len() > max_words {
-        words[..max_words].join(" ")
-    } else {
-        trimmed.to_string()
-    }
-}
-
-/// OFA caption evaluation post-processing: delete every ASCII punctuation
-/// character (Python's `string.punctuation`) and trim surrounding whitespace.
-pub fn ofa_caption_postprocess(text: &str) -> String {
-    text.chars()
-        .filter(|c| !c.is_ascii_punctuation())
-        .collect::<String>()
-        .trim()
-        .to_string()
-}
-
-/// SNLI-VE encoder prompt. `hypothesis` and `premise` should already be
-/// normalised with [`ofa_ve_normalize`].
-pub fn ve_prompt(hypothesis: &str, premise: Option<&str>) -> String {
-    match premise {
-        None => format!(" does the image describe \" {hypothesis} \"?"),
-        Some(p) => format!(" can image and text1 \" {p} \" imply text2 \" {hypothesis} \"?"),
-    }
-}
-
-/// SNLI-VE label and its OFA answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum VeLabel {
-    /// " yes"
-    Entailment,
-    /// " no"
-    Contradiction,
-    /// " maybe"
-    Neutral,
-}
-
-impl VeLabel {
-    pub const ALL: [VeLabel; 3] = [
-        VeLabel::Entailment,
-        VeLabel::Contradiction,
-        VeLabel::Neutral,
-    ];
-
-    /// Index into [`VE_ANSWERS`].
-    pub fn index(self) -> usize {
-        match self {
-            VeLabel::Entailment => 0,
-            VeLabel::Contradiction => 1,
-            VeLabel::Neutral => 2,
-        }
-    }
-
-    /// Inverse of [`VeLabel::index`].
-    pub fn from_index(i: usize) -> Option<Self> {
-        Self::ALL.get(i).copied()
-    }
-
-    /// Decoder answer text (with its leading space), e.g. `" yes"`.
-    pub fn answer(self) -> &'static str {
-        VE_ANSWERS[self.index()]
-    }
-
-    /// Label for an answer text; accepts `" yes"`, `"yes"`, `" Yes "`, ...
-    pub fn from_answer(answer: &str) -> Option<Self> {
-        let a = answer.trim().to_lowercase();
-        Self::ALL
-            .into_iter()
-            .find(|l| l.answer().trim() == a.as_str())
-    }
-
-    /// Dataset label name: "entailment", "contradiction" or "neutral".
-    pub fn name(self) -> &'static str {
-        match self {
-            VeLabel::Entailment => "entailment",
-            VeLabel::Contradiction => "contradiction",
-            VeLabel::Neutral => "neutral",
-        }
-    }
-}
-
-impl fmt::Display for VeLabel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for VeLabel {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let s = s.trim().to_lowercase();
-        Self::ALL
-            .into_iter()
-            .find(|l| l.name() == s)
-            .ok_or_else(|| {
-                anyhow!(
-                    "unknown SNLI-VE label {s:?} (expected entailment, contradiction or neutral)"
-                )
-            })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::CAPTION_PROMPT;
     use std::collections::BTreeMap;
 
     fn corpus() -> Vec<String> {
@@ -837,69 +698,5 @@ mod tests {
         std::fs::write(&holes, r#"{"<s>":0,"<pad>":1,"</s>":2,"<unk>":3,".":9}"#).unwrap();
         let e = Tokenizer::from_gpt2_files(&holes, &empty_merges, true).unwrap_err();
         assert!(matches!(err_kind(&e), TokenizerError::InvalidVocab(_)));
-    }
-
-    #[test]
-    fn ve_normalize_cases() {
-        assert_eq!(
-            ofa_ve_normalize("A Man is riding a Horse.", 80),
-            "a man is riding a horse."
-        );
-        // Leading punctuation stripped, trailing kept (OFA uses lstrip only).
-        assert_eq!(ofa_ve_normalize(",.!?*#:;~Two dogs!", 80), "two dogs!");
-        assert_eq!(
-            ofa_ve_normalize("A well-dressed man/woman", 80),
-            "a well dressed man woman"
-        );
-        assert_eq!(ofa_ve_normalize("  a   b \t\n c  \n", 80), "a b c");
-        assert_eq!(ofa_ve_normalize("a <person> waves", 80), "a person waves");
-        // A trailing single newline is dropped; a single inner tab survives.
-        assert_eq!(ofa_ve_normalize("a\tb\n", 80), "a\tb");
-        assert_eq!(ofa_ve_normalize("one two three four", 2), "one two");
-        assert_eq!(ofa_ve_normalize("one two", 2), "one two");
-        assert_eq!(ofa_ve_normalize("", 80), "");
-        assert_eq!(ofa_ve_normalize("...", 80), "");
-        assert_eq!(ofa_ve_normalize("ÉCOLE", 80), "école");
-        let long: String = (0..100).map(|i| format!("w{i} ")).collect();
-        let out = ofa_ve_normalize(&long, VE_MAX_WORDS);
-        assert_eq!(out.split(' ').count(), 80);
-        assert!(out.ends_with("w79"));
-    }
-
-    #[test]
-    fn caption_postprocess_cases() {
-        assert_eq!(
-            ofa_caption_postprocess(" a man riding a horse."),
-            "a man riding a horse"
-        );
-        assert_eq!(
-            ofa_caption_postprocess(" a dog's ball, (red) & blue!? "),
-            "a dogs ball red  blue"
-        );
-        assert_eq!(ofa_caption_postprocess("...!"), "");
-    }
-
-    #[test]
-    fn prompts_and_labels() {
-        assert_eq!(
-            ve_prompt("a man rides", None),
-            " does the image describe \" a man rides \"?"
-        );
-        assert_eq!(
-            ve_prompt("animals outside", Some("two dogs")),
-            " can image and text1 \" two dogs \" imply text2 \" animals outside \"?"
-        );
-        assert_eq!(VeLabel::Entailment.answer(), " yes");
-        assert_eq!(VeLabel::Contradiction.answer(), " no");
-        assert_eq!(VeLabel::Neutral.answer(), " maybe");
-        for l in VeLabel::ALL {
-            assert_eq!(VeLabel::from_index(l.index()), Some(l));
-            assert_eq!(VeLabel::from_answer(l.answer()), Some(l));
-            assert_eq!(l.name().parse::<VeLabel>().unwrap(), l);
-            assert_eq!(VE_ANSWERS[l.index()], l.answer());
-        }
-        assert_eq!(VeLabel::from_index(3), None);
-        assert_eq!(VeLabel::from_answer("Yes"), Some(VeLabel::Entailment));
-        assert!("entail".parse::<VeLabel>().is_err());
     }
 }

@@ -4,9 +4,9 @@
 
 use super::eval::{Dataset, EvalOptions};
 use super::sweep::{self, PolicySpec, SweepPoint, SweepResult};
-use crate::cli::{Task, TaskThresholds};
 use crate::exit::MuePolicy;
 use crate::pipeline::Engine;
+use crate::task::{Task, TaskThresholds};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -4,11 +4,11 @@
 //! same split in the same process). Also the per-example oracle depth.
 
 use super::metrics;
-use crate::cli::Task;
 use crate::data::{CaptionReader, CaptionRow, VeReader, VeRow};
 use crate::exit::{ExitPolicy, FullDepth, StaticDepth};
 use crate::generate::{Exits, SearchConfig};
 use crate::pipeline::{Engine, EntailRequest};
+use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};

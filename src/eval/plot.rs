@@ -3,7 +3,7 @@
 //! bitmap text is found at run time (DejaVu Sans), otherwise SVG only without text and a
 //! warning.
 
-use crate::exit::spec::{Family, Marker};
+use crate::exit::family::{Family, Marker};
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;

@@ -3,10 +3,10 @@
 
 use super::eval::{self, primary_metric, report, run, Dataset, EvalOptions, EvalReport, Quality};
 use super::plot::{Chart, Series};
-use crate::cli::Task;
 use crate::exit::spec::{self, FAMILIES};
 use crate::exit::FullDepth;
 use crate::pipeline::Engine;
+use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -252,7 +252,7 @@ pub fn chart(result: &SweepResult) -> Chart {
                 .filter(|p| p.family == family.name)
                 .collect();
             (!pts.is_empty()).then(|| Series {
-                family,
+                family: family.family,
                 points: pts.iter().map(|p| xy(p)).collect(),
                 frontier: pts
                     .iter()

@@ -1,7 +1,7 @@
 //! DeeBERT: exit a decoder token once the entropy of its intermediate prediction falls
 //! below a threshold. Encoder streams have no prediction head and run at full depth.
 
-use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
 
@@ -15,28 +15,32 @@ pub const FAMILY: Family = Family {
         color: (44, 160, 44),
         marker: Marker::Circle,
     },
-    grid,
-    from_flags,
 };
 
 /// Entropy thresholds (nats: over the vocabulary in generation, over the three answers in
 /// entailment, where the entropy is at most ln 3).
 pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
 
-fn grid(_decoder_layers: usize) -> Vec<PolicySpec> {
+fn grid(_decoder_layers: usize) -> Vec<EntropyPolicy> {
     ENTROPY_GRID
         .iter()
-        .map(|&threshold| PolicySpec::Entropy(EntropyPolicy { threshold }))
+        .map(|&threshold| EntropyPolicy { threshold })
         .collect()
 }
 
-fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
-    Ok(PolicySpec::Entropy(EntropyPolicy {
+fn from_flags(f: &Flags) -> anyhow::Result<EntropyPolicy> {
+    Ok(EntropyPolicy {
         threshold: f.threshold("entropy")?,
-    }))
+    })
 }
 
 impl Params for EntropyPolicy {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
     fn params(&self) -> String {
         format!("threshold={}", self.threshold)
     }

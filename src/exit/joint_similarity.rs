@@ -6,8 +6,8 @@
 //! faithful version is the same threshold for both streams: each stream still stops on
 //! its own similarity, but neither can be tuned to its modality's saturation point.
 
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::mue::{decoder_number, SIMILARITY_GRID};
-use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
 use super::{validate_threshold, DecoderThreshold, ExitPolicy, LayerSignal, MuePolicy, Site};
 use serde::{Deserialize, Serialize};
 
@@ -21,28 +21,26 @@ pub const FAMILY: Family = Family {
         color: (31, 119, 180),
         marker: Marker::Circle,
     },
-    grid,
-    from_flags,
 };
 
-fn grid(_decoder_layers: usize) -> Vec<PolicySpec> {
+fn grid(_decoder_layers: usize) -> Vec<JointSpec> {
     let mut g = Vec::new();
     for &encoder in &SIMILARITY_GRID {
         for &tau in &[0.9f32, 0.99, 1.0] {
-            g.push(PolicySpec::Joint(JointSpec {
+            g.push(JointSpec {
                 encoder,
                 decoder: DecoderThreshold::Constant { tau },
-            }));
+            });
         }
     }
     g
 }
 
-fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
-    Ok(PolicySpec::Joint(JointSpec {
+fn from_flags(f: &Flags) -> anyhow::Result<JointSpec> {
+    Ok(JointSpec {
         encoder: f.threshold("joint")?,
-        decoder: f.mue.decoder,
-    }))
+        decoder: f.decoder,
+    })
 }
 
 /// A joint grid point: `{"policy": "joint", "encoder": 0.9, "decoder": 0.99}` (the decoder
@@ -54,20 +52,25 @@ pub struct JointSpec {
     pub decoder: DecoderThreshold,
 }
 
+impl JointSpec {
+    /// The policy this point stands for, validated.
+    pub fn policy(&self) -> anyhow::Result<JointSimilarity> {
+        JointSimilarity::with_decoder(self.encoder, self.decoder)
+    }
+}
+
 impl Params for JointSpec {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
     fn params(&self) -> String {
         format!("encoder={} {}", self.encoder, self.decoder.params())
     }
     fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
-        Ok(Box::new(JointSimilarity::with_decoder(
-            self.encoder,
-            self.decoder,
-        )?))
-    }
-    fn as_mue(&self) -> Option<MuePolicy> {
-        JointSimilarity::with_decoder(self.encoder, self.decoder)
-            .ok()
-            .map(|j| j.as_mue())
+        Ok(Box::new(self.policy()?))
     }
 }
 

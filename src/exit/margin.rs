@@ -2,7 +2,7 @@
 //! and top-2 probabilities of its intermediate prediction exceeds a threshold. Encoder
 //! streams run at full depth.
 
-use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
 
@@ -16,27 +16,31 @@ pub const FAMILY: Family = Family {
         color: (148, 103, 189),
         marker: Marker::Circle,
     },
-    grid,
-    from_flags,
 };
 
 /// Softmax margin thresholds.
 pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
 
-fn grid(_decoder_layers: usize) -> Vec<PolicySpec> {
+fn grid(_decoder_layers: usize) -> Vec<MarginPolicy> {
     MARGIN_GRID
         .iter()
-        .map(|&threshold| PolicySpec::Margin(MarginPolicy { threshold }))
+        .map(|&threshold| MarginPolicy { threshold })
         .collect()
 }
 
-fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
-    Ok(PolicySpec::Margin(MarginPolicy {
+fn from_flags(f: &Flags) -> anyhow::Result<MarginPolicy> {
+    Ok(MarginPolicy {
         threshold: f.threshold("margin")?,
-    }))
+    })
 }
 
 impl Params for MarginPolicy {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
     fn params(&self) -> String {
         format!("threshold={}", self.threshold)
     }

@@ -2,10 +2,12 @@
 //! (decoder token) whether to stop.
 
 pub mod entropy;
+pub mod family;
 pub mod joint_similarity;
 pub mod margin;
 pub mod mue;
 pub mod patience;
+pub mod schedule;
 pub mod spec;
 pub mod static_depth;
 
@@ -17,7 +19,7 @@ pub use joint_similarity::{JointSimilarity, JointSpec};
 pub use margin::MarginPolicy;
 pub use mue::{DecoderThreshold, MuePolicy, MueSpec};
 pub use patience::PatiencePolicy;
-pub use spec::{Family, PolicySpec, FAMILIES};
+pub use spec::{PolicySpec, FAMILIES};
 pub use static_depth::{StaticDepth, StaticSpec};
 
 /// The two encoder streams.
@@ -103,26 +105,30 @@ pub trait ExitPolicy: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct FullDepth;
 
-pub const FULL: spec::Family = spec::Family {
+pub const FULL: family::Family = family::Family {
     name: "full",
     title: "Full model",
     help: "Full depth: no exit",
-    role: spec::Role::Reference,
+    role: family::Role::Reference,
     calibrated: false,
-    style: spec::Style {
+    style: family::Style {
         color: (0, 0, 0),
-        marker: spec::Marker::Circle,
+        marker: family::Marker::Circle,
     },
-    grid: |_| vec![PolicySpec::Full(FullDepth)],
-    from_flags: |_| Ok(PolicySpec::Full(FullDepth)),
 };
 
-impl spec::Params for FullDepth {
+impl family::Params for FullDepth {
     fn params(&self) -> String {
         String::new()
     }
     fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
         Ok(Box::new(FullDepth))
+    }
+    fn grid(_: usize) -> Vec<Self> {
+        vec![FullDepth]
+    }
+    fn from_flags(_: &family::Flags) -> anyhow::Result<Self> {
+        Ok(FullDepth)
     }
 }
 

@@ -1,7 +1,7 @@
 //! PABEE: exit a decoder token once its intermediate top-1 prediction has stayed the same
 //! for `patience` consecutive layers. Encoder streams run at full depth.
 
-use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
 
@@ -15,23 +15,27 @@ pub const FAMILY: Family = Family {
         color: (255, 127, 14),
         marker: Marker::Circle,
     },
-    grid,
-    from_flags,
 };
 
-fn grid(decoder_layers: usize) -> Vec<PolicySpec> {
+fn grid(decoder_layers: usize) -> Vec<PatiencePolicy> {
     (1..decoder_layers.saturating_sub(1).max(2))
-        .map(|patience| PolicySpec::Patience(PatiencePolicy { patience }))
+        .map(|patience| PatiencePolicy { patience })
         .collect()
 }
 
-fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
-    Ok(PolicySpec::Patience(PatiencePolicy {
+fn from_flags(f: &Flags) -> anyhow::Result<PatiencePolicy> {
+    Ok(PatiencePolicy {
         patience: f.patience,
-    }))
+    })
 }
 
 impl Params for PatiencePolicy {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
     fn params(&self) -> String {
         format!("patience={}", self.patience)
     }

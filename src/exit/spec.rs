@@ -1,9 +1,11 @@
-//! The policy registry: every exit policy family declares, next to its implementation, its
-//! name, parameters (a serde struct), validation, default sweep grid, command-line form and
-//! plot style. The CLI parses `--policy` from it; sweeps, reports, plots and calibration
-//! iterate it. Adding a policy is one file (its `ExitPolicy`, its parameters implementing
-//! [`Params`], its [`Family`]) and one line in [`registry!`] below.
+//! The policy registry: the list of exit policy families. Each family declares, next to
+//! its implementation, its name, parameters (a serde struct implementing [`Params`]),
+//! validation, default sweep grid, command-line form and plot style ([`Family`]). The CLI
+//! parses `--policy` from this list; sweeps, reports, plots and calibration iterate it.
+//! Adding a policy is its file (with `pub mod` in `exit/mod.rs`) and one line in
+//! [`registry!`] below.
 
+pub use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{
     entropy, joint_similarity, margin, mue, patience, static_depth, EntropyPolicy, ExitPolicy,
     FullDepth, JointSpec, MarginPolicy, MuePolicy, MueSpec, PatiencePolicy, StaticSpec,
@@ -11,102 +13,21 @@ use super::{
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-/// Where a family sits in the report's table, laid out like the paper's (OFA-Base, OFA-Tiny,
-/// DeeBERT, PABEE, MuE, MuE w/o modality decomposition); the order of the variants is the
-/// order of the rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    /// Full depth: what every figure is relative to.
-    Reference,
-    /// Fixed depths, the smaller-model baseline (its table shows fixed depths as well).
-    SmallerModel,
-    /// An early-exit baseline: its point is picked by MuE's rule and compared with MuE's.
-    Baseline,
-    /// The method.
-    Proposed,
-    /// An ablation of the method: picked and compared like a baseline, shown after MuE.
-    Ablation,
-}
-
-impl Role {
-    /// Whether reports pick a point of the family by MuE's rule and compare MuE with it.
-    pub fn compared(self) -> bool {
-        matches!(self, Role::SmallerModel | Role::Baseline | Role::Ablation)
-    }
-}
-
-/// How plots draw a family's points.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Marker {
-    Circle,
-    Square,
-    Triangle,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Style {
-    /// RGB.
-    pub color: (u8, u8, u8),
-    pub marker: Marker,
-}
-
-/// The command line's policy parameters (`mue eval --policy NAME`), shared by the families:
-/// each reads the ones it needs.
+/// A registered family: its declaration, and its grid and command-line points as
+/// [`PolicySpec`]s. Reads as its [`Family`] (`entry.name`, `entry.style`).
 #[derive(Debug, Clone, Copy)]
-pub struct Flags {
-    /// `--threshold` (joint, entropy, margin).
-    pub threshold: Option<f32>,
-    /// `--patience`.
-    pub patience: usize,
-    /// `--depth`.
-    pub depth: usize,
-    /// The MuE thresholds of `--img/--text/--dec-threshold` over the model's exits.json.
-    pub mue: MuePolicy,
-}
-
-impl Flags {
-    /// `--threshold`, which `family` needs.
-    pub fn threshold(&self, family: &str) -> Result<f32> {
-        match self.threshold {
-            Some(t) => Ok(t),
-            None => bail!("--policy {family} needs --threshold"),
-        }
-    }
-}
-
-/// What the rest of the program knows about a family.
-#[derive(Debug, Clone, Copy)]
-pub struct Family {
-    /// The `policy` tag of grid files, `--policy` and `--policies` values, sweep rows.
-    pub name: &'static str,
-    /// How the report's tables name it.
-    pub title: &'static str,
-    /// Help of `--policy NAME`.
-    pub help: &'static str,
-    pub role: Role,
-    /// Its points are MuE thresholds ([`PolicySpec::as_mue`]): `mue calibrate` picks among
-    /// them.
-    pub calibrated: bool,
-    pub style: Style,
+pub struct Entry {
+    pub family: &'static Family,
     /// The default sweep grid for a model with this many decoder layers.
     pub grid: fn(usize) -> Vec<PolicySpec>,
     /// The point `mue eval --policy NAME` runs.
     pub from_flags: fn(&Flags) -> Result<PolicySpec>,
 }
 
-/// A family's parameters: one grid point.
-pub trait Params {
-    /// `key=value` pairs separated by spaces, as sweeps and reports print them.
-    fn params(&self) -> String;
-    /// The policy; every parameter is validated here, the one place.
-    fn build(&self) -> Result<Box<dyn ExitPolicy>>;
-    /// The MuE thresholds this point stands for (families with `calibrated`).
-    fn as_mue(&self) -> Option<MuePolicy> {
-        None
-    }
-    /// Whether the decoder threshold follows the schedule (MuE points only).
-    fn decoder_schedule(&self) -> Option<bool> {
-        None
+impl std::ops::Deref for Entry {
+    type Target = Family;
+    fn deref(&self) -> &Family {
+        self.family
     }
 }
 
@@ -129,7 +50,7 @@ macro_rules! registry {
                 }
             }
 
-            /// The family's registry entry.
+            /// The family's declaration.
             pub fn entry(&self) -> &'static Family {
                 match self {
                     $(PolicySpec::$variant(_) => &$family),*
@@ -138,7 +59,16 @@ macro_rules! registry {
         }
 
         /// Every registered family, in plotting order.
-        pub const FAMILIES: &[Family] = &[$($family),*];
+        pub const FAMILIES: &[Entry] = &[$(Entry {
+            family: &$family,
+            grid: |layers| {
+                <$params as Params>::grid(layers)
+                    .into_iter()
+                    .map(PolicySpec::$variant)
+                    .collect()
+            },
+            from_flags: |flags| <$params as Params>::from_flags(flags).map(PolicySpec::$variant),
+        }),*];
     };
 }
 
@@ -166,12 +96,22 @@ impl PolicySpec {
         self.inner().build()
     }
 
+    /// The MuE thresholds this point stands for: MuE's own points and joint's (equal image
+    /// and text thresholds), what `mue calibrate` picks among (families with `calibrated`).
     pub fn as_mue(&self) -> Option<MuePolicy> {
-        self.inner().as_mue()
+        match self {
+            PolicySpec::Mue(p) => p.policy().ok(),
+            PolicySpec::Joint(p) => p.policy().ok().map(|j| j.as_mue()),
+            _ => None,
+        }
     }
 
+    /// Whether a MuE point's decoder threshold follows the schedule (None for other points).
     pub fn decoder_schedule(&self) -> Option<bool> {
-        self.inner().decoder_schedule()
+        match self {
+            PolicySpec::Mue(p) => Some(p.decoder.is_schedule()),
+            _ => None,
+        }
     }
 
     /// The full-depth reference point.
@@ -181,7 +121,7 @@ impl PolicySpec {
 }
 
 /// The registry entry named `name`.
-pub fn family(name: &str) -> Result<&'static Family> {
+pub fn family(name: &str) -> Result<&'static Entry> {
     match FAMILIES.iter().find(|f| f.name == name) {
         Some(f) => Ok(f),
         None => bail!(
@@ -197,13 +137,13 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// The families of `role`, in registry order.
-pub fn with_role(role: Role) -> impl Iterator<Item = &'static Family> {
+pub fn with_role(role: Role) -> impl Iterator<Item = &'static Entry> {
     FAMILIES.iter().filter(move |f| f.role == role)
 }
 
 /// The families reports compare with MuE, in the order of the paper's table.
-pub fn compared() -> Vec<&'static Family> {
-    let mut f: Vec<&'static Family> = FAMILIES.iter().filter(|f| f.role.compared()).collect();
+pub fn compared() -> Vec<&'static Entry> {
+    let mut f: Vec<&'static Entry> = FAMILIES.iter().filter(|f| f.role.compared()).collect();
     f.sort_by_key(|f| f.role);
     f
 }
@@ -246,11 +186,14 @@ mod tests {
                 s.build().unwrap();
             }
             // Every family runs from the command line's defaults.
+            let never = MuePolicy::never();
             let flags = Flags {
                 threshold: Some(0.5),
                 patience: 2,
                 depth: 3,
-                mue: MuePolicy::never(),
+                image: never.image,
+                text: never.text,
+                decoder: never.decoder,
             };
             let s = (f.from_flags)(&flags).unwrap();
             assert_eq!(s.family(), f.name);
@@ -268,7 +211,9 @@ mod tests {
             threshold,
             patience: 2,
             depth,
-            mue: MuePolicy::never(),
+            image: 1.0,
+            text: 1.0,
+            decoder: crate::exit::DecoderThreshold::Constant { tau: 1.0 },
         };
         let build = |name: &str, f: Flags| (family(name).unwrap().from_flags)(&f)?.build();
         assert!(build("static", flags(None, 0)).is_err());

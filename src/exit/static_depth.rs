@@ -1,6 +1,6 @@
 //! Fixed depths: the "smaller model" baseline.
 
-use super::spec::{Family, Flags, Marker, Params, PolicySpec, Role, Style};
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{ExitPolicy, LayerSignal, Site, Stream};
 use serde::{Deserialize, Serialize};
 
@@ -14,18 +14,16 @@ pub const FAMILY: Family = Family {
         color: (127, 127, 127),
         marker: Marker::Circle,
     },
-    grid,
-    from_flags,
 };
 
-fn grid(decoder_layers: usize) -> Vec<PolicySpec> {
+fn grid(decoder_layers: usize) -> Vec<StaticSpec> {
     (1..decoder_layers)
-        .map(|depth| PolicySpec::Static(StaticSpec { depth }))
+        .map(|depth| StaticSpec { depth })
         .collect()
 }
 
-fn from_flags(f: &Flags) -> anyhow::Result<PolicySpec> {
-    Ok(PolicySpec::Static(StaticSpec { depth: f.depth }))
+fn from_flags(f: &Flags) -> anyhow::Result<StaticSpec> {
+    Ok(StaticSpec { depth: f.depth })
 }
 
 /// A static grid point: the same depth for both streams and every token.
@@ -35,6 +33,12 @@ pub struct StaticSpec {
 }
 
 impl Params for StaticSpec {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
     fn params(&self) -> String {
         format!("depth={}", self.depth)
     }

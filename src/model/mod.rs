@@ -669,7 +669,7 @@ impl Model {
 }
 
 /// How a fresh model's residual branches start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BranchInit {
     /// Every branch adds a unit-scale output from the start.
@@ -685,6 +685,21 @@ pub enum BranchInit {
 }
 
 impl BranchInit {
+    pub const ALL: [BranchInit; 3] = [
+        BranchInit::Unit,
+        BranchInit::ZeroEncoder,
+        BranchInit::ZeroAll,
+    ];
+
+    /// The name on the command line and in `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BranchInit::Unit => "unit",
+            BranchInit::ZeroEncoder => "zero-encoder",
+            BranchInit::ZeroAll => "zero-all",
+        }
+    }
+
     /// Whether variable `name` is a branch-ending gain that starts at zero.
     fn zeroes(self, name: &str) -> bool {
         let gain =
@@ -694,6 +709,27 @@ impl BranchInit {
             BranchInit::ZeroEncoder => gain && name.starts_with("encoder."),
             BranchInit::ZeroAll => gain,
         }
+    }
+}
+
+impl std::fmt::Display for BranchInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BranchInit {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "unknown branch init {s:?} (expected unit, zero-encoder or zero-all)"
+                )
+            })
     }
 }
 

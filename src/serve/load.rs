@@ -1,7 +1,7 @@
 //! A closed-loop load generator against a running server (`mue serve-bench`).
 
 use super::client;
-use crate::cli::Task;
+use crate::task::Task;
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use serde::Serialize;
@@ -47,7 +47,7 @@ pub async fn load_test(
     requests: usize,
     task: Task,
 ) -> Result<Report> {
-    let path = crate::cli::demo::examples_dir().join("example_0.png");
+    let path = crate::paths::examples_dir().join("example_0.png");
     let image = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     load_test_with(
         addr,

@@ -1,10 +1,10 @@
 //! The bounded request queue and the batching worker (a dedicated OS thread).
 
 use super::metrics::Metrics;
-use crate::cli::Task;
 use crate::exit::MuePolicy;
 use crate::generate::SearchConfig;
 use crate::pipeline::{CaptionOutput, Engine, EntailOutput, EntailRequest};
+use crate::task::Task;
 use image::DynamicImage;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

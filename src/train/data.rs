@@ -2,11 +2,12 @@
 //! [`crate::pipeline::Engine`] formats requests, and deterministic multi-task batches.
 
 use super::loss::Targets;
-use crate::data::benchmark::Label;
 use crate::data::preprocess::rgb_to_tensor;
-use crate::data::tokenizer::{ofa_ve_normalize, ve_prompt, Tokenizer};
-use crate::data::tokenizer::{CAPTION_PROMPT, VE_ANSWERS, VE_MAX_WORDS};
+use crate::data::prompt::{entail_ids, is_too_long};
+use crate::data::tokenizer::{Tokenizer, BOS_ID};
 use crate::data::tsv::{CaptionReader, VeReader};
+use crate::task::{ofa_ve_normalize, ve_prompt, Label, Task};
+use crate::task::{CAPTION_PROMPT, VE_ANSWERS, VE_MAX_WORDS};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -80,17 +81,10 @@ pub fn read_split(dir: &Path, split: &str, max_images: Option<usize>) -> Result<
     Ok(raw)
 }
 
-/// The task an example belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskKind {
-    Caption,
-    Entail,
-}
-
 /// One pre-tokenized training example.
 #[derive(Debug, Clone)]
 pub struct Example {
-    pub task: TaskKind,
+    pub task: Task,
     pub image: usize,
     /// Encoder text ids with BOS/EOS.
     pub enc_ids: Vec<u32>,
@@ -113,23 +107,21 @@ pub fn caption_prompt_ids(tok: &Tokenizer) -> Result<Vec<u32>> {
     tok.encode_with_bos_eos(CAPTION_PROMPT)
 }
 
-/// Encoder ids and decoder prefix (`[BOS] + prompt`) of an entailment question, as
-/// [`crate::pipeline::Engine::entail_prompt`] builds them (no premise).
-pub fn entail_prompt(tok: &Tokenizer, hypothesis: &str) -> Result<(Vec<u32>, Vec<u32>)> {
-    let hyp = ofa_ve_normalize(hypothesis, VE_MAX_WORDS);
-    if hyp.trim().is_empty() {
-        bail!("hypothesis is empty");
-    }
-    let ids = tok.encode_with_bos_eos(&ve_prompt(&hyp, None))?;
-    let mut prefix = vec![crate::data::tokenizer::BOS_ID];
-    prefix.extend_from_slice(&ids[1..ids.len() - 1]);
-    Ok((ids, prefix))
+/// Encoder ids (at most `max_len`) and decoder prefix (`[BOS] + prompt`) of an
+/// entailment question, built as [`crate::pipeline::Engine::entail_prompt`] builds them
+/// (no premise).
+pub fn entail_prompt(
+    tok: &Tokenizer,
+    hypothesis: &str,
+    max_len: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    entail_ids(tok, hypothesis, None, max_len, BOS_ID)
 }
 
 /// Caption example: decoder input `[0] + caption`, targets `caption + [2]`.
 pub fn caption_example(tok: &Tokenizer, caption: &str, image: usize) -> Result<Example> {
     let cap = tok.encode(&caption_text(caption))?;
-    let mut dec_ids = vec![crate::data::tokenizer::BOS_ID];
+    let mut dec_ids = vec![BOS_ID];
     dec_ids.extend_from_slice(&cap);
     let targets = cap
         .iter()
@@ -138,7 +130,7 @@ pub fn caption_example(tok: &Tokenizer, caption: &str, image: usize) -> Result<E
         .map(Some)
         .collect();
     Ok(Example {
-        task: TaskKind::Caption,
+        task: Task::Caption,
         image,
         enc_ids: caption_prompt_ids(tok)?,
         dec_ids,
@@ -147,14 +139,16 @@ pub fn caption_example(tok: &Tokenizer, caption: &str, image: usize) -> Result<E
 }
 
 /// Entailment example: decoder input `[0] + prompt + answer`, the loss only on the answer
-/// token(s) (predicted from the last prompt position onwards).
+/// token(s) (predicted from the last prompt position onwards). A prompt longer than
+/// `max_len` tokens is an error that [`is_too_long`] recognises.
 pub fn entail_example(
     tok: &Tokenizer,
     hypothesis: &str,
     label: Label,
     image: usize,
+    max_len: usize,
 ) -> Result<Example> {
-    let (enc_ids, prefix) = entail_prompt(tok, hypothesis)?;
+    let (enc_ids, prefix) = entail_prompt(tok, hypothesis, max_len)?;
     let answer = tok.encode(label.answer())?;
     let mut dec_ids = prefix.clone();
     dec_ids.extend_from_slice(&answer);
@@ -163,7 +157,7 @@ pub fn entail_example(
         targets[prefix.len() - 1 + k] = Some(a);
     }
     Ok(Example {
-        task: TaskKind::Entail,
+        task: Task::Entail,
         image,
         enc_ids,
         dec_ids,
@@ -226,8 +220,14 @@ impl Dataset {
             }
         }
         for (img, hyp, label) in &raw.entail {
-            let ex = entail_example(tok, hyp, *label, *img)?;
-            if ex.enc_ids.len() > max_len || ex.dec_ids.len() > max_len {
+            let ex = match entail_example(tok, hyp, *label, *img, max_len) {
+                Err(e) if is_too_long(&e) => {
+                    skipped += 1;
+                    continue;
+                }
+                r => r?,
+            };
+            if ex.dec_ids.len() > max_len {
                 skipped += 1;
             } else {
                 examples.push(ex);
@@ -332,8 +332,8 @@ pub fn make_batch(
     let smoothing: Vec<f32> = exs
         .iter()
         .map(|e| match e.task {
-            TaskKind::Caption => caption_smoothing,
-            TaskKind::Entail => 0.0,
+            Task::Caption => caption_smoothing,
+            Task::Entail => 0.0,
         })
         .collect();
     let n_tokens = exs.iter().map(|e| e.enc_ids.len() + e.dec_ids.len()).sum();

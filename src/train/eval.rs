@@ -4,7 +4,8 @@
 use super::data::{caption_example, entail_prompt, make_batch, Dataset, RawSplit};
 use super::loss::correct_tokens;
 use crate::data::preprocess::rgb_to_tensor;
-use crate::data::tokenizer::{Tokenizer, VE_ANSWERS};
+use crate::data::prompt::answer_ids;
+use crate::data::tokenizer::Tokenizer;
 use crate::exit::MuePolicy;
 use crate::generate::{self, Input};
 use crate::model::layers::Mode;
@@ -34,10 +35,7 @@ pub fn evaluate(
     raw: &RawSplit,
     limit: usize,
 ) -> Result<EvalResult> {
-    let answers = VE_ANSWERS
-        .iter()
-        .map(|a| tok.encode(a))
-        .collect::<Result<Vec<_>>>()?;
+    let answers = answer_ids(tok)?;
     let never = MuePolicy::never();
     let rows: Vec<_> = raw.entail.iter().take(limit).collect();
     let mut correct = 0;
@@ -45,7 +43,7 @@ pub fn evaluate(
         let mut inputs = Vec::with_capacity(chunk.len());
         let mut prefixes = Vec::with_capacity(chunk.len());
         for (img, hyp, _) in chunk {
-            let (ids, prefix) = entail_prompt(tok, hyp)?;
+            let (ids, prefix) = entail_prompt(tok, hyp, model.cfg.max_text_len())?;
             inputs.push(Input {
                 image: rgb_to_tensor(&raw.images[*img], &model.device)?,
                 text_ids: ids,
@@ -54,7 +52,7 @@ pub fn evaluate(
         }
         let res = generate::classify(model, &inputs, &prefixes, &answers, &never)?;
         for (r, (_, _, label)) in res.iter().zip(chunk) {
-            if VE_ANSWERS[r.best] == label.answer() {
+            if r.best == label.index() {
                 correct += 1;
             }
         }

@@ -24,9 +24,9 @@ pub use select::{
 use super::calibrate::{Calibration, Objective};
 use super::eval::EvalReport;
 use super::sweep::{self, SweepResult};
-use crate::cli::Task;
 use crate::generate::SearchConfig;
 use crate::run_meta::LossKind;
+use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Component, Path, PathBuf};

@@ -6,13 +6,13 @@ use super::select::{calibrated_point, is_mue, pct0};
 use super::{
     dominance, rows, Ablation, Layout, Metrics, ReportConfig, ReportData, Row, RowKey, TaskResults,
 };
-use crate::cli::Task;
 use crate::eval::calibrate::Objective;
 use crate::eval::eval::{self, percent as pct};
 use crate::eval::sweep::SweepPoint;
 use crate::exit::spec::{self, Role};
 use crate::exit::DecoderThreshold;
 use crate::run_meta::LossKind;
+use crate::task::Task;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 

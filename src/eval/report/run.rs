@@ -5,7 +5,6 @@
 use super::machine::{cpu_model, load_average, utc_date, Machine};
 use super::select::{pick_family, static_depths};
 use super::{page_link, Ablation, DecoderForm, Layout, ReportConfig, ReportData, TaskResults};
-use crate::cli::Task;
 use crate::eval::calibrate::{self, Objective};
 use crate::eval::eval::{self, Dataset, EvalOptions};
 use crate::eval::sweep::{self, PolicySpec, SweepPoint, SweepResult};
@@ -13,6 +12,7 @@ use crate::eval::write_json;
 use crate::exit::{spec, DecoderThreshold, FullDepth, MueSpec, StaticSpec};
 use crate::pipeline::Engine;
 use crate::run_meta;
+use crate::task::Task;
 use anyhow::{Context, Result};
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

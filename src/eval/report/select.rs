@@ -6,7 +6,7 @@ use super::{Ablation, TaskResults};
 use crate::eval::calibrate::{self, Objective};
 use crate::eval::eval::{self, Quality};
 use crate::eval::sweep::{PolicySpec, SweepPoint, SweepResult};
-use crate::exit::spec::{self, Family, Role};
+use crate::exit::spec::{self, Entry, Role};
 use crate::exit::{FullDepth, StaticSpec};
 
 /// Static depths shown as the "smaller model": about 2/3 (OFA-Tiny's 4 of OFA-Base's 6
@@ -281,7 +281,7 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
             }),
         }
     };
-    let picked = |fam: &'static Family, out: &mut Vec<Row>| match pick(fam.name) {
+    let picked = |fam: &'static Entry, out: &mut Vec<Row>| match pick(fam.name) {
         Some((spec, params, rule)) => {
             if let PolicySpec::Static(StaticSpec { depth }) = spec {
                 if depths.contains(&depth) {
