@@ -168,15 +168,15 @@ fn skipped_layers_get_keys_values_from_the_exit_state() {
         let out0 = st.step(&[0]).unwrap();
         assert_eq!(out0.exit_layer, vec![1]);
         for layer in 1..m.cfg.decoder_layers {
-            let (k, v) = st.cache(layer).unwrap();
+            let (k, v) = st.cache(layer).unwrap().unwrap();
             let (wk, wv) = match fill {
                 KvFill::Propagate => m.decoder.layers[layer]
                     .self_key_value(&h1, Mode::INFER)
                     .unwrap(),
-                KvFill::Copy => st.cache(0).unwrap().clone(),
+                KvFill::Copy => st.cache(0).unwrap().unwrap(),
             };
             assert!(
-                max_diff(k, &wk) <= 1e-6 && max_diff(v, &wv) <= 1e-6,
+                max_diff(&k, &wk) <= 1e-6 && max_diff(&v, &wv) <= 1e-6,
                 "{fill:?} layer {layer}"
             );
         }

@@ -4,7 +4,9 @@
 
 use super::cost::{self, Macs};
 use super::encoder::EncoderRun;
-use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Prediction, Site};
+use super::kv_cache::KvCache;
+use super::rows::{signals, ExitRows};
+use crate::exit::{row_similarity, ExitPolicy, Prediction, Site};
 use crate::model::layers::{key_padding_bias, Mode};
 use crate::model::Model;
 use candle_core::{DType, IndexOp, Result, Tensor, D};
@@ -67,8 +69,8 @@ pub struct DecoderState<'a> {
     /// Cross keys/values per layer and sample, computed the first time a row of that sample
     /// reaches the layer.
     cross_kv: Vec<Vec<Option<(Tensor, Tensor)>>>,
-    /// Self-attention cache per layer: `[rows, h, t, dh]`.
-    cache: Vec<Option<(Tensor, Tensor)>>,
+    /// Self-attention keys/values per layer, written in place.
+    cache: KvCache,
     /// Sample of each row.
     pub row_sample: Vec<usize>,
     /// Tokens fed so far.
@@ -113,7 +115,7 @@ impl<'a> DecoderState<'a> {
             self_biases: model.decoder_self_biases(&pos)?,
             cross_bias: model.decoder_cross_bias(&pos, &enc.positions.joint()?)?,
             cross_kv: vec![vec![None; b]; model.cfg.decoder_layers],
-            cache: vec![None; model.cfg.decoder_layers],
+            cache: KvCache::new(model.cfg.decoder_layers, steps),
             row_sample: (0..b).collect(),
             t: 0,
             macs,
@@ -121,8 +123,8 @@ impl<'a> DecoderState<'a> {
     }
 
     /// Self-attention keys/values of `layer` so far: `[rows, h, t, dh]` each.
-    pub fn cache(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
-        self.cache[layer].as_ref()
+    pub fn cache(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        self.cache.get(layer, self.t)
     }
 
     pub fn rows(&self) -> usize {
@@ -142,9 +144,7 @@ impl<'a> DecoderState<'a> {
             origins.len(),
             &self.model.device,
         )?;
-        for c in self.cache.iter_mut().flatten() {
-            *c = (c.0.index_select(&idx, 0)?, c.1.index_select(&idx, 0)?);
-        }
+        self.cache.reorder(&idx)?;
         self.row_sample = origins.iter().map(|&o| self.row_sample[o]).collect();
         Ok(())
     }
@@ -243,23 +243,22 @@ impl<'a> DecoderState<'a> {
         let vocab = model.cfg.vocab_size as u64;
         let dev = &model.device;
         let ids = Tensor::from_vec(tokens.to_vec(), (rows, 1), dev)?;
-        let mut h = model.embed_decoder(&ids, mode)?;
-        let mut active: Vec<usize> = (0..rows).collect();
-        let mut exit_layer = vec![layers; rows];
-        let mut final_state: Vec<Option<Tensor>> = vec![None; rows];
-        // New keys/values per layer: (rows, k, v) pieces.
-        let mut new_kv: Vec<Vec<(Vec<usize>, Tensor, Tensor)>> = vec![Vec::new(); layers];
-        let mut history: Vec<Vec<LayerSignal>> = vec![Vec::new(); rows];
         let site = Site::Decoder {
             step: t,
             max_len: self.max_len,
         };
+        let mut run = ExitRows::new(&model.embed_decoder(&ids, mode)?, layers, site)?;
+        // This token's keys/values per layer, (rows, k, v) pieces: the copy fill reads them.
+        let mut new_kv: Vec<Vec<(Vec<usize>, Tensor, Tensor)>> = vec![Vec::new(); layers];
         let needs_pred = self.policy.needs_predictions();
 
         for l in 0..layers {
+            let active = run.active();
+            if active.is_empty() {
+                break;
+            }
             self.ensure_cross_kv(l, &active)?;
-            let all = active.len() == rows;
-            let idx = if all {
+            let idx = if active.len() == rows {
                 None
             } else {
                 Some(Tensor::from_vec(
@@ -268,67 +267,40 @@ impl<'a> DecoderState<'a> {
                     dev,
                 )?)
             };
-            let past = match (&self.cache[l], &idx) {
-                (Some((k, v)), None) => Some((k.clone(), v.clone())),
-                (Some((k, v)), Some(i)) => Some((k.index_select(i, 0)?, v.index_select(i, 0)?)),
-                (None, _) => None,
-            };
             let bias = self.self_biases[l].i((.., .., t..t + 1, 0..t + 1))?;
             let dl = &model.decoder.layers[l];
-            let (x, (k, v)) =
-                dl.self_block(&h, past.as_ref().map(|(k, v)| (k, v)), Some(&bias), mode)?;
+            let h = run.gather(&active)?;
+            // Self-attention as `DecoderLayer::self_block`, with this token's keys/values
+            // written into the cache and attention reading the cache in place.
+            let hn = dl.self_attn_layer_norm.forward(&h, mode)?;
+            let q = dl.self_attn.query(&hn, mode)?;
+            let (k, v) = dl.self_attn.key_value(&hn, mode)?;
+            self.cache.write(l, rows, &active, t, &k, &v)?;
+            let (pk, pv) = self.cache.read(l, idx.as_ref(), t + 1)?;
+            let a = dl.self_attn.attend(&q, &pk, &pv, Some(&bias), mode)?;
+            let x = (&h + dl.self_attn_mid_layer_norm.forward(&a, mode)?)?;
             let x = self.cross(l, &active, &x)?;
             let y = dl.ffn_block(&x, mode)?;
             new_kv[l].push((active.clone(), k, v));
-            for &r in &active {
-                let s = self.row_sample[r];
-                self.macs[s].executed +=
-                    cost::decoder_layer(1, t as u64 + 1, self.memory_len[s] as u64, d, ffn);
-            }
-            if l + 1 == layers {
-                for (j, &r) in active.iter().enumerate() {
-                    final_state[r] = Some(y.narrow(0, j, 1)?);
-                }
-                break;
-            }
-            let sims = row_similarity(&y, &h, None)?;
-            let preds = if needs_pred {
-                for &r in &active {
-                    self.macs[self.row_sample[r]].executed += d * vocab;
-                }
-                Some(self.predictions(&y)?)
+            run.charge(&active, |r| {
+                let n_mem = self.memory_len[self.row_sample[r]] as u64;
+                cost::decoder_layer(1, t as u64 + 1, n_mem, d, ffn)
+            });
+            // No decision follows the last layer.
+            let signals = if l + 1 == layers {
+                Vec::new()
             } else {
-                None
-            };
-            let mut keep = Vec::with_capacity(active.len());
-            for (j, &r) in active.iter().enumerate() {
-                history[r].push(LayerSignal {
-                    similarity: sims[j],
-                    prediction: preds.as_ref().map(|p| p[j]),
-                });
-                if self.policy.should_exit(site, &history[r], layers) {
-                    exit_layer[r] = l + 1;
-                    final_state[r] = Some(y.narrow(0, j, 1)?);
+                let preds = if needs_pred {
+                    run.charge(&active, |_| d * vocab);
+                    Some(self.predictions(&y)?)
                 } else {
-                    keep.push(j);
-                }
-            }
-            if keep.is_empty() {
-                active.clear();
-                break;
-            }
-            if keep.len() < active.len() {
-                let ki = Tensor::from_vec(
-                    keep.iter().map(|&j| j as u32).collect::<Vec<_>>(),
-                    keep.len(),
-                    dev,
-                )?;
-                h = y.index_select(&ki, 0)?;
-                active = keep.iter().map(|&j| active[j]).collect();
-            } else {
-                h = y;
-            }
+                    None
+                };
+                signals(row_similarity(&y, &h, None)?, preds)
+            };
+            run.update(&active, l, &y, signals, self.policy)?;
         }
+        let exit_layer = run.exit.clone();
 
         // Skipped layers still need this token's keys/values for later, deeper tokens.
         for m in 1..layers {
@@ -338,10 +310,7 @@ impl<'a> DecoderState<'a> {
             }
             let (k, v) = match self.fill {
                 KvFill::Propagate => {
-                    let parts: Vec<&Tensor> = fill_rows
-                        .iter()
-                        .map(|&r| final_state[r].as_ref().unwrap())
-                        .collect();
+                    let parts: Vec<&Tensor> = fill_rows.iter().map(|&r| run.state(r)).collect();
                     let hs = Tensor::cat(&parts, 0)?;
                     for &r in &fill_rows {
                         self.macs[self.row_sample[r]].executed += cost::propagate(d);
@@ -360,21 +329,14 @@ impl<'a> DecoderState<'a> {
                     (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
                 }
             };
-            new_kv[m].push((fill_rows, k, v));
+            self.cache.write(m, rows, &fill_rows, t, &k, &v)?;
         }
-        for (l, pieces) in new_kv.into_iter().enumerate() {
-            let (k, v) = assemble(pieces, rows, dev)?;
-            self.cache[l] = Some(match self.cache[l].take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
-            });
-        }
-        let parts: Vec<Tensor> = final_state.into_iter().map(|s| s.unwrap()).collect();
+        let parts: Vec<&Tensor> = (0..rows).map(|r| run.state(r)).collect();
         let hs = Tensor::cat(&parts, 0)?;
         let logits = model.logits(&hs, mode)?.squeeze(1)?;
         for r in 0..rows {
             let s = self.row_sample[r];
-            self.macs[s].executed += d * vocab;
+            self.macs[s].executed += run.macs[r] + d * vocab;
             let full_step = layers as u64
                 * cost::decoder_layer(1, t as u64 + 1, self.memory_len[s] as u64, d, ffn)
                 + d * vocab;
@@ -402,34 +364,6 @@ fn row_kv(pieces: &[(Vec<usize>, Tensor, Tensor)], r: usize) -> Result<(Tensor, 
         }
     }
     candle_core::bail!("no keys/values recorded for row {r}")
-}
-
-/// Put per-row pieces back in row order: `[rows, h, 1, dh]`.
-fn assemble(
-    pieces: Vec<(Vec<usize>, Tensor, Tensor)>,
-    rows: usize,
-    dev: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
-    if pieces.len() == 1
-        && pieces[0].0.len() == rows
-        && pieces[0].0.iter().enumerate().all(|(i, &r)| i == r)
-    {
-        let (_, k, v) = pieces.into_iter().next().unwrap();
-        return Ok((k, v));
-    }
-    let order: Vec<usize> = pieces
-        .iter()
-        .flat_map(|(r, _, _)| r.iter().copied())
-        .collect();
-    let ks: Vec<&Tensor> = pieces.iter().map(|p| &p.1).collect();
-    let vs: Vec<&Tensor> = pieces.iter().map(|p| &p.2).collect();
-    let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
-    let mut inverse = vec![0u32; rows];
-    for (pos, &r) in order.iter().enumerate() {
-        inverse[r] = pos as u32;
-    }
-    let idx = Tensor::from_vec(inverse, rows, dev)?;
-    Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
 }
 
 /// Log-softmax over the last dimension in f32.

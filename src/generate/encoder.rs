@@ -1,6 +1,7 @@
 //! The encoder with MuE exits: image and text streams, each sample exiting on its own.
 
 use super::cost::{self, Macs};
+use super::rows::{signals, ExitRows};
 use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Site, Stream};
 use crate::model::layers::{key_padding_bias, Mode};
 use crate::model::{memory_padding, EncoderMode, EncoderPositions, Model};
@@ -25,14 +26,6 @@ pub struct EncoderRun {
     pub memory_len: Vec<usize>,
 }
 
-fn gather(rows: &[Tensor], idx: &[usize]) -> Result<Tensor> {
-    if idx.len() == 1 {
-        return Ok(rows[idx[0]].clone());
-    }
-    let parts: Vec<&Tensor> = idx.iter().map(|&i| &rows[i]).collect();
-    Tensor::cat(&parts, 0)
-}
-
 fn select(padding: &[Vec<bool>], idx: &[usize]) -> Vec<Vec<bool>> {
     idx.iter().map(|&i| padding[i].clone()).collect()
 }
@@ -46,53 +39,9 @@ fn keep_mask(padding: &[Vec<bool>], idx: &[usize], dev: &candle_core::Device) ->
     Tensor::from_vec(v, (idx.len(), l), dev)
 }
 
-struct StreamState {
-    rows: Vec<Tensor>,
-    active: Vec<bool>,
-    exit: Vec<usize>,
-    history: Vec<Vec<LayerSignal>>,
-}
-
-impl StreamState {
-    fn new(x: &Tensor, layers: usize) -> Result<Self> {
-        let b = x.dim(0)?;
-        Ok(Self {
-            rows: (0..b).map(|i| x.narrow(0, i, 1)).collect::<Result<_>>()?,
-            active: vec![true; b],
-            exit: vec![layers; b],
-            history: vec![Vec::new(); b],
-        })
-    }
-
-    /// Store new states for `idx`, record similarities and apply the policy.
-    #[allow(clippy::too_many_arguments)]
-    fn update(
-        &mut self,
-        idx: &[usize],
-        y: &Tensor,
-        sims: &[f32],
-        layer: usize,
-        layers: usize,
-        site: Site,
-        policy: &dyn ExitPolicy,
-    ) -> Result<()> {
-        for (j, &i) in idx.iter().enumerate() {
-            self.rows[i] = y.narrow(0, j, 1)?;
-            self.history[i].push(LayerSignal {
-                similarity: sims[j],
-                prediction: None,
-            });
-            if layer + 1 < layers && policy.should_exit(site, &self.history[i], layers) {
-                self.active[i] = false;
-                self.exit[i] = layer + 1;
-            }
-        }
-        Ok(())
-    }
-
-    fn active_idx(&self) -> Vec<usize> {
-        (0..self.active.len()).filter(|&i| self.active[i]).collect()
-    }
+/// A layer's signals: the similarity of each row's output to its input.
+fn similarity(y: &Tensor, x: &Tensor, keep: Option<&Tensor>) -> Result<Vec<LayerSignal>> {
+    Ok(signals(row_similarity(y, x, keep)?, None))
 }
 
 /// Run the encoder with exits. `ids`: `[b, l]` padded text ids (BOS/EOS included),
@@ -138,71 +87,70 @@ pub fn run_encoder(
         m.full += full_layer * layers as u64;
     }
 
-    let mut si = StreamState::new(&img, layers)?;
-    let mut st = StreamState::new(&txt, layers)?;
     let site_i = Site::Encoder(Stream::Image);
     let site_t = Site::Encoder(Stream::Text);
+    let mut si = ExitRows::new(&img, layers, site_i)?;
+    let mut st = ExitRows::new(&txt, layers, site_t)?;
     for (layer_idx, (layer, bias)) in model.encoder.layers.iter().zip(&biases).enumerate() {
-        let ai = si.active_idx();
-        let at = st.active_idx();
+        let ai = si.active();
+        let at = st.active();
         if ai.is_empty() && at.is_empty() {
             break;
         }
         match cfg.encoder_mode {
             EncoderMode::Decomposed => {
                 if !ai.is_empty() {
-                    let x = gather(&si.rows, &ai)?;
+                    let x = si.gather(&ai)?;
                     let y = layer.forward(&x, None, Some(&bias.image_image), mode)?;
-                    let sims = row_similarity(&y, &x, None)?;
-                    si.update(&ai, &y, &sims, layer_idx, layers, site_i, policy)?;
-                    for &i in &ai {
-                        macs[i].executed += cost::encoder_layer(p as u64, p as u64, d, ffn);
-                    }
+                    si.charge(&ai, |_| cost::encoder_layer(p as u64, p as u64, d, ffn));
+                    let s = similarity(&y, &x, None)?;
+                    si.update(&ai, layer_idx, &y, s, policy)?;
                 }
                 if !at.is_empty() {
-                    let x = gather(&st.rows, &at)?;
+                    let x = st.gather(&at)?;
                     let pad = select(padding, &at);
                     let mask = bias
                         .text_text
                         .broadcast_add(&key_padding_bias(&pad, dev)?)?;
                     let y = layer.forward(&x, None, Some(&mask), mode)?;
-                    let sims = row_similarity(&y, &x, Some(&keep_mask(padding, &at, dev)?))?;
-                    st.update(&at, &y, &sims, layer_idx, layers, site_t, policy)?;
-                    for &i in &at {
+                    st.charge(&at, |i| {
                         let lt = text_len[i] as u64;
-                        macs[i].executed += cost::encoder_layer(lt, lt, d, ffn);
-                    }
+                        cost::encoder_layer(lt, lt, d, ffn)
+                    });
+                    let s = similarity(&y, &x, Some(&keep_mask(padding, &at, dev)?))?;
+                    st.update(&at, layer_idx, &y, s, policy)?;
                 }
             }
             EncoderMode::Joint => {
                 // Samples fall in three groups: both streams running, only image, only text.
                 // A stream that exited keeps its frozen states as keys/values.
-                let both: Vec<usize> = ai.iter().copied().filter(|i| st.active[*i]).collect();
-                let only_i: Vec<usize> = ai.iter().copied().filter(|i| !st.active[*i]).collect();
-                let only_t: Vec<usize> = at.iter().copied().filter(|i| !si.active[*i]).collect();
+                let both: Vec<usize> = ai.iter().copied().filter(|&i| st.is_active(i)).collect();
+                let only_i: Vec<usize> = ai.iter().copied().filter(|&i| !st.is_active(i)).collect();
+                let only_t: Vec<usize> = at.iter().copied().filter(|&i| !si.is_active(i)).collect();
                 if !both.is_empty() {
-                    let xi = gather(&si.rows, &both)?;
-                    let xt = gather(&st.rows, &both)?;
+                    let xi = si.gather(&both)?;
+                    let xt = st.gather(&both)?;
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
                     let pad = memory_padding(&select(padding, &both), p);
                     let mask = bias.joint()?.broadcast_add(&key_padding_bias(&pad, dev)?)?;
                     let y = layer.forward(&x, None, Some(&mask), mode)?;
                     let (yi, yt) = (y.narrow(1, 0, p)?, y.narrow(1, p, l)?);
-                    let sims_i = row_similarity(&yi, &xi, None)?;
-                    let sims_t = row_similarity(&yt, &xt, Some(&keep_mask(padding, &both, dev)?))?;
-                    si.update(&both, &yi, &sims_i, layer_idx, layers, site_i, policy)?;
-                    st.update(&both, &yt, &sims_t, layer_idx, layers, site_t, policy)?;
-                    for &i in &both {
+                    // One joint layer per sample, counted once (on the image stream's rows).
+                    si.charge(&both, |i| {
                         let n = (p + text_len[i]) as u64;
-                        macs[i].executed += cost::encoder_layer(n, n, d, ffn);
-                    }
+                        cost::encoder_layer(n, n, d, ffn)
+                    });
+                    let s_i = similarity(&yi, &xi, None)?;
+                    let s_t = similarity(&yt, &xt, Some(&keep_mask(padding, &both, dev)?))?;
+                    si.update(&both, layer_idx, &yi, s_i, policy)?;
+                    st.update(&both, layer_idx, &yt, s_t, policy)?;
                 }
                 for (group, image_queries) in [(&only_i, true), (&only_t, false)] {
                     if group.is_empty() {
                         continue;
                     }
-                    let xi = gather(&si.rows, group)?;
-                    let xt = gather(&st.rows, group)?;
+                    let xi = si.gather(group)?;
+                    let xt = st.gather(group)?;
                     let kv = Tensor::cat(&[&xi, &xt], 1)?;
                     let pad = memory_padding(&select(padding, group), p);
                     let key_mask = key_padding_bias(&pad, dev)?;
@@ -213,29 +161,28 @@ pub fn run_encoder(
                     };
                     let y =
                         layer.forward(xq, Some(&kv), Some(&bq.broadcast_add(&key_mask)?), mode)?;
-                    if image_queries {
-                        let sims = row_similarity(&y, xq, None)?;
-                        si.update(group, &y, &sims, layer_idx, layers, site_i, policy)?;
+                    let (rows, keep) = if image_queries {
+                        (&mut si, None)
                     } else {
-                        let sims = row_similarity(&y, xq, Some(&keep_mask(padding, group, dev)?))?;
-                        st.update(group, &y, &sims, layer_idx, layers, site_t, policy)?;
-                    }
-                    for &i in group.iter() {
+                        (&mut st, Some(keep_mask(padding, group, dev)?))
+                    };
+                    rows.charge(group, |i| {
                         let nk = (p + text_len[i]) as u64;
-                        let nq = if image_queries {
-                            p as u64
-                        } else {
-                            text_len[i] as u64
-                        };
-                        macs[i].executed += cost::encoder_layer(nq, nk, d, ffn);
-                    }
+                        let nq = if image_queries { p } else { text_len[i] } as u64;
+                        cost::encoder_layer(nq, nk, d, ffn)
+                    });
+                    let s = similarity(&y, xq, keep.as_ref())?;
+                    rows.update(group, layer_idx, &y, s, policy)?;
                 }
             }
         }
     }
+    for (i, m) in macs.iter_mut().enumerate() {
+        m.executed += si.macs[i] + st.macs[i];
+    }
 
     let rows: Vec<Tensor> = (0..b)
-        .map(|i| Tensor::cat(&[&si.rows[i], &st.rows[i]], 1))
+        .map(|i| Tensor::cat(&[si.state(i), st.state(i)], 1))
         .collect::<Result<_>>()?;
     let memory = model
         .encoder
@@ -246,16 +193,8 @@ pub fn run_encoder(
         memory,
         padding: mem_padding,
         positions: pos,
-        image_similarity: si
-            .history
-            .iter()
-            .map(|h| h.iter().map(|x| x.similarity).collect())
-            .collect(),
-        text_similarity: st
-            .history
-            .iter()
-            .map(|h| h.iter().map(|x| x.similarity).collect())
-            .collect(),
+        image_similarity: si.similarities(),
+        text_similarity: st.similarities(),
         image_exit: si.exit,
         text_exit: st.exit,
         macs,

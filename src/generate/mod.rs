@@ -4,6 +4,8 @@
 pub mod cost;
 pub mod decoder;
 pub mod encoder;
+pub mod kv_cache;
+pub mod rows;
 pub mod score;
 pub mod search;
 

@@ -3,7 +3,8 @@
 
 use super::cost::{self, Macs};
 use super::encoder::EncoderRun;
-use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Prediction, Site};
+use super::rows::{signals, ExitRows};
+use crate::exit::{row_similarity, ExitPolicy, Prediction, Site};
 use crate::model::layers::{causal_bias, key_padding_bias, Mode};
 use crate::model::Model;
 use candle_core::{DType, IndexOp, Result, Tensor};
@@ -37,18 +38,25 @@ pub fn score_candidates(
         candle_core::bail!("candidate answers must be non-empty");
     }
     let single = candidates.iter().all(|c| c.len() == 1);
-    // Rows: (sample, candidate or None, input ids, scored positions).
-    type Row = (usize, Option<usize>, Vec<u32>, Vec<usize>);
-    let mut rows: Vec<Row> = Vec::new();
-    for (s, p) in prefixes.iter().enumerate() {
+    let mut rows: Vec<RowSpec> = Vec::new();
+    for (sample, p) in prefixes.iter().enumerate() {
         if single {
-            rows.push((s, None, p.clone(), vec![p.len() - 1]));
+            rows.push(RowSpec {
+                sample,
+                candidate: None,
+                ids: p.clone(),
+                scored: vec![p.len() - 1],
+            });
         } else {
             for (c, cand) in candidates.iter().enumerate() {
                 let mut ids = p.clone();
                 ids.extend_from_slice(&cand[..cand.len() - 1]);
-                let scored = (p.len() - 1..p.len() - 1 + cand.len()).collect();
-                rows.push((s, Some(c), ids, scored));
+                rows.push(RowSpec {
+                    sample,
+                    candidate: Some(c),
+                    ids,
+                    scored: (p.len() - 1..p.len() - 1 + cand.len()).collect(),
+                });
             }
         }
     }
@@ -66,12 +74,13 @@ pub fn score_candidates(
         o.macs += macs[s];
     }
     let mode = Mode::INFER;
-    for (r, (s, cand, _, scored)) in rows.iter().enumerate() {
+    for (r, row) in rows.iter().enumerate() {
+        let (s, scored) = (&row.sample, &row.scored);
         let h = states[r].i((.., scored[0]..scored[0] + scored.len(), ..))?;
         let logits = model.logits(&h, mode)?.squeeze(0)?.to_dtype(DType::F32)?; // [k, V]
         let lg = logits.to_vec2::<f32>()?;
         out[*s].decoder_exit = out[*s].decoder_exit.max(exits[r]);
-        match cand {
+        match &row.candidate {
             None => {
                 let allowed: Vec<f32> = candidates.iter().map(|c| lg[0][c[0] as usize]).collect();
                 let lse = log_sum_exp(&allowed);
@@ -110,8 +119,10 @@ pub fn score_candidates(
     // Candidate logits: one vocabulary projection per scored position.
     let vocab = model.cfg.vocab_size as u64;
     let d = model.cfg.d_model as u64;
-    for (s, _, _, scored) in &rows {
-        out[*s].macs.fixed(scored.len() as u64 * d * vocab);
+    for row in &rows {
+        out[row.sample]
+            .macs
+            .fixed(row.scored.len() as u64 * d * vocab);
     }
     Ok(out)
 }
@@ -197,7 +208,17 @@ fn row_prediction(
     out.ok_or_else(|| candle_core::Error::Msg("row without scored positions".into()))
 }
 
-type RowSpec = (usize, Option<usize>, Vec<u32>, Vec<usize>);
+/// One teacher-forced decoder row: a sample's prefix, followed by one candidate's tokens
+/// but its last when candidates are scored one row each.
+struct RowSpec {
+    sample: usize,
+    /// The candidate this row scores; `None`: the row scores every (one-token) candidate.
+    candidate: Option<usize>,
+    /// Decoder input ids, BOS first.
+    ids: Vec<u32>,
+    /// Positions whose next-token logits score the candidate(s).
+    scored: Vec<usize>,
+}
 
 /// Teacher-forced decoder over rows with exits. Returns each row's final state `[1, t, d]`
 /// (before the final layer norm), its exit layer, and work per sample.
@@ -213,7 +234,7 @@ fn run_rows(
     let cfg = &model.cfg;
     let layers = cfg.decoder_layers;
     let n = rows.len();
-    let t = rows.iter().map(|r| r.2.len()).max().unwrap_or(1);
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
     if t > cfg.max_positions {
         candle_core::bail!(
             "decoder input of {t} tokens exceeds the model's {} positions",
@@ -223,15 +244,15 @@ fn run_rows(
     let mut ids = Vec::with_capacity(n * t);
     let mut pad = Vec::with_capacity(n);
     let mut keep = Vec::with_capacity(n * t);
-    for (_, _, row_ids, scored) in rows {
+    for row in rows {
         ids.extend(
-            row_ids
+            row.ids
                 .iter()
                 .copied()
-                .chain(std::iter::repeat_n(cfg.pad_id, t - row_ids.len())),
+                .chain(std::iter::repeat_n(cfg.pad_id, t - row.ids.len())),
         );
-        pad.push((0..t).map(|j| j >= row_ids.len()).collect::<Vec<bool>>());
-        keep.extend((0..t).map(|j| if scored.contains(&j) { 1f32 } else { 0.0 }));
+        pad.push((0..t).map(|j| j >= row.ids.len()).collect::<Vec<bool>>());
+        keep.extend((0..t).map(|j| if row.scored.contains(&j) { 1f32 } else { 0.0 }));
     }
     let ids = Tensor::from_vec(ids, (n, t), dev)?;
     let keep = Tensor::from_vec(keep, (n, t), dev)?;
@@ -239,40 +260,44 @@ fn run_rows(
     let self_biases = model.decoder_self_biases(&pos)?;
     let causal = causal_bias(t, dev)?;
     let cross_bias = model.decoder_cross_bias(&pos, &enc.positions.joint()?)?;
-    let sample_idx: Vec<u32> = rows.iter().map(|r| r.0 as u32).collect();
+    let sample_idx: Vec<u32> = rows.iter().map(|r| r.sample as u32).collect();
     let memory = enc
         .memory
         .index_select(&Tensor::from_vec(sample_idx, n, dev)?, 0)?;
-    let mem_pad: Vec<Vec<bool>> = rows.iter().map(|r| enc.padding[r.0].clone()).collect();
+    let mem_pad: Vec<Vec<bool>> = rows.iter().map(|r| enc.padding[r.sample].clone()).collect();
 
     let d = cfg.d_model as u64;
     let ffn = cfg.decoder_ffn_dim as u64;
     let mut macs = vec![Macs::default(); enc.memory.dim(0)?];
-    let mut x_rows: Vec<Tensor> = {
-        let x = model.embed_decoder(&ids, mode)?;
-        (0..n).map(|r| x.narrow(0, r, 1)).collect::<Result<_>>()?
+    // Work of one layer for row `r`: its tokens, and its sample's cross keys/values.
+    let layer_macs = |r: usize| {
+        let (tl, nm) = (
+            rows[r].ids.len() as u64,
+            enc.memory_len[rows[r].sample] as u64,
+        );
+        cost::decoder_layer(tl, tl, nm, d, ffn) + cost::cross_key_value(nm, d)
     };
-    for (s, _, row_ids, _) in rows.iter() {
-        let (tl, nm) = (row_ids.len() as u64, enc.memory_len[*s] as u64);
-        let per_layer = cost::decoder_layer(tl, tl, nm, d, ffn) + cost::cross_key_value(nm, d);
-        macs[*s].full += per_layer * layers as u64;
-        macs[*s].fixed(cost::position_bias(tl, tl, d) + cost::position_bias(tl, nm, d));
+    for (r, row) in rows.iter().enumerate() {
+        let (tl, nm) = (row.ids.len() as u64, enc.memory_len[row.sample] as u64);
+        macs[row.sample].full += layer_macs(r) * layers as u64;
+        macs[row.sample].fixed(cost::position_bias(tl, tl, d) + cost::position_bias(tl, nm, d));
     }
-    let mut active: Vec<usize> = (0..n).collect();
-    let mut exit = vec![layers; n];
-    let mut history: Vec<Vec<LayerSignal>> = vec![Vec::new(); n];
     let site = Site::Decoder {
         step: 0,
         max_len: t,
     };
+    let mut run = ExitRows::new(&model.embed_decoder(&ids, mode)?, layers, site)?;
     for (l, layer) in model.decoder.layers.iter().enumerate() {
+        let active = run.active();
+        if active.is_empty() {
+            break;
+        }
         let idx = Tensor::from_vec(
             active.iter().map(|&r| r as u32).collect::<Vec<_>>(),
             active.len(),
             dev,
         )?;
-        let parts: Vec<&Tensor> = active.iter().map(|&r| &x_rows[r]).collect();
-        let x = Tensor::cat(&parts, 0)?;
+        let x = run.gather(&active)?;
         let pad_a: Vec<Vec<bool>> = active.iter().map(|&r| pad[r].clone()).collect();
         let mpad_a: Vec<Vec<bool>> = active.iter().map(|&r| mem_pad[r].clone()).collect();
         let self_bias = self_biases[l]
@@ -281,56 +306,34 @@ fn run_rows(
         let cb = cross_bias.broadcast_add(&key_padding_bias(&mpad_a, dev)?)?;
         let (k, v) = layer.cross_key_value(&memory.index_select(&idx, 0)?, Mode::INFER)?;
         let (y, _) = layer.forward(&x, None, Some(&self_bias), (&k, &v), Some(&cb), mode)?;
-        for &r in &active {
-            let (s, tl) = (rows[r].0, rows[r].2.len() as u64);
-            let nm = enc.memory_len[s] as u64;
-            macs[s].executed +=
-                cost::decoder_layer(tl, tl, nm, d, ffn) + cost::cross_key_value(nm, d);
-        }
-        let sims = if l + 1 < layers {
-            row_similarity(&y, &x, Some(&keep.index_select(&idx, 0)?))?
+        run.charge(&active, layer_macs);
+        // No decision follows the last layer.
+        let signals = if l + 1 == layers {
+            Vec::new()
         } else {
-            vec![0.0; active.len()]
-        };
-        let preds = if policy.needs_predictions() && l + 1 < layers {
-            let mut p = Vec::with_capacity(active.len());
-            for (j, &r) in active.iter().enumerate() {
-                let scored = &rows[r].3;
-                let allowed = allowed_tokens(candidates, rows[r].1);
-                let outputs: usize = allowed.iter().map(|a| a.len()).sum();
-                macs[rows[r].0].executed += outputs as u64 * d;
-                p.push(row_prediction(
-                    model,
-                    &y.narrow(0, j, 1)?,
-                    scored,
-                    &allowed,
-                )?);
-            }
-            Some(p)
-        } else {
-            None
-        };
-        let mut next = Vec::new();
-        for (j, &r) in active.iter().enumerate() {
-            x_rows[r] = y.narrow(0, j, 1)?;
-            if l + 1 < layers {
-                history[r].push(LayerSignal {
-                    similarity: sims[j],
-                    prediction: preds.as_ref().map(|p| p[j]),
-                });
-                if policy.should_exit(site, &history[r], layers) {
-                    exit[r] = l + 1;
-                    continue;
+            let preds = if policy.needs_predictions() {
+                let mut p = Vec::with_capacity(active.len());
+                for (j, &r) in active.iter().enumerate() {
+                    let allowed = allowed_tokens(candidates, rows[r].candidate);
+                    let outputs: usize = allowed.iter().map(|a| a.len()).sum();
+                    run.charge(&[r], |_| outputs as u64 * d);
+                    let h = y.narrow(0, j, 1)?;
+                    p.push(row_prediction(model, &h, &rows[r].scored, &allowed)?);
                 }
-                next.push(r);
-            }
-        }
-        active = next;
-        if active.is_empty() {
-            break;
-        }
+                Some(p)
+            } else {
+                None
+            };
+            let sims = row_similarity(&y, &x, Some(&keep.index_select(&idx, 0)?))?;
+            signals(sims, preds)
+        };
+        run.update(&active, l, &y, signals, policy)?;
     }
-    Ok((x_rows, exit, macs))
+    for (r, row) in rows.iter().enumerate() {
+        macs[row.sample].executed += run.macs[r];
+    }
+    let exit = run.exit.clone();
+    Ok((run.into_states(), exit, macs))
 }
 
 #[cfg(test)]

@@ -126,6 +126,111 @@ pub struct Decoder {
     pub token_rel_tables: Vec<Tensor>,
 }
 
+/// How embeddings and relative position tables start in a fresh model.
+const EMBED_INIT: candle_nn::Init = candle_nn::Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
+/// `load(vb.pp("{name}.{l}"))` for every layer `l`.
+fn per_layer<T>(
+    vb: &VarBuilder,
+    name: &str,
+    layers: usize,
+    load: impl Fn(VarBuilder) -> Result<T>,
+) -> Result<Vec<T>> {
+    (0..layers)
+        .map(|l| load(vb.pp(format!("{name}.{l}"))))
+        .collect()
+}
+
+/// One relative position table `[rows, heads]` per layer.
+fn rel_tables(
+    vb: &VarBuilder,
+    name: &str,
+    layers: usize,
+    shape: (usize, usize),
+) -> Result<Vec<Tensor>> {
+    per_layer(vb, name, layers, |v| {
+        v.get_with_hints(shape, "weight", EMBED_INIT)
+    })
+}
+
+/// Absolute position embeddings `[max_positions + 2, d]`.
+fn position_embeddings(cfg: &Config, vb: &VarBuilder) -> Result<Tensor> {
+    let shape = (cfg.max_positions + 2, cfg.d_model);
+    vb.get_with_hints(shape, "embed_positions.weight", EMBED_INIT)
+}
+
+impl Encoder {
+    /// The encoder's weights under `vb` (`encoder.` in a checkpoint).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (d, h, eps) = (cfg.d_model, cfg.encoder_heads, cfg.layer_norm_eps);
+        let n = cfg.encoder_layers;
+        let image_trunk = match &cfg.image_embedder {
+            ImageEmbedder::Patch { patch } => ImageTrunk::Patch(*patch),
+            ImageEmbedder::Conv { stem, patch } => {
+                ImageTrunk::Conv(stem::ConvStem::load(stem, *patch, vb.pp("embed_images"))?)
+            }
+            ImageEmbedder::Resnet { blocks } => {
+                ImageTrunk::Resnet(resnet::ResNet::load(vb.pp("embed_images"), *blocks)?)
+            }
+        };
+        let n_img_pos = cfg.image_bucket_size * cfg.image_bucket_size + 1;
+        let rel_rows = 2 * cfg.token_bucket_size - 1;
+        let img_rel_rows = position::image_rel_rows(cfg.image_bucket_size);
+        let ln = |name: &str| LayerNorm::load(d, eps, vb.pp(name));
+        Ok(Self {
+            image_trunk,
+            image_proj: linear(cfg.image_feature_dim(), d, vb.pp("image_proj"))?,
+            type_embedding: vb.get_with_hints((2, d), "type_embedding.weight", EMBED_INIT)?,
+            layernorm_embedding: ln("layernorm_embedding")?,
+            patch_layernorm_embedding: ln("patch_layernorm_embedding")?,
+            embed_positions: position_embeddings(cfg, &vb)?,
+            embed_image_positions: vb.get_with_hints(
+                (n_img_pos, d),
+                "embed_image_positions.weight",
+                EMBED_INIT,
+            )?,
+            pos_ln: ln("pos_ln")?,
+            image_pos_ln: ln("image_pos_ln")?,
+            pos_q_linear: linear(d, d, vb.pp("pos_q_linear"))?,
+            pos_k_linear: linear(d, d, vb.pp("pos_k_linear"))?,
+            layers: per_layer(&vb, "layers", n, |v| {
+                EncoderLayer::load(d, h, cfg.encoder_ffn_dim, cfg.attn_scale_factor, eps, v)
+            })?,
+            layer_norm: ln("layer_norm")?,
+            token_rel_tables: rel_tables(&vb, "token_rel_pos_table_list", n, (rel_rows, h))?,
+            image_rel_tables: rel_tables(&vb, "image_rel_pos_table_list", n, (img_rel_rows, h))?,
+        })
+    }
+}
+
+impl Decoder {
+    /// The decoder's weights under `vb` (`decoder.` in a checkpoint; the token embeddings
+    /// are the encoder's, tied).
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (d, h, eps) = (cfg.d_model, cfg.decoder_heads, cfg.layer_norm_eps);
+        let n = cfg.decoder_layers;
+        let rel_rows = 2 * cfg.token_bucket_size - 1;
+        let ln = |name: &str| LayerNorm::load(d, eps, vb.pp(name));
+        Ok(Self {
+            layernorm_embedding: ln("layernorm_embedding")?,
+            embed_positions: position_embeddings(cfg, &vb)?,
+            pos_ln: ln("pos_ln")?,
+            self_pos_q_linear: linear(d, d, vb.pp("self_pos_q_linear"))?,
+            self_pos_k_linear: linear(d, d, vb.pp("self_pos_k_linear"))?,
+            cross_pos_q_linear: linear(d, d, vb.pp("cross_pos_q_linear"))?,
+            cross_pos_k_linear: linear(d, d, vb.pp("cross_pos_k_linear"))?,
+            layers: per_layer(&vb, "layers", n, |v| {
+                DecoderLayer::load(d, h, cfg.decoder_ffn_dim, cfg.attn_scale_factor, eps, v)
+            })?,
+            layer_norm: ln("layer_norm")?,
+            token_rel_tables: rel_tables(&vb, "token_rel_pos_table_list", n, (rel_rows, h))?,
+        })
+    }
+}
+
 /// Position information of one encoder input: layer-normed position embeddings of the
 /// image patches and text tokens. They only feed attention biases.
 #[derive(Debug, Clone)]
@@ -182,129 +287,17 @@ pub struct EncoderOutput {
 
 impl Model {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.d_model;
-        let h = cfg.encoder_heads;
-        let eps = cfg.layer_norm_eps;
-        let sf = cfg.attn_scale_factor;
-        let emb_init = candle_nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
-        let device = vb.device().clone();
-        let embed_tokens =
-            vb.get_with_hints((cfg.vocab_size, d), "encoder.embed_tokens.weight", emb_init)?;
-        let ve = vb.pp("encoder");
-        let image_trunk = match &cfg.image_embedder {
-            ImageEmbedder::Patch { patch } => ImageTrunk::Patch(*patch),
-            ImageEmbedder::Conv { stem, patch } => {
-                ImageTrunk::Conv(stem::ConvStem::load(stem, *patch, ve.pp("embed_images"))?)
-            }
-            ImageEmbedder::Resnet { blocks } => {
-                ImageTrunk::Resnet(resnet::ResNet::load(ve.pp("embed_images"), *blocks)?)
-            }
-        };
-        let n_img_pos = cfg.image_bucket_size * cfg.image_bucket_size + 1;
-        let rel_rows = 2 * cfg.token_bucket_size - 1;
-        let img_rel_rows = position::image_rel_rows(cfg.image_bucket_size);
-        let rel_init = candle_nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
-        let encoder = Encoder {
-            image_trunk,
-            image_proj: linear(cfg.image_feature_dim(), d, ve.pp("image_proj"))?,
-            type_embedding: ve.get_with_hints((2, d), "type_embedding.weight", emb_init)?,
-            layernorm_embedding: LayerNorm::load(d, eps, ve.pp("layernorm_embedding"))?,
-            patch_layernorm_embedding: LayerNorm::load(d, eps, ve.pp("patch_layernorm_embedding"))?,
-            embed_positions: ve.get_with_hints(
-                (cfg.max_positions + 2, d),
-                "embed_positions.weight",
-                emb_init,
-            )?,
-            embed_image_positions: ve.get_with_hints(
-                (n_img_pos, d),
-                "embed_image_positions.weight",
-                emb_init,
-            )?,
-            pos_ln: LayerNorm::load(d, eps, ve.pp("pos_ln"))?,
-            image_pos_ln: LayerNorm::load(d, eps, ve.pp("image_pos_ln"))?,
-            pos_q_linear: linear(d, d, ve.pp("pos_q_linear"))?,
-            pos_k_linear: linear(d, d, ve.pp("pos_k_linear"))?,
-            layers: (0..cfg.encoder_layers)
-                .map(|l| {
-                    EncoderLayer::load(
-                        d,
-                        h,
-                        cfg.encoder_ffn_dim,
-                        sf,
-                        eps,
-                        ve.pp(format!("layers.{l}")),
-                    )
-                })
-                .collect::<Result<_>>()?,
-            layer_norm: LayerNorm::load(d, eps, ve.pp("layer_norm"))?,
-            token_rel_tables: (0..cfg.encoder_layers)
-                .map(|l| {
-                    ve.get_with_hints(
-                        (rel_rows, h),
-                        &format!("token_rel_pos_table_list.{l}.weight"),
-                        rel_init,
-                    )
-                })
-                .collect::<Result<_>>()?,
-            image_rel_tables: (0..cfg.encoder_layers)
-                .map(|l| {
-                    ve.get_with_hints(
-                        (img_rel_rows, h),
-                        &format!("image_rel_pos_table_list.{l}.weight"),
-                        rel_init,
-                    )
-                })
-                .collect::<Result<_>>()?,
-        };
-        let vd = vb.pp("decoder");
-        let hd = cfg.decoder_heads;
-        let decoder = Decoder {
-            layernorm_embedding: LayerNorm::load(d, eps, vd.pp("layernorm_embedding"))?,
-            embed_positions: vd.get_with_hints(
-                (cfg.max_positions + 2, d),
-                "embed_positions.weight",
-                emb_init,
-            )?,
-            pos_ln: LayerNorm::load(d, eps, vd.pp("pos_ln"))?,
-            self_pos_q_linear: linear(d, d, vd.pp("self_pos_q_linear"))?,
-            self_pos_k_linear: linear(d, d, vd.pp("self_pos_k_linear"))?,
-            cross_pos_q_linear: linear(d, d, vd.pp("cross_pos_q_linear"))?,
-            cross_pos_k_linear: linear(d, d, vd.pp("cross_pos_k_linear"))?,
-            layers: (0..cfg.decoder_layers)
-                .map(|l| {
-                    DecoderLayer::load(
-                        d,
-                        hd,
-                        cfg.decoder_ffn_dim,
-                        sf,
-                        eps,
-                        vd.pp(format!("layers.{l}")),
-                    )
-                })
-                .collect::<Result<_>>()?,
-            layer_norm: LayerNorm::load(d, eps, vd.pp("layer_norm"))?,
-            token_rel_tables: (0..cfg.decoder_layers)
-                .map(|l| {
-                    vd.get_with_hints(
-                        (rel_rows, hd),
-                        &format!("token_rel_pos_table_list.{l}.weight"),
-                        rel_init,
-                    )
-                })
-                .collect::<Result<_>>()?,
-        };
+        let embed_tokens = vb.get_with_hints(
+            (cfg.vocab_size, cfg.d_model),
+            "encoder.embed_tokens.weight",
+            EMBED_INIT,
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
-            encoder,
-            decoder,
-            device,
+            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
+            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            device: vb.device().clone(),
         })
     }
 
@@ -659,7 +652,19 @@ impl Model {
     /// Vocabulary logits from a decoder state: final layer norm, then the tied projection.
     pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.decoder.layer_norm.forward(h, mode)?;
-        matmul_flat(&x, &self.embed_tokens.t()?)
+        if mode.train {
+            return matmul_flat(&x, &self.embed_tokens.t()?);
+        }
+        // Inference multiplies the vocabulary matrix as stored, `E x^T`: `x E^T` made gemm
+        // repack all of E^T on every decoding step, most of a step's time (same sums, same
+        // values; `mue bench` caption workload).
+        let dims = x.dims().to_vec();
+        let d = dims[dims.len() - 1];
+        let x = x.reshape((x.elem_count() / d.max(1), d))?;
+        let y = self.embed_tokens.matmul(&x.t()?)?.t()?.contiguous()?;
+        let mut out = dims[..dims.len() - 1].to_vec();
+        out.push(self.embed_tokens.dim(0)?);
+        y.reshape(out)
     }
 
     /// Log-probabilities over the vocabulary (differentiable).
