@@ -8,6 +8,7 @@ pub mod generate;
 pub mod model;
 pub mod paths;
 pub mod pipeline;
+pub mod run_meta;
 pub mod serve;
 pub mod task;
 pub mod train;

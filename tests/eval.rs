@@ -12,8 +12,8 @@ use mue::eval::eval::{evaluate, oracle, quality, quality_and_scores, run, Datase
 use mue::eval::report::Ablation;
 use mue::eval::sweep::{sweep, PolicySpec};
 use mue::exit::{
-    DecoderThreshold, EntropyPolicy, FullDepth, MarginPolicy, MuePolicy, PatiencePolicy,
-    StaticDepth,
+    DecoderThreshold, EntropyPolicy, FullDepth, JointSpec, MarginPolicy, MuePolicy, MueSpec,
+    PatiencePolicy, StaticDepth, StaticSpec,
 };
 use mue::generate::SearchConfig;
 use mue::pipeline::{Engine, EntailRequest};
@@ -314,6 +314,42 @@ fn data_args(dir: &Path, task: Task) -> DataArgs {
     }
 }
 
+/// The registry is the one list: a point of every registered family is swept, written to
+/// the CSV and drawn in the family's own colour (an added family cannot go missing).
+#[test]
+fn every_registered_family_appears_in_sweeps_and_plots() {
+    let e = engine();
+    let dir = data_dir(1);
+    let out = tempfile::tempdir().unwrap();
+    let layers = e.model.cfg.decoder_layers;
+    let grid: Vec<PolicySpec> = mue::exit::FAMILIES
+        .iter()
+        .map(|f| (f.grid)(layers)[0])
+        .collect();
+    let data = Dataset::load(&ve_path(dir.path()), Task::Entail, Some(1)).unwrap();
+    let res = sweep(&e, &data, &grid, &opts()).unwrap();
+    let files = mue::eval::sweep::write_outputs(&res, out.path()).unwrap();
+    let csv = std::fs::read_to_string(out.path().join("sweep_entail.csv")).unwrap();
+    let svg = files
+        .iter()
+        .find(|f| f.extension().unwrap() == "svg")
+        .unwrap();
+    let svg = std::fs::read_to_string(svg).unwrap().to_lowercase();
+    let chart = mue::eval::sweep::chart(&res);
+    assert_eq!(chart.series.len(), mue::exit::FAMILIES.len());
+    for f in mue::exit::FAMILIES {
+        assert!(res.points.iter().any(|p| p.family == f.name), "{}", f.name);
+        assert!(
+            csv.contains(&format!("entail,{},", f.name)),
+            "{}: {csv}",
+            f.name
+        );
+        let (r, g, b) = f.style.color;
+        let hex = format!("#{r:02x}{g:02x}{b:02x}");
+        assert!(svg.contains(&hex), "{}: colour {hex} not drawn", f.name);
+    }
+}
+
 #[test]
 fn sweep_writes_csv_json_and_plots() {
     let e = engine();
@@ -321,14 +357,14 @@ fn sweep_writes_csv_json_and_plots() {
     let out = tempfile::tempdir().unwrap();
     let grid = out.path().join("grid.json");
     let specs = vec![
-        PolicySpec::Full,
-        PolicySpec::Mue {
+        PolicySpec::Full(FullDepth),
+        PolicySpec::Mue(MueSpec {
             image: 0.5,
             text: 0.5,
             decoder: DecoderThreshold::Constant { tau: 0.5 },
-        },
+        }),
         // The paper's decoder schedule: exits never happen in the strict part.
-        PolicySpec::Mue {
+        PolicySpec::Mue(MueSpec {
             image: 1.0,
             text: 1.0,
             decoder: DecoderThreshold::Calm {
@@ -336,15 +372,15 @@ fn sweep_writes_csv_json_and_plots() {
                 strict_fraction: 0.5,
                 decay: 0.9,
             },
-        },
-        PolicySpec::Joint {
+        }),
+        PolicySpec::Joint(JointSpec {
             encoder: -2.0,
-            decoder: 1.0,
-        },
-        PolicySpec::Entropy { threshold: 1e9 },
-        PolicySpec::Patience { patience: 1 },
-        PolicySpec::Margin { threshold: 0.5 },
-        PolicySpec::Static { depth: 2 },
+            decoder: DecoderThreshold::Constant { tau: 1.0 },
+        }),
+        PolicySpec::Entropy(EntropyPolicy { threshold: 1e9 }),
+        PolicySpec::Patience(PatiencePolicy { patience: 1 }),
+        PolicySpec::Margin(MarginPolicy { threshold: 0.5 }),
+        PolicySpec::Static(StaticSpec { depth: 2 }),
     ];
     std::fs::write(&grid, serde_json::to_string(&specs).unwrap()).unwrap();
     for task in [Task::Entail, Task::Caption] {
@@ -420,20 +456,20 @@ fn calibration_never_picks_a_point_below_target_on_its_split() {
     let grid = out.path().join("grid.json");
     let mut specs = Vec::new();
     for t in [-2.0f32, 0.5, 1.0] {
-        specs.push(PolicySpec::Mue {
+        specs.push(PolicySpec::Mue(MueSpec {
             image: t,
             text: t,
             decoder: DecoderThreshold::Constant { tau: t },
-        });
-        specs.push(PolicySpec::Mue {
+        }));
+        specs.push(PolicySpec::Mue(MueSpec {
             image: t,
             text: 1.0,
             decoder: DecoderThreshold::Constant { tau: 1.0 },
-        });
-        specs.push(PolicySpec::Joint {
+        }));
+        specs.push(PolicySpec::Joint(JointSpec {
             encoder: t,
-            decoder: 1.0,
-        });
+            decoder: DecoderThreshold::Constant { tau: 1.0 },
+        }));
     }
     std::fs::write(&grid, serde_json::to_string(&specs).unwrap()).unwrap();
     let exits = out.path().join("model/exits.json");
@@ -544,18 +580,12 @@ fn eval_command_runs_each_policy_kind() {
     let e = engine();
     let dir = data_dir(1);
     let out = tempfile::tempdir().unwrap();
-    for kind in [
-        PolicyKind::Mue,
-        PolicyKind::Joint,
-        PolicyKind::Entropy,
-        PolicyKind::Patience,
-        PolicyKind::Margin,
-        PolicyKind::Static,
-        PolicyKind::Full,
-        PolicyKind::Oracle,
-    ] {
-        let path = out.path().join(format!("{kind:?}.json"));
-        let preds = out.path().join(format!("{kind:?}.jsonl"));
+    // Every registered family, and the oracle.
+    let kinds = <PolicyKind as clap::ValueEnum>::value_variants();
+    assert_eq!(kinds.len(), mue::exit::FAMILIES.len() + 1);
+    for &kind in kinds {
+        let path = out.path().join(format!("{}.json", kind.name()));
+        let preds = out.path().join(format!("{}.jsonl", kind.name()));
         let args = EvalArgs {
             data: data_args(dir.path(), Task::Entail),
             policy: kind,
@@ -613,7 +643,7 @@ fn eval_command_runs_each_policy_kind() {
     }
     let mut args = EvalArgs {
         data: data_args(dir.path(), Task::Entail),
-        policy: PolicyKind::Entropy,
+        policy: PolicyKind::Family("entropy"),
         threshold: None,
         patience: 2,
         depth: 3,
@@ -629,7 +659,7 @@ fn eval_command_runs_each_policy_kind() {
         predictions: None,
     };
     assert!(eval_with(&e, &args, TaskThresholds::default()).is_err());
-    args.policy = PolicyKind::Static;
+    args.policy = PolicyKind::Family("static");
     args.depth = 0;
     assert!(eval_with(&e, &args, TaskThresholds::default()).is_err());
 }
@@ -640,7 +670,13 @@ fn sweep_module_runs_directly() {
     let dir = data_dir(1);
     let data = Dataset::load(&ve_path(dir.path()), Task::Entail, Some(2)).unwrap();
     assert_eq!(data.len(), 2);
-    let res = sweep(&e, &data, &[PolicySpec::Static { depth: 1 }], &opts()).unwrap();
+    let res = sweep(
+        &e,
+        &data,
+        &[PolicySpec::Static(StaticSpec { depth: 1 })],
+        &opts(),
+    )
+    .unwrap();
     assert_eq!(res.points[0].report.exits.mean_image_layer, 1.0);
     assert!(sweep(&e, &data, &[], &opts()).is_err());
 }
@@ -687,23 +723,25 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
     // The same tiny model twice: the ablation row must then equal the MuE row.
     write_random_model(&r.join("model"), 3).unwrap();
     write_random_model(&r.join("ablation"), 3).unwrap();
-    let m = |i: f32, t: f32, d: f32| PolicySpec::Mue {
-        image: i,
-        text: t,
-        decoder: DecoderThreshold::Constant { tau: d },
+    let m = |i: f32, t: f32, d: f32| {
+        PolicySpec::Mue(MueSpec {
+            image: i,
+            text: t,
+            decoder: DecoderThreshold::Constant { tau: d },
+        })
     };
     let cal = vec![m(0.5, 0.5, 0.5), m(-2.0, 1.0, 1.0)];
     std::fs::write(r.join("cal.json"), serde_json::to_string(&cal).unwrap()).unwrap();
     let sweep_grid = vec![
-        PolicySpec::Entropy { threshold: 1e9 },
-        PolicySpec::Patience { patience: 1 },
-        PolicySpec::Margin { threshold: 0.5 },
-        PolicySpec::Joint {
+        PolicySpec::Entropy(EntropyPolicy { threshold: 1e9 }),
+        PolicySpec::Patience(PatiencePolicy { patience: 1 }),
+        PolicySpec::Margin(MarginPolicy { threshold: 0.5 }),
+        PolicySpec::Joint(JointSpec {
             encoder: -2.0,
-            decoder: 1.0,
-        },
+            decoder: DecoderThreshold::Constant { tau: 1.0 },
+        }),
         m(-2.0, -2.0, -2.0),
-        PolicySpec::Static { depth: 1 },
+        PolicySpec::Static(StaticSpec { depth: 1 }),
     ];
     std::fs::write(
         r.join("sweep.json"),
@@ -784,7 +822,11 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
             .iter()
             .find(|p| p.spec == c.point.spec)
             .expect("calibrated point in the test sweep");
-        assert!(t.sweep.points.iter().any(|p| p.spec == PolicySpec::Full));
+        assert!(t
+            .sweep
+            .points
+            .iter()
+            .any(|p| p.spec == PolicySpec::Full(FullDepth)));
         // The baselines were swept on valid, and each family's pick there is on test.
         let v = t.valid_sweep.as_ref().expect("baselines swept on valid");
         assert_eq!(v.examples, limit);

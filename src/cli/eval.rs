@@ -5,35 +5,55 @@ use crate::eval::breakdown;
 use crate::eval::calibrate::{self, Calibration, Objective};
 use crate::eval::eval::{self as ev, Dataset, EvalOptions};
 use crate::eval::sweep::{self, PolicySpec, SweepResult};
-use crate::exit::{
-    EntropyPolicy, ExitPolicy, FullDepth, JointSimilarity, MarginPolicy, PatiencePolicy,
-    StaticDepth,
-};
+use crate::exit::spec::{self, Flags};
+use crate::exit::ExitPolicy;
 use crate::generate::{KvFill, SearchConfig};
 use crate::pipeline::Engine;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub use crate::eval::sweep::read_grid;
 
-/// The policies `mue eval` can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// The policies `mue eval` can run: every registered family, and the oracle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyKind {
-    /// MuE (thresholds from --img/--text/--dec-threshold over the model's exits.json).
-    Mue,
-    /// One similarity threshold (--threshold) for both streams, --dec-threshold for tokens.
-    Joint,
-    /// DeeBERT: decoder entropy below --threshold.
-    Entropy,
-    /// PABEE: decoder top-1 unchanged for --patience layers.
-    Patience,
-    /// CALM softmax margin above --threshold.
-    Margin,
-    /// Every stream and token stops after --depth layers.
-    Static,
-    Full,
+    /// A family of the policy registry (`crate::exit::spec`), by name.
+    Family(&'static str),
     /// Per example, the shallowest uniform depth with the full-depth output.
     Oracle,
+}
+
+const ORACLE_HELP: &str = "Per example, the shallowest uniform depth with the full-depth output";
+
+impl PolicyKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PolicyKind::Family(name) => name,
+            PolicyKind::Oracle => "oracle",
+        }
+    }
+}
+
+impl clap::ValueEnum for PolicyKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        static KINDS: OnceLock<Vec<PolicyKind>> = OnceLock::new();
+        KINDS.get_or_init(|| {
+            spec::FAMILIES
+                .iter()
+                .map(|f| PolicyKind::Family(f.name))
+                .chain([PolicyKind::Oracle])
+                .collect()
+        })
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let help = match self {
+            PolicyKind::Family(name) => spec::family(name).ok()?.help,
+            PolicyKind::Oracle => ORACLE_HELP,
+        };
+        Some(clap::builder::PossibleValue::new(self.name()).help(help))
+    }
 }
 
 /// Options shared by the three commands.
@@ -190,41 +210,23 @@ pub struct CalibrateArgs {
     pub sweep_out: Option<PathBuf>,
 }
 
-/// The policy `mue eval` runs (None for the oracle).
+/// The policy `mue eval` runs (None for the oracle): the family's point from the flags,
+/// validated where every point is.
 pub fn build_policy(args: &EvalArgs, base: TaskThresholds) -> Result<Option<Box<dyn ExitPolicy>>> {
-    let need = |name: &str| {
-        args.threshold
-            .with_context(|| format!("--policy {name} needs --threshold"))
+    let PolicyKind::Family(name) = args.policy else {
+        return Ok(None);
     };
     let mue = args.exits.policy(base.get(args.data.task))?;
-    Ok(Some(match args.policy {
-        PolicyKind::Mue => Box::new(mue),
-        PolicyKind::Joint => Box::new(JointSimilarity {
-            encoder: {
-                let t = need("joint")?;
-                crate::exit::validate_threshold("joint", t)?;
-                t
-            },
-            decoder: mue.decoder,
-        }),
-        PolicyKind::Entropy => Box::new(EntropyPolicy::new(need("entropy")?)?),
-        PolicyKind::Margin => Box::new(MarginPolicy::new(need("margin")?)?),
-        PolicyKind::Patience => Box::new(PatiencePolicy {
-            patience: args.patience,
-        }),
-        PolicyKind::Static => {
-            if args.depth == 0 {
-                bail!("--depth must be at least 1");
-            }
-            Box::new(StaticDepth {
-                image: args.depth,
-                text: args.depth,
-                decoder: args.depth,
-            })
-        }
-        PolicyKind::Full => Box::new(FullDepth),
-        PolicyKind::Oracle => return Ok(None),
-    }))
+    let flags = Flags {
+        threshold: args.threshold,
+        patience: args.patience,
+        depth: args.depth,
+        image: mue.image,
+        text: mue.text,
+        decoder: mue.decoder,
+    };
+    let point = (spec::family(name)?.from_flags)(&flags)?;
+    Ok(Some(point.build()?))
 }
 
 /// `mue eval` on a loaded engine; returns the JSON report.
@@ -362,7 +364,11 @@ pub fn calibrate_with(engine: &Engine, args: &CalibrateArgs) -> Result<Calibrati
         None => {
             let data = args.data.load()?;
             let opts = args.data.options(&args.kv_fill)?;
-            let fams = ["mue".to_string(), "joint".to_string()];
+            let fams: Vec<String> = spec::FAMILIES
+                .iter()
+                .filter(|f| f.calibrated)
+                .map(|f| f.name.to_string())
+                .collect();
             let grid = sweep_grid(engine, args.grid.as_deref(), &fams)?;
             let sweep_out = args.sweep_out.as_deref();
             calibrate::calibrate_on(engine, &data, &grid, objective, &opts, sweep_out)?.0

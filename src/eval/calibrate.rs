@@ -272,6 +272,7 @@ mod tests {
     use super::*;
     use crate::eval::eval::{EvalReport, ExitStats, Quality, Reduction};
     use crate::eval::sweep::{finish, PolicySpec};
+    use crate::exit::{DecoderThreshold, FullDepth, JointSpec, MueSpec, StaticSpec};
 
     fn q(v: f64) -> Quality {
         Quality {
@@ -327,11 +328,11 @@ mod tests {
     }
 
     fn mue(i: f32) -> PolicySpec {
-        PolicySpec::Mue {
+        PolicySpec::Mue(MueSpec {
             image: i,
             text: i,
             decoder: crate::exit::DecoderThreshold::Constant { tau: i },
-        }
+        })
     }
 
     fn sweep() -> SweepResult {
@@ -340,18 +341,18 @@ mod tests {
             10,
             q(0.8),
             vec![
-                point(PolicySpec::Full, 0.8, 0.0),
+                point(PolicySpec::Full(FullDepth), 0.8, 0.0),
                 point(mue(1.0), 0.8, 0.0),
                 point(mue(0.99), 0.795, 0.2),
                 point(mue(0.95), 0.79, 0.4),
                 point(mue(0.9), 0.6, 0.7),
                 // Not MuE: never picked even though it is cheaper and as good.
-                point(PolicySpec::Static { depth: 2 }, 0.8, 0.9),
+                point(PolicySpec::Static(StaticSpec { depth: 2 }), 0.8, 0.9),
                 point(
-                    PolicySpec::Joint {
+                    PolicySpec::Joint(JointSpec {
                         encoder: 0.97,
-                        decoder: 0.97,
-                    },
+                        decoder: DecoderThreshold::Constant { tau: 0.97 },
+                    }),
                     0.7,
                     0.5,
                 ),
@@ -564,11 +565,11 @@ mod tests {
     fn a_scheduled_point_is_calibrated_and_stored() {
         use crate::exit::DecoderThreshold;
         let calm = DecoderThreshold::paper(0.7);
-        let sched = PolicySpec::Mue {
+        let sched = PolicySpec::Mue(MueSpec {
             image: 0.99,
             text: 0.9,
             decoder: calm,
-        };
+        });
         let mut s = sweep();
         s.task = Task::Caption;
         s.points.push(point(sched, 0.799, 0.3));

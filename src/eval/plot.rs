@@ -3,7 +3,7 @@
 //! bitmap text is found at run time (DejaVu Sans), otherwise SVG only without text and a
 //! warning.
 
-use super::sweep::{SweepResult, FAMILIES};
+use crate::exit::family::{Family, Marker};
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -35,19 +35,27 @@ pub fn ensure_font() -> bool {
     })
 }
 
-const COLORS: [RGBColor; 7] = [
-    RGBColor(214, 39, 40),
-    RGBColor(31, 119, 180),
-    RGBColor(44, 160, 44),
-    RGBColor(255, 127, 14),
-    RGBColor(148, 103, 189),
-    RGBColor(127, 127, 127),
-    RGBColor(0, 0, 0),
-];
+/// What a chart shows: one series per policy family.
+#[derive(Debug, Clone)]
+pub struct Chart {
+    pub title: String,
+    /// The quality axis.
+    pub metric: String,
+    pub series: Vec<Series>,
+}
+
+/// One family's points as (MAC reduction in %, quality), drawn in its registered style.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub family: &'static Family,
+    pub points: Vec<(f64, f64)>,
+    /// The family's own Pareto frontier, joined by a line.
+    pub frontier: Vec<(f64, f64)>,
+}
 
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
-    result: &SweepResult,
+    chart_data: &Chart,
     text: bool,
 ) -> Result<()>
 where
@@ -55,34 +63,21 @@ where
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plot: {e:?}");
     root.fill(&WHITE).map_err(err)?;
-    let q_max = result
-        .points
-        .iter()
-        .map(|p| p.quality)
+    let all = || chart_data.series.iter().flat_map(|s| s.points.iter());
+    let q_max = all()
+        .map(|p| p.1)
         .filter(|q| q.is_finite())
         .fold(0.0f64, f64::max);
     let y_max = if q_max > 0.0 { q_max * 1.05 } else { 1.0 };
-    let x_min = result
-        .points
-        .iter()
-        .map(|p| p.mac_reduction * 100.0)
+    let x_min = all()
+        .map(|p| p.0)
         .filter(|x| x.is_finite())
         .fold(0.0f64, f64::min);
     let mut builder = ChartBuilder::on(&root);
     builder.margin(20);
     if text {
-        let task = match result.task {
-            crate::task::Task::Caption => "captioning",
-            crate::task::Task::Entail => "visual entailment",
-        };
         builder
-            .caption(
-                format!(
-                    "{task}: {} vs MAC reduction ({} examples)",
-                    result.metric, result.examples
-                ),
-                (FONT, 20),
-            )
+            .caption(chart_data.title.as_str(), (FONT, 20))
             .x_label_area_size(40)
             .y_label_area_size(60);
     }
@@ -93,7 +88,7 @@ where
         chart
             .configure_mesh()
             .x_desc("MAC reduction (%)")
-            .y_desc(result.metric.as_str())
+            .y_desc(chart_data.metric.as_str())
             .label_style((FONT, 14))
             .draw()
             .map_err(err)?;
@@ -107,32 +102,35 @@ where
             .draw()
             .map_err(err)?;
     }
-    for (fam, color) in FAMILIES.iter().zip(COLORS) {
-        let pts: Vec<&super::sweep::SweepPoint> =
-            result.points.iter().filter(|p| p.family == *fam).collect();
-        if pts.is_empty() {
-            continue;
-        }
-        let mut line: Vec<(f64, f64)> = pts
-            .iter()
-            .filter(|p| p.on_family_frontier)
-            .map(|p| (p.mac_reduction * 100.0, p.quality))
-            .collect();
+    for series in &chart_data.series {
+        let style = series.family.style;
+        let (r, g, b) = style.color;
+        let color = RGBColor(r, g, b);
+        let mut line = series.frontier.clone();
         line.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let series = chart
+        let drawn = chart
             .draw_series(LineSeries::new(line, color.stroke_width(2)))
             .map_err(err)?;
         if text {
-            series
-                .label(*fam)
+            drawn
+                .label(series.family.name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
-        chart
-            .draw_series(
-                pts.iter()
-                    .map(|p| Circle::new((p.mac_reduction * 100.0, p.quality), 3, color.filled())),
-            )
-            .map_err(err)?;
+        let pts = series.points.iter().copied();
+        match style.marker {
+            Marker::Circle => chart
+                .draw_series(pts.map(|p| Circle::new(p, 3, color.filled())))
+                .map(|_| ()),
+            Marker::Square => chart
+                .draw_series(pts.map(|p| {
+                    EmptyElement::at(p) + Rectangle::new([(-3, -3), (3, 3)], color.filled())
+                }))
+                .map(|_| ()),
+            Marker::Triangle => chart
+                .draw_series(pts.map(|p| TriangleMarker::new(p, 4, color.filled())))
+                .map(|_| ()),
+        }
+        .map_err(err)?;
     }
     if text {
         chart
@@ -149,21 +147,17 @@ where
 }
 
 /// Write `<base>.svg` (and `<base>.png` when a font is available); returns the files.
-pub fn plot_sweep(result: &SweepResult, base: &Path) -> Result<Vec<PathBuf>> {
+pub fn plot_sweep(chart: &Chart, base: &Path) -> Result<Vec<PathBuf>> {
     let size = (800, 560);
     let text = ensure_font();
     let svg = base.with_extension("svg");
-    draw(
-        SVGBackend::new(&svg, size).into_drawing_area(),
-        result,
-        text,
-    )?;
+    draw(SVGBackend::new(&svg, size).into_drawing_area(), chart, text)?;
     let mut files = vec![svg];
     if text {
         let png = base.with_extension("png");
         draw(
             BitMapBackend::new(&png, size).into_drawing_area(),
-            result,
+            chart,
             true,
         )?;
         files.push(png);

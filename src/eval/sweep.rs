@@ -2,10 +2,9 @@
 //! Pareto frontier of quality against multiply-add reduction, written as CSV and JSON.
 
 use super::eval::{self, primary_metric, report, run, Dataset, EvalOptions, EvalReport, Quality};
-use crate::exit::{
-    DecoderThreshold, EntropyPolicy, ExitPolicy, FullDepth, JointSimilarity, MarginPolicy,
-    MuePolicy, PatiencePolicy, StaticDepth,
-};
+use super::plot::{Chart, Series};
+use crate::exit::spec::{self, FAMILIES};
+use crate::exit::FullDepth;
 use crate::pipeline::Engine;
 use crate::task::Task;
 use anyhow::{bail, Context, Result};
@@ -13,200 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// A policy and its parameters, as a sweep grid lists them. MuE's decoder threshold is a
-/// number (constant) or the paper's schedule,
-/// `{"kind": "calm", "tau": 0.9, "strict_fraction": 0.333, "decay": 0.9}`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "policy", rename_all = "lowercase")]
-pub enum PolicySpec {
-    Full,
-    Mue {
-        image: f32,
-        text: f32,
-        #[serde(with = "decoder_number")]
-        decoder: DecoderThreshold,
-    },
-    Joint {
-        encoder: f32,
-        decoder: f32,
-    },
-    Entropy {
-        threshold: f32,
-    },
-    Patience {
-        patience: usize,
-    },
-    Margin {
-        threshold: f32,
-    },
-    Static {
-        depth: usize,
-    },
-}
-
-/// The policy families, in plotting order.
-pub const FAMILIES: [&str; 7] = [
-    "mue", "joint", "entropy", "patience", "margin", "static", "full",
-];
-
-impl PolicySpec {
-    pub fn family(&self) -> &'static str {
-        match self {
-            PolicySpec::Full => "full",
-            PolicySpec::Mue { .. } => "mue",
-            PolicySpec::Joint { .. } => "joint",
-            PolicySpec::Entropy { .. } => "entropy",
-            PolicySpec::Patience { .. } => "patience",
-            PolicySpec::Margin { .. } => "margin",
-            PolicySpec::Static { .. } => "static",
-        }
-    }
-
-    /// Parameters as `key=value` pairs separated by spaces.
-    pub fn params(&self) -> String {
-        match *self {
-            PolicySpec::Full => String::new(),
-            PolicySpec::Mue {
-                image,
-                text,
-                decoder,
-            } => format!("image={image} text={text} {}", decoder.params()),
-            PolicySpec::Joint { encoder, decoder } => {
-                format!("encoder={encoder} decoder={decoder}")
-            }
-            PolicySpec::Entropy { threshold } | PolicySpec::Margin { threshold } => {
-                format!("threshold={threshold}")
-            }
-            PolicySpec::Patience { patience } => format!("patience={patience}"),
-            PolicySpec::Static { depth } => format!("depth={depth}"),
-        }
-    }
-
-    pub fn build(&self) -> Result<Box<dyn ExitPolicy>> {
-        Ok(match *self {
-            PolicySpec::Full => Box::new(FullDepth),
-            PolicySpec::Mue {
-                image,
-                text,
-                decoder,
-            } => Box::new(MuePolicy::with_decoder(image, text, decoder)?),
-            PolicySpec::Joint { encoder, decoder } => {
-                Box::new(JointSimilarity::new(encoder, decoder)?)
-            }
-            PolicySpec::Entropy { threshold } => Box::new(EntropyPolicy::new(threshold)?),
-            PolicySpec::Margin { threshold } => Box::new(MarginPolicy::new(threshold)?),
-            PolicySpec::Patience { patience } => Box::new(PatiencePolicy { patience }),
-            PolicySpec::Static { depth } => {
-                if depth == 0 {
-                    bail!("a static depth must be at least 1");
-                }
-                Box::new(StaticDepth {
-                    image: depth,
-                    text: depth,
-                    decoder: depth,
-                })
-            }
-        })
-    }
-
-    /// The MuE thresholds this point stands for (MuE and joint points only).
-    pub fn as_mue(&self) -> Option<MuePolicy> {
-        match *self {
-            PolicySpec::Mue {
-                image,
-                text,
-                decoder,
-            } => MuePolicy::with_decoder(image, text, decoder).ok(),
-            PolicySpec::Joint { encoder, decoder } => JointSimilarity::new(encoder, decoder)
-                .ok()
-                .map(|j| j.as_mue()),
-            _ => None,
-        }
-    }
-
-    /// Whether this is a MuE point whose decoder threshold follows the schedule.
-    pub fn decoder_schedule(&self) -> Option<bool> {
-        match self {
-            PolicySpec::Mue { decoder, .. } => Some(decoder.is_schedule()),
-            _ => None,
-        }
-    }
-}
-
-/// A constant decoder threshold is written as a plain number (as grid files have always
-/// had it), the schedule as its tagged object; both read back.
-mod decoder_number {
-    use crate::exit::DecoderThreshold;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &DecoderThreshold, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            DecoderThreshold::Constant { tau } => tau.serialize(s),
-            calm => calm.serialize(s),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DecoderThreshold, D::Error> {
-        DecoderThreshold::deserialize(d)
-    }
-}
-
-/// Similarity thresholds of the default MuE / joint grids (1.0: never exit).
-pub const SIMILARITY_GRID: [f32; 5] = [0.8, 0.9, 0.95, 0.99, 1.0];
-/// Entropy thresholds (nats: over the vocabulary in generation, over the three answers in
-/// entailment, where the entropy is at most ln 3).
-pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
-/// Softmax margin thresholds.
-pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
-
-/// Decoder thresholds of the default MuE grid: constants, and the paper's schedule.
-pub fn default_decoder_thresholds() -> Vec<DecoderThreshold> {
-    let mut d: Vec<DecoderThreshold> = [0.9f32, 0.99, 1.0]
-        .iter()
-        .map(|&tau| DecoderThreshold::Constant { tau })
-        .collect();
-    d.push(DecoderThreshold::paper(0.9));
-    d
-}
-
-/// The default grid of every policy for a model with `decoder_layers` decoder layers.
-/// Entailment scores answers in a single decoder pass, so its decoder threshold matters
-/// less than its stream thresholds; captioning gets the same grid for simplicity.
-pub fn default_grid(decoder_layers: usize) -> Vec<PolicySpec> {
-    let mut g = vec![PolicySpec::Full];
-    for &image in &SIMILARITY_GRID {
-        for &text in &SIMILARITY_GRID {
-            for decoder in default_decoder_thresholds() {
-                g.push(PolicySpec::Mue {
-                    image,
-                    text,
-                    decoder,
-                });
-            }
-        }
-    }
-    for &encoder in &SIMILARITY_GRID {
-        for &decoder in &[0.9f32, 0.99, 1.0] {
-            g.push(PolicySpec::Joint { encoder, decoder });
-        }
-    }
-    g.extend(
-        ENTROPY_GRID
-            .iter()
-            .map(|&threshold| PolicySpec::Entropy { threshold }),
-    );
-    g.extend(
-        (1..decoder_layers.saturating_sub(1).max(2))
-            .map(|patience| PolicySpec::Patience { patience }),
-    );
-    g.extend(
-        MARGIN_GRID
-            .iter()
-            .map(|&threshold| PolicySpec::Margin { threshold }),
-    );
-    g.extend((1..decoder_layers).map(|depth| PolicySpec::Static { depth }));
-    g
-}
+pub use crate::exit::spec::{default_grid, PolicySpec};
 
 /// Read a grid file (a JSON array of policy points).
 pub fn read_grid(path: &Path) -> Result<Vec<PolicySpec>> {
@@ -223,12 +29,7 @@ pub fn select_grid(
     families: &[String],
 ) -> Result<Vec<PolicySpec>> {
     for f in families {
-        if !FAMILIES.contains(&f.as_str()) {
-            bail!(
-                "unknown policy family {f:?}; expected one of {}",
-                FAMILIES.join(", ")
-            );
-        }
+        spec::family(f)?;
     }
     let g = match grid {
         Some(p) => read_grid(p)?,
@@ -366,7 +167,7 @@ pub fn finish(
     }
     for fam in FAMILIES {
         let members: Vec<usize> = (0..points.len())
-            .filter(|&i| points[i].family == fam)
+            .filter(|&i| points[i].family == fam.name)
             .collect();
         let sub: Vec<(f64, f64)> = members.iter().map(|&i| pairs[i]).collect();
         for j in pareto_frontier(&sub) {
@@ -431,13 +232,50 @@ pub fn write_outputs(result: &SweepResult, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::write(&json, serde_json::to_string_pretty(result)? + "\n")
         .with_context(|| format!("writing {}", json.display()))?;
     let mut files = vec![csv, json];
-    files.extend(super::plot::plot_sweep(result, &base)?);
+    files.extend(super::plot::plot_sweep(&chart(result), &base)?);
     Ok(files)
+}
+
+/// The plot of a sweep: every registered family present, its points and its own frontier.
+pub fn chart(result: &SweepResult) -> Chart {
+    let task = match result.task {
+        Task::Caption => "captioning",
+        Task::Entail => "visual entailment",
+    };
+    let xy = |p: &SweepPoint| (p.mac_reduction * 100.0, p.quality);
+    let series = FAMILIES
+        .iter()
+        .filter_map(|family| {
+            let pts: Vec<&SweepPoint> = result
+                .points
+                .iter()
+                .filter(|p| p.family == family.name)
+                .collect();
+            (!pts.is_empty()).then(|| Series {
+                family: family.family,
+                points: pts.iter().map(|p| xy(p)).collect(),
+                frontier: pts
+                    .iter()
+                    .filter(|p| p.on_family_frontier)
+                    .map(|p| xy(p))
+                    .collect(),
+            })
+        })
+        .collect();
+    Chart {
+        title: format!(
+            "{task}: {} vs MAC reduction ({} examples)",
+            result.metric, result.examples
+        ),
+        metric: result.metric.clone(),
+        series,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::{DecoderThreshold, JointSpec, MuePolicy, StaticSpec};
 
     #[test]
     fn frontier_keeps_exactly_the_undominated_points() {
@@ -526,12 +364,12 @@ mod tests {
                      {"kind": "calm", "tau": 0.7, "strict_fraction": -1, "decay": 0.9}}"#;
         let bad: PolicySpec = serde_json::from_str(bad).unwrap();
         assert!(bad.build().is_err());
-        assert!(PolicySpec::Static { depth: 0 }.build().is_err());
+        assert!(PolicySpec::Static(StaticSpec { depth: 0 }).build().is_err());
         assert_eq!(
-            PolicySpec::Joint {
+            PolicySpec::Joint(JointSpec {
                 encoder: 0.9,
-                decoder: 0.95
-            }
+                decoder: DecoderThreshold::Constant { tau: 0.95 }
+            })
             .as_mue(),
             Some(MuePolicy::new(0.9, 0.9, 0.95).unwrap())
         );

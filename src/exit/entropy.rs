@@ -1,8 +1,53 @@
 //! DeeBERT: exit a decoder token once the entropy of its intermediate prediction falls
 //! below a threshold. Encoder streams have no prediction head and run at full depth.
 
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
+
+pub const FAMILY: Family = Family {
+    name: "entropy",
+    title: "DeeBERT (entropy)",
+    help: "DeeBERT: decoder entropy below --threshold",
+    role: Role::Baseline,
+    calibrated: false,
+    style: Style {
+        color: (44, 160, 44),
+        marker: Marker::Circle,
+    },
+};
+
+/// Entropy thresholds (nats: over the vocabulary in generation, over the three answers in
+/// entailment, where the entropy is at most ln 3).
+pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
+
+fn grid(_decoder_layers: usize) -> Vec<EntropyPolicy> {
+    ENTROPY_GRID
+        .iter()
+        .map(|&threshold| EntropyPolicy { threshold })
+        .collect()
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<EntropyPolicy> {
+    Ok(EntropyPolicy {
+        threshold: f.threshold("entropy")?,
+    })
+}
+
+impl Params for EntropyPolicy {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
+    fn params(&self) -> String {
+        format!("threshold={}", self.threshold)
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(EntropyPolicy::new(self.threshold)?))
+    }
+}
 
 /// Exit when `entropy(softmax(intermediate logits)) < threshold` (nats). In generation the
 /// softmax is over the vocabulary; in entailment over the answer tokens, the distribution

@@ -2,8 +2,52 @@
 //! and top-2 probabilities of its intermediate prediction exceeds a threshold. Encoder
 //! streams run at full depth.
 
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
+
+pub const FAMILY: Family = Family {
+    name: "margin",
+    title: "CALM (softmax margin)",
+    help: "CALM softmax margin above --threshold",
+    role: Role::Baseline,
+    calibrated: false,
+    style: Style {
+        color: (148, 103, 189),
+        marker: Marker::Circle,
+    },
+};
+
+/// Softmax margin thresholds.
+pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
+
+fn grid(_decoder_layers: usize) -> Vec<MarginPolicy> {
+    MARGIN_GRID
+        .iter()
+        .map(|&threshold| MarginPolicy { threshold })
+        .collect()
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<MarginPolicy> {
+    Ok(MarginPolicy {
+        threshold: f.threshold("margin")?,
+    })
+}
+
+impl Params for MarginPolicy {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
+    fn params(&self) -> String {
+        format!("threshold={}", self.threshold)
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(MarginPolicy::new(self.threshold)?))
+    }
+}
 
 /// Exit when `p_top1 - p_top2 > threshold` (strict).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -2,21 +2,25 @@
 //! (decoder token) whether to stop.
 
 pub mod entropy;
+pub mod family;
 pub mod joint_similarity;
 pub mod margin;
 pub mod mue;
 pub mod patience;
+pub mod schedule;
+pub mod spec;
 pub mod static_depth;
 
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 pub use entropy::EntropyPolicy;
-pub use joint_similarity::JointSimilarity;
+pub use joint_similarity::{JointSimilarity, JointSpec};
 pub use margin::MarginPolicy;
-pub use mue::{DecoderThreshold, MuePolicy};
+pub use mue::{DecoderThreshold, MuePolicy, MueSpec};
 pub use patience::PatiencePolicy;
-pub use static_depth::StaticDepth;
+pub use spec::{PolicySpec, FAMILIES};
+pub use static_depth::{StaticDepth, StaticSpec};
 
 /// The two encoder streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -98,8 +102,35 @@ pub trait ExitPolicy: Send + Sync + std::fmt::Debug {
 }
 
 /// Never exits: the full-depth model.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct FullDepth;
+
+pub const FULL: family::Family = family::Family {
+    name: "full",
+    title: "Full model",
+    help: "Full depth: no exit",
+    role: family::Role::Reference,
+    calibrated: false,
+    style: family::Style {
+        color: (0, 0, 0),
+        marker: family::Marker::Circle,
+    },
+};
+
+impl family::Params for FullDepth {
+    fn params(&self) -> String {
+        String::new()
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(FullDepth))
+    }
+    fn grid(_: usize) -> Vec<Self> {
+        vec![FullDepth]
+    }
+    fn from_flags(_: &family::Flags) -> anyhow::Result<Self> {
+        Ok(FullDepth)
+    }
+}
 
 impl ExitPolicy for FullDepth {
     fn name(&self) -> String {

@@ -1,147 +1,96 @@
 //! MuE: exit once a layer stops changing its input (cosine similarity above a threshold).
 
+use super::family::{Family, Flags, Marker, Params, Role, Style};
+pub use super::schedule::{decoder_number, DecoderThreshold, PAPER_DECAY, PAPER_STRICT_FRACTION};
 use super::{validate_threshold, ExitPolicy, LayerSignal, Site, Stream};
 use serde::{Deserialize, Serialize};
 
-/// Decoder threshold, constant or following CALM's schedule over the decoding step.
-/// Stored as `{"kind": "constant", "tau": ..}` or `{"kind": "calm", ..}`; a plain number
-/// also reads as a constant (sweep grids write it that way).
+pub const FAMILY: Family = Family {
+    name: "mue",
+    title: "MuE",
+    help: "MuE (thresholds from --img/--text/--dec-threshold over the model's exits.json)",
+    role: Role::Proposed,
+    calibrated: true,
+    style: Style {
+        color: (214, 39, 40),
+        marker: Marker::Circle,
+    },
+};
+
+/// Similarity thresholds of the default MuE / joint grids (1.0: never exit).
+pub const SIMILARITY_GRID: [f32; 5] = [0.8, 0.9, 0.95, 0.99, 1.0];
+
+/// Decoder thresholds of the default MuE grid: constants, and the paper's schedule.
+pub fn default_decoder_thresholds() -> Vec<DecoderThreshold> {
+    let mut d: Vec<DecoderThreshold> = [0.9f32, 0.99, 1.0]
+        .iter()
+        .map(|&tau| DecoderThreshold::Constant { tau })
+        .collect();
+    d.push(DecoderThreshold::paper(0.9));
+    d
+}
+
+/// Entailment scores answers in a single decoder pass, so its decoder threshold matters
+/// less than its stream thresholds; captioning gets the same grid for simplicity.
+fn grid(_decoder_layers: usize) -> Vec<MueSpec> {
+    let mut g = Vec::new();
+    for &image in &SIMILARITY_GRID {
+        for &text in &SIMILARITY_GRID {
+            for decoder in default_decoder_thresholds() {
+                g.push(MueSpec {
+                    image,
+                    text,
+                    decoder,
+                });
+            }
+        }
+    }
+    g
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<MueSpec> {
+    Ok(MueSpec {
+        image: f.image,
+        text: f.text,
+        decoder: f.decoder,
+    })
+}
+
+/// A MuE grid point: the thresholds of [`MuePolicy`], its decoder threshold written as a
+/// number when constant (as grid files have always had it), else the schedule's object,
+/// `{"kind": "calm", "tau": 0.9, "strict_fraction": 0.333, "decay": 0.9}`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-#[serde(from = "DecoderThresholdRepr")]
-pub enum DecoderThreshold {
-    Constant {
-        tau: f32,
-    },
-    /// No exit during the first `strict_fraction` of `max_len` steps, then
-    /// `decay * tau + (1 - decay) * exp(-(t + 1) / (T + 1))`.
-    Calm {
-        tau: f32,
-        strict_fraction: f32,
-        decay: f32,
-    },
+pub struct MueSpec {
+    pub image: f32,
+    pub text: f32,
+    #[serde(with = "decoder_number")]
+    pub decoder: DecoderThreshold,
 }
 
-/// What a stored decoder threshold may look like: a number or the tagged form.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum DecoderThresholdRepr {
-    Tau(f32),
-    Tagged(TaggedThreshold),
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum TaggedThreshold {
-    Constant {
-        tau: f32,
-    },
-    Calm {
-        tau: f32,
-        strict_fraction: f32,
-        decay: f32,
-    },
-}
-
-impl From<DecoderThresholdRepr> for DecoderThreshold {
-    fn from(r: DecoderThresholdRepr) -> Self {
-        match r {
-            DecoderThresholdRepr::Tau(tau)
-            | DecoderThresholdRepr::Tagged(TaggedThreshold::Constant { tau }) => {
-                DecoderThreshold::Constant { tau }
-            }
-            DecoderThresholdRepr::Tagged(TaggedThreshold::Calm {
-                tau,
-                strict_fraction,
-                decay,
-            }) => DecoderThreshold::Calm {
-                tau,
-                strict_fraction,
-                decay,
-            },
-        }
+impl MueSpec {
+    /// The policy these thresholds stand for, validated.
+    pub fn policy(&self) -> anyhow::Result<MuePolicy> {
+        MuePolicy::with_decoder(self.image, self.text, self.decoder)
     }
 }
 
-/// The paper's schedule (after CALM): no exit in the first third of the maximum length.
-pub const PAPER_STRICT_FRACTION: f32 = 1.0 / 3.0;
-/// The paper's schedule: `0.9 * tau + 0.1 * exp(-(t + 1) / (T + 1))` after the strict part.
-pub const PAPER_DECAY: f32 = 0.9;
-
-impl DecoderThreshold {
-    /// The paper's schedule around `tau`.
-    pub fn paper(tau: f32) -> Self {
-        DecoderThreshold::Calm {
-            tau,
-            strict_fraction: PAPER_STRICT_FRACTION,
-            decay: PAPER_DECAY,
-        }
+impl Params for MueSpec {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
     }
-
-    /// The base threshold `tau` (the constant, or the schedule's).
-    pub fn tau(&self) -> f32 {
-        match *self {
-            DecoderThreshold::Constant { tau } | DecoderThreshold::Calm { tau, .. } => tau,
-        }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
     }
-
-    pub fn is_schedule(&self) -> bool {
-        matches!(self, DecoderThreshold::Calm { .. })
+    fn params(&self) -> String {
+        format!(
+            "image={} text={} {}",
+            self.image,
+            self.text,
+            self.decoder.params()
+        )
     }
-
-    /// Check that every parameter is usable.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        validate_threshold("decoder", self.tau())?;
-        if let DecoderThreshold::Calm {
-            strict_fraction,
-            decay,
-            ..
-        } = *self
-        {
-            if !(0.0..=1.0).contains(&strict_fraction) {
-                anyhow::bail!(
-                    "decoder schedule: strict_fraction must lie in [0, 1], got {strict_fraction}"
-                );
-            }
-            if !(0.0..=1.0).contains(&decay) {
-                anyhow::bail!("decoder schedule: decay must lie in [0, 1], got {decay}");
-            }
-        }
-        Ok(())
-    }
-
-    /// `key=value` words as sweeps and reports print them: `decoder=0.9`, or
-    /// `decoder=0.9 strict=0.333 decay=0.9` for the schedule.
-    pub fn params(&self) -> String {
-        match *self {
-            DecoderThreshold::Constant { tau } => format!("decoder={tau}"),
-            DecoderThreshold::Calm {
-                tau,
-                strict_fraction,
-                decay,
-            } => format!(
-                "decoder={tau} strict={} decay={decay}",
-                (strict_fraction * 1000.0).round() / 1000.0
-            ),
-        }
-    }
-
-    pub fn at(&self, step: usize, max_len: usize) -> f32 {
-        match *self {
-            DecoderThreshold::Constant { tau } => tau,
-            DecoderThreshold::Calm {
-                tau,
-                strict_fraction,
-                decay,
-            } => {
-                if (step as f32) < strict_fraction * max_len as f32 {
-                    f32::INFINITY
-                } else {
-                    let e = (-((step + 1) as f32) / (max_len + 1) as f32).exp();
-                    decay * tau + (1.0 - decay) * e
-                }
-            }
-        }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(self.policy()?))
     }
 }
 
@@ -232,19 +181,6 @@ mod tests {
         assert!(p.should_exit(dec, &[sig(0.95)], 6));
         assert!(!MuePolicy::never().should_exit(txt, &[sig(1.0)], 6));
         assert!(MuePolicy::new(f32::NAN, 0.9, 0.9).is_err());
-    }
-
-    #[test]
-    fn calm_schedule_is_strict_early() {
-        let s = DecoderThreshold::Calm {
-            tau: 0.9,
-            strict_fraction: 1.0 / 3.0,
-            decay: 0.9,
-        };
-        assert!(s.at(0, 15).is_infinite());
-        let late = s.at(10, 15);
-        let want = 0.9 * 0.9 + 0.1 * (-(11.0f32) / 16.0).exp();
-        assert!((late - want).abs() < 1e-6);
     }
 
     #[test]

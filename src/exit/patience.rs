@@ -1,8 +1,48 @@
 //! PABEE: exit a decoder token once its intermediate top-1 prediction has stayed the same
 //! for `patience` consecutive layers. Encoder streams run at full depth.
 
+use super::family::{Family, Flags, Marker, Params, Role, Style};
 use super::{ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
+
+pub const FAMILY: Family = Family {
+    name: "patience",
+    title: "PABEE (patience)",
+    help: "PABEE: decoder top-1 unchanged for --patience layers",
+    role: Role::Baseline,
+    calibrated: false,
+    style: Style {
+        color: (255, 127, 14),
+        marker: Marker::Circle,
+    },
+};
+
+fn grid(decoder_layers: usize) -> Vec<PatiencePolicy> {
+    (1..decoder_layers.saturating_sub(1).max(2))
+        .map(|patience| PatiencePolicy { patience })
+        .collect()
+}
+
+fn from_flags(f: &Flags) -> anyhow::Result<PatiencePolicy> {
+    Ok(PatiencePolicy {
+        patience: f.patience,
+    })
+}
+
+impl Params for PatiencePolicy {
+    fn grid(decoder_layers: usize) -> Vec<Self> {
+        grid(decoder_layers)
+    }
+    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        from_flags(flags)
+    }
+    fn params(&self) -> String {
+        format!("patience={}", self.patience)
+    }
+    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
+        Ok(Box::new(*self))
+    }
+}
 
 /// Exit after layer `i` when the predictions of layers `i - patience ..= i` all agree
 /// (the prediction was unchanged `patience` times in a row). `patience = 0` exits at the

@@ -7,48 +7,8 @@
 use crate::model::layers::Mode;
 use crate::model::Model;
 use candle_core::{DType, Device, Result, Tensor, D};
-use serde::{Deserialize, Serialize};
 
-/// Which decoder layers carry the task loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LossKind {
-    /// MuE: one cross-entropy per decoder layer, summed.
-    LayerWise,
-    /// Ablation: the last decoder layer only (standard fine-tuning).
-    FinalOnly,
-}
-
-impl LossKind {
-    pub const ALL: [LossKind; 2] = [LossKind::LayerWise, LossKind::FinalOnly];
-
-    /// The name on the command line and in `train_state.json`.
-    pub fn name(self) -> &'static str {
-        match self {
-            LossKind::LayerWise => "layer-wise",
-            LossKind::FinalOnly => "final-only",
-        }
-    }
-}
-
-impl std::fmt::Display for LossKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for LossKind {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                anyhow::anyhow!("unknown loss {s:?} (expected layer-wise or final-only)")
-            })
-    }
-}
+pub use crate::run_meta::LossKind;
 
 /// Target positions of a batch of decoder rows, flattened over `[b, t]`.
 #[derive(Debug, Clone)]

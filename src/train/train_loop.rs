@@ -11,6 +11,7 @@ use crate::model::layers::Mode;
 use crate::model::resnet::ResNet;
 use crate::model::stem::ConvStem;
 use crate::model::{BranchInit, Config, EncoderMode, ImageEmbedder, ImageTrunk, Model};
+use crate::run_meta::TRAIN_STATE;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -363,7 +364,7 @@ fn save_checkpoint(
     let dir = &opts.out_dir;
     // The state file goes last and is removed first, so a half-written checkpoint is never
     // taken for a complete one.
-    let state_path = dir.join("train_state.json");
+    let state_path = dir.join(TRAIN_STATE);
     if state_path.exists() {
         std::fs::remove_file(&state_path)?;
     }
@@ -389,7 +390,7 @@ fn save_checkpoint(
 
 /// Read `train_state.json` of a model directory.
 pub fn load_state(dir: &Path) -> Result<TrainState> {
-    let p = dir.join("train_state.json");
+    let p = dir.join(TRAIN_STATE);
     let text =
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is invalid", p.display()))
