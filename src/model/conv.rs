@@ -107,6 +107,8 @@ pub struct PackedConv {
     kernel: usize,
     stride: usize,
     padding: usize,
+    /// The same weight in int8 (`--precision int8`): then the products run in int8.
+    int8: Option<super::quant::QMatrix>,
 }
 
 impl PackedConv {
@@ -144,7 +146,29 @@ impl PackedConv {
             kernel,
             stride,
             padding,
+            int8: None,
         })
+    }
+
+    /// This convolution with its products in int8 (weight quantized per output channel).
+    pub fn to_int8(&self) -> PackedConv {
+        let k = self.kernel * self.kernel * self.c_in;
+        PackedConv {
+            int8: Some(super::quant::QMatrix::from_cols(
+                &self.weight,
+                k,
+                self.c_out,
+            )),
+            ..self.clone()
+        }
+    }
+
+    /// `dst [m, c_out] (+)= a [m, k] @ weight`, in int8 when the convolution has it.
+    fn gemm(&self, dst: &mut [f32], read_dst: bool, a: &[f32], m: usize, k: usize) {
+        match &self.int8 {
+            Some(q) => super::quant::matmul(super::quant::Kernel::detect(), a, m, q, dst, read_dst),
+            None => gemm_rows(dst, read_dst, a, &self.weight, m, k, self.c_out),
+        }
     }
 
     pub fn bias(&self) -> &[f32] {
@@ -187,7 +211,7 @@ impl PackedConv {
         };
         let k = self.kernel * self.kernel * self.c_in;
         if self.kernel == 1 && self.stride == 1 && self.padding == 0 {
-            gemm_rows(&mut dst, read_dst, &x.data, &self.weight, rows, k, n);
+            self.gemm(&mut dst, read_dst, &x.data, rows, k);
         } else {
             // im2col in blocks of output pixels, each followed by its GEMM.
             let block = (IM2COL_FLOATS / k).clamp(1, rows);
@@ -196,14 +220,12 @@ impl PackedConv {
             while r0 < rows {
                 let m = block.min(rows - r0);
                 self.im2col(x, oh, ow, r0, m, &mut cols[..m * k]);
-                gemm_rows(
+                self.gemm(
                     &mut dst[r0 * n..(r0 + m) * n],
                     read_dst,
                     &cols[..m * k],
-                    &self.weight,
                     m,
                     k,
-                    n,
                 );
                 r0 += m;
             }
@@ -448,4 +470,15 @@ mod tests {
             assert_eq!(max_diff(&got, &reference), 0.0, "{b}x{c}x{h}x{w}");
         }
     }
+}
+pub fn gemm_rows_pub(
+    dst: &mut [f32],
+    read_dst: bool,
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    gemm_rows(dst, read_dst, a, b, m, k, n)
 }
