@@ -471,14 +471,3 @@ mod tests {
         }
     }
 }
-pub fn gemm_rows_pub(
-    dst: &mut [f32],
-    read_dst: bool,
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) {
-    gemm_rows(dst, read_dst, a, b, m, k, n)
-}
