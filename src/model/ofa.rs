@@ -38,7 +38,6 @@ pub fn is_hf_ofa_dir(dir: &Path) -> bool {
 /// value the engine implements, which is also its default.
 #[derive(Debug, Clone, Deserialize)]
 struct HfConfig {
-    model_type: Option<String>,
     vocab_size: usize,
     d_model: usize,
     encoder_layers: usize,
