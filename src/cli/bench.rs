@@ -221,8 +221,8 @@ pub fn main(args: BenchArgs) -> Result<()> {
         for w in &args.workloads {
             let line = run_workload(&model, w, b, args.steps, args.iters)?;
             println!(
-                "{engine} size={size} side={} threads={threads} precision={precision} {} batch={} steps={} median_ms={:.2} \
-                 min_ms={:.2} gflops={:.1} peak_rss_mib={:.0}",
+                "{engine} size={size} side={} threads={threads} {} batch={} steps={} median_ms={:.2} \
+                 min_ms={:.2} gflops={:.1} peak_rss_mib={:.0} precision={precision}",
                 model.cfg.image_size,
                 line.workload,
                 line.batch,
