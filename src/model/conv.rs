@@ -212,6 +212,12 @@ impl PackedConv {
         let k = self.kernel * self.kernel * self.c_in;
         if self.kernel == 1 && self.stride == 1 && self.padding == 0 {
             self.gemm(&mut dst, read_dst, &x.data, rows, k);
+        } else if let Some(q) = &self.int8 {
+            // int8: each im2col row is gathered into a scratch row and quantized at once
+            // (no f32 im2col matrix written and read back).
+            let gather = |r: usize, row: &mut [f32]| self.im2col(x, oh, ow, r, 1, row);
+            let kernel = super::quant::Kernel::detect();
+            super::quant::matmul_gather(kernel, rows, q, &mut dst, read_dst, &gather);
         } else {
             // im2col in blocks of output pixels, each followed by its GEMM.
             let block = (IM2COL_FLOATS / k).clamp(1, rows);

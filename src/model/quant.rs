@@ -214,7 +214,19 @@ unsafe fn quantize_row_avx2(a: &[f32], out: &mut [u8], shifted: bool) -> f32 {
     quantize_row_body(a, out, shifted)
 }
 
-fn quantize_rows(a: &[f32], m: usize, k: usize, kp: usize, kernel: Kernel, rows: &mut QRows) {
+/// Where the activation rows come from: a row-major matrix, or a function that writes
+/// row `r` into a scratch row (the convolutions' im2col, so that no f32 im2col matrix is
+/// written and read back).
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Rows(&'a [f32]),
+    Gather(&'a (dyn Fn(usize, &mut [f32]) + Sync)),
+}
+
+/// Rows quantized per call, in chunks of this many (one scratch row per chunk).
+const QUANT_CHUNK: usize = 16;
+
+fn quantize_rows(src: Src, m: usize, k: usize, kp: usize, kernel: Kernel, rows: &mut QRows) {
     // Whole blocks of rows, so that the kernels may read a full tile past `m`.
     let mp = m.div_ceil(8) * 8;
     rows.bytes.clear();
@@ -237,16 +249,34 @@ fn quantize_rows(a: &[f32], m: usize, k: usize, kp: usize, kernel: Kernel, rows:
         }
         quantize_row_body(a, out, shifted)
     };
-    let work = |(a, (out, s)): (&[f32], (&mut [u8], &mut f32))| *s = row(a, out);
-    let it_a = a.chunks_exact(k);
-    let out = rows.bytes[..m * kp].chunks_exact_mut(kp);
-    let scales = rows.scale[..m].iter_mut();
+    let work = |(c, (out, scales)): (usize, (&mut [u8], &mut [f32]))| {
+        let mut buf = Vec::new();
+        for (i, (o, s)) in out.chunks_exact_mut(kp).zip(scales).enumerate() {
+            let r = c * QUANT_CHUNK + i;
+            let a = match src {
+                Src::Rows(x) => &x[r * k..(r + 1) * k],
+                Src::Gather(gather) => {
+                    buf.resize(k, 0.0);
+                    gather(r, &mut buf);
+                    &buf[..]
+                }
+            };
+            *s = row(a, o);
+        }
+    };
+    let (bytes, scales) = (&mut rows.bytes[..m * kp], &mut rows.scale[..m]);
     if m * k >= PAR_WORK && candle_core::utils::get_num_threads() > 1 {
-        let a: Vec<&[f32]> = it_a.collect();
-        let o: Vec<(&mut [u8], &mut f32)> = out.zip(scales).collect();
-        a.into_par_iter().zip(o).for_each(work);
+        bytes
+            .par_chunks_mut(QUANT_CHUNK * kp)
+            .zip(scales.par_chunks_mut(QUANT_CHUNK))
+            .enumerate()
+            .for_each(work);
     } else {
-        it_a.zip(out.zip(scales)).for_each(work);
+        bytes
+            .chunks_mut(QUANT_CHUNK * kp)
+            .zip(scales.chunks_mut(QUANT_CHUNK))
+            .enumerate()
+            .for_each(work);
     }
 }
 
@@ -263,8 +293,25 @@ unsafe impl Sync for Out {}
 
 /// `dst [m, n] (+)= x [m, k] W^T`, `W` the int8 weight. `x` is quantized per row here.
 pub fn matmul(kernel: Kernel, x: &[f32], m: usize, w: &QMatrix, dst: &mut [f32], read_dst: bool) {
+    assert_eq!(x.len(), m * w.k, "int8 matmul: sizes");
+    product(kernel, Src::Rows(x), m, w, dst, read_dst);
+}
+
+/// [`matmul`] with row `r` of `x` written by `gather(r, row)` (`row` holds `k` floats).
+pub fn matmul_gather(
+    kernel: Kernel,
+    m: usize,
+    w: &QMatrix,
+    dst: &mut [f32],
+    read_dst: bool,
+    gather: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    product(kernel, Src::Gather(gather), m, w, dst, read_dst);
+}
+
+fn product(kernel: Kernel, x: Src, m: usize, w: &QMatrix, dst: &mut [f32], read_dst: bool) {
     let (n, k) = (w.n, w.k);
-    assert!(x.len() == m * k && dst.len() == m * n, "int8 matmul: sizes");
+    assert!(dst.len() == m * n, "int8 matmul: sizes");
     assert!(
         kernel.supported(),
         "int8 kernel {kernel:?} not supported here"
@@ -650,6 +697,11 @@ mod tests {
                         "{kernel:?} acc"
                     );
                 }
+                // Rows gathered one at a time (the convolutions' path): the same bits.
+                let mut g = vec![0f32; m * n];
+                let gather = |r: usize, row: &mut [f32]| row.copy_from_slice(&x[r * k..][..k]);
+                matmul_gather(kernel, m, &q, &mut g, false, &gather);
+                assert!(g == y, "{kernel:?} gathered rows differ");
                 match &first {
                     None => first = Some(y),
                     Some(f) => assert!(f == &y, "{kernel:?} differs from {:?}", kernels[0]),
