@@ -18,6 +18,8 @@ BATCH=${BATCH:-1,8}
 ITERS=${ITERS:-5}
 STEPS=${STEPS:-16}
 THREADS=${THREADS:-2}
+# Reduced precisions timed after f32 (space-separated; e.g. PRECISIONS="" for f32 only).
+PRECISIONS=${PRECISIONS:-int8}
 OFA=${OFA:-/tmp/ofa-$SIZE}
 MUE_DIR=${MUE_DIR:-/tmp/mue-$SIZE}
 
@@ -33,6 +35,10 @@ uptime
 "$PY" "$BENCH" --size "$SIZE" --image-size "$SIDE" --out "$OFA" --batch "$BATCH" \
   --iters "$ITERS" --steps "$STEPS" --threads "$THREADS" 2>/dev/null | grep '^torch '
 "$MUE" bench --model "$MUE_DIR" --batch "$BATCH" --iters "$ITERS" --steps "$STEPS" --threads "$THREADS"
+for P in $PRECISIONS; do
+  "$MUE" bench --model "$MUE_DIR" --batch "$BATCH" --iters "$ITERS" --steps "$STEPS" --threads "$THREADS" \
+    --precision "$P"
+done
 "$MUE" bench --model "$MUE_DIR" --batch "$BATCH" --iters "$ITERS" --steps "$STEPS" --threads "$THREADS" \
   --reference-kernels
 uptime

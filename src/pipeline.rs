@@ -6,6 +6,7 @@ use crate::data::prompt::{answer_ids, encoder_ids, entail_ids};
 use crate::data::tokenizer::Tokenizer;
 use crate::exit::ExitPolicy;
 use crate::generate::{self, Cost, Exits, Input, SearchConfig};
+use crate::model::precision::{self, Precision};
 use crate::model::Model;
 use crate::task::{ofa_caption_postprocess, Label, CAPTION_PROMPT};
 use anyhow::{bail, Context, Result};
@@ -52,11 +53,33 @@ pub struct EntailRequest {
     pub premise: Option<String>,
 }
 
+/// Where and how a model directory is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Weights converted at load (f32: as stored, the default and the reference).
+    pub precision: Precision,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            precision: Precision::F32,
+        }
+    }
+}
+
 impl Engine {
-    /// Load `config.json`, `model.safetensors` and `tokenizer.json` from `dir`.
+    /// Load `config.json`, `model.safetensors` and `tokenizer.json` from `dir` (f32, CPU).
     pub fn load(dir: &Path) -> Result<Self> {
-        let device = Device::Cpu;
-        let model = Model::load_dir(dir, &device)?;
+        Engine::load_with(dir, &LoadOptions::default())
+    }
+
+    /// [`Engine::load`] on `opts.device`, with the weights converted to `opts.precision`.
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let mut model = Model::load_dir(dir, &opts.device)?;
+        precision::apply(&mut model, opts.precision)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .with_context(|| format!("model directory {} needs tokenizer.json", dir.display()))?;

@@ -470,3 +470,80 @@ fn bench_prints_one_line_per_workload_and_batch() {
     let (ok, _, err) = mue(&["bench", "--model", "/nonexistent/model"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
 }
+
+/// `--precision int8` against f32 on the shipped model's test examples (the generated
+/// benchmark's test split, seed 0, as in the model card), full depth and with its exits:
+/// the same entailment label on at least 97% of 120 questions and the same caption on at
+/// least 90% of 40 images (measured on the whole split: 589 of 590 labels and 197 of 200
+/// captions at full depth; README).
+#[test]
+fn int8_agrees_with_f32_on_the_shipped_model() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("models/default");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let gen = [
+        "data", "generate", "--out", d, "--seed", "0", "--train", "1", "--valid", "1", "--test",
+        "200",
+    ];
+    let (ok, _, err) = mue(&gen);
+    assert!(ok, "{err}");
+    let predictions = |task: &str, policy: &str, limit: &str, precision: &str| {
+        let file = if task == "entail" {
+            "snli_ve_test.tsv"
+        } else {
+            "caption_test.tsv"
+        };
+        let out = dir
+            .path()
+            .join(format!("{task}-{policy}-{precision}.jsonl"));
+        let data = dir.path().join(file);
+        let (ok, _, err) = mue(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--task",
+            task,
+            "--policy",
+            policy,
+            "--limit",
+            limit,
+            "--quiet",
+            "--precision",
+            precision,
+            "--predictions",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["prediction"].clone())
+            .collect::<Vec<_>>()
+    };
+    for (task, limit, min_share) in [("entail", "120", 0.97), ("caption", "40", 0.9)] {
+        for policy in ["full", "mue"] {
+            let f32s = predictions(task, policy, limit, "f32");
+            let int8 = predictions(task, policy, limit, "int8");
+            assert_eq!(f32s.len(), int8.len());
+            let same = f32s.iter().zip(&int8).filter(|(a, b)| a == b).count();
+            println!("{task} {policy}: int8 = f32 on {same} of {}", f32s.len());
+            assert!(
+                same as f64 >= min_share * f32s.len() as f64,
+                "{task} {policy}: {same} of {}",
+                f32s.len()
+            );
+        }
+    }
+    // An unknown precision is a clear error.
+    let (ok, _, err) = mue(&[
+        "bench",
+        "--precision",
+        "int4",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("unknown precision"), "{err}");
+}

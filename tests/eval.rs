@@ -600,6 +600,7 @@ fn eval_command_runs_each_policy_kind() {
                 dec_decay: None,
                 kv_fill: "propagate".into(),
             },
+            load: Default::default(),
             out: Some(path.clone()),
             predictions: (kind != PolicyKind::Oracle).then(|| preds.clone()),
         };
@@ -655,6 +656,7 @@ fn eval_command_runs_each_policy_kind() {
             dec_decay: None,
             kv_fill: "propagate".into(),
         },
+        load: Default::default(),
         out: None,
         predictions: None,
     };

@@ -575,3 +575,70 @@ fn loader_errors_name_the_tensor() {
     );
     assert!(err.contains("mue convert"), "{err}");
 }
+
+/// `--precision int8` on the fixture (f16 weights read as f32, then quantized): how far
+/// the trunk features and the teacher-forced decoder logits move from the float32
+/// reference, printed and bounded. The bounds are loose multiples of what the int8 path
+/// measured (run with --nocapture): they catch a broken kernel, not rounding.
+#[test]
+fn parity_int8_logit_difference() {
+    use mue::model::precision::{self, Precision};
+    let out = outputs();
+    let inp = inputs(&out);
+    let mut model = load(&fixture_dir().join("model.safetensors"));
+    precision::apply(&mut model, Precision::Int8).unwrap();
+    let b = inp.dec_ids.len();
+    let feats = model.encoder.image_trunk.features(&inp.images).unwrap();
+    let (_, c, gh, gw) = out["image_features"].dims4().unwrap();
+    let want = out["image_features"]
+        .reshape((b, c, gh * gw))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let feat_err = max_abs(&feats, &want);
+    let feat_scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+
+    let never = MuePolicy::never();
+    let run = run_encoder(&model, &inp.images, &inp.ids, &inp.padding, &never).unwrap();
+    let t = inp.dec_ids[0].len();
+    let mut st = DecoderState::new(&model, &run, &never, KvFill::Propagate, t - 1).unwrap();
+    let (mut logit_err, mut logit_scale, mut same_argmax, mut real) = (0f32, 0f32, 0, 0);
+    for s in 0..t {
+        let tokens: Vec<u32> = inp.dec_ids.iter().map(|r| r[s]).collect();
+        let step = st.step(&tokens).unwrap();
+        for i in 0..b {
+            if inp.dec_padding[i][s] {
+                continue;
+            }
+            let want = out["decoder_logits"].i((i, s)).unwrap();
+            let got = step.logits.get(i).unwrap();
+            logit_err = logit_err.max(max_abs(&got, &want));
+            let scale = want.abs().unwrap().max_all().unwrap();
+            logit_scale = logit_scale.max(scale.to_scalar::<f32>().unwrap());
+            let am = |x: &Tensor| x.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+            same_argmax += usize::from(am(&got) == am(&want));
+            real += 1;
+        }
+    }
+    println!(
+        "int8 vs float32 reference: image_features max abs {feat_err:.3e} (max |x| {feat_scale:.3}), \
+         decoder logits max abs {logit_err:.3e} (max |x| {logit_scale:.3}), same argmax at \
+         {same_argmax} of {real} positions"
+    );
+    assert!(real > 0);
+    assert!(
+        feat_err < 0.1 * feat_scale,
+        "features {feat_err} vs scale {feat_scale}"
+    );
+    assert!(
+        logit_err < 0.05 * logit_scale,
+        "logits {logit_err} vs scale {logit_scale}"
+    );
+    assert!(same_argmax * 10 >= real * 8, "{same_argmax} of {real}");
+}

@@ -42,6 +42,8 @@ pub struct BenchArgs {
     /// issue 19), to compare the two in one sitting.
     #[arg(long)]
     pub reference_kernels: bool,
+    #[command(flatten)]
+    pub load: super::load::LoadArgs,
 }
 
 /// One timed workload.
@@ -204,8 +206,9 @@ pub fn main(args: BenchArgs) -> Result<()> {
         }
     }
     let dir = super::model_dir(args.model.as_deref())?;
-    let model = Model::load_dir(&dir, &Device::Cpu)
+    let mut model = Model::load_dir(&dir, &Device::Cpu)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    crate::model::precision::apply(&mut model, args.load.precision)?;
     crate::model::infer::set_reference_kernels(args.reference_kernels);
     let size = size_name(&model.cfg);
     let engine = if args.reference_kernels {
@@ -213,12 +216,13 @@ pub fn main(args: BenchArgs) -> Result<()> {
     } else {
         "mue"
     };
+    let precision = args.load.precision;
     for &b in &args.batch {
         for w in &args.workloads {
             let line = run_workload(&model, w, b, args.steps, args.iters)?;
             println!(
                 "{engine} size={size} side={} threads={threads} {} batch={} steps={} median_ms={:.2} \
-                 min_ms={:.2} gflops={:.1} peak_rss_mib={:.0}",
+                 min_ms={:.2} gflops={:.1} peak_rss_mib={:.0} precision={precision}",
                 model.cfg.image_size,
                 line.workload,
                 line.batch,

@@ -55,15 +55,18 @@ pub fn load_engine(
     model: Option<&Path>,
     random_weights: bool,
     doing: &str,
+    opts: &crate::pipeline::LoadOptions,
 ) -> Result<(Engine, TaskThresholds)> {
     if random_weights {
         eprintln!(
             "note: --random-weights: {doing} a RANDOM model (predictions are meaningless, exits and costs are real)"
         );
-        return Ok((random_engine(0)?, TaskThresholds::default()));
+        let mut engine = random_engine(0)?;
+        crate::model::precision::apply(&mut engine.model, opts.precision)?;
+        return Ok((engine, TaskThresholds::default()));
     }
     let dir = super::model_dir(model)?;
-    let engine = Engine::load(&dir)
+    let engine = Engine::load_with(&dir, opts)
         .with_context(|| format!("cannot load the model in {}", dir.display()))?;
     Ok((engine, TaskThresholds::for_model(&dir)?))
 }
@@ -142,7 +145,12 @@ pub struct DemoArgs {
 }
 
 pub fn main(args: DemoArgs) -> Result<()> {
-    let (engine, thresholds) = load_engine(args.model.as_deref(), args.random_weights, "running")?;
+    let (engine, thresholds) = load_engine(
+        args.model.as_deref(),
+        args.random_weights,
+        "running",
+        &Default::default(),
+    )?;
     let found = find_examples_dir()?;
     eprintln!("mue: examples {} ({})", found.path.display(), found.source);
     let dir = found.path;
@@ -161,6 +169,7 @@ pub fn main(args: DemoArgs) -> Result<()> {
                 text: Some(ex.hypothesis.clone()),
                 premise: None,
                 exits: args.exits.clone(),
+                load: Default::default(),
                 beam: 5,
                 max_len: 16,
                 json: args.json,

@@ -146,6 +146,8 @@ pub struct EvalArgs {
     pub depth: usize,
     #[command(flatten)]
     pub exits: ExitArgs,
+    #[command(flatten)]
+    pub load: super::load::LoadArgs,
     /// Write the JSON report here (it is always printed).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -274,7 +276,7 @@ pub fn eval_with(
 
 pub fn eval_main(args: EvalArgs) -> Result<()> {
     let model = super::model_dir(args.data.model.as_deref())?;
-    let engine = Engine::load(&model)?;
+    let engine = Engine::load_with(&model, &args.load.options())?;
     let base = TaskThresholds::for_model(&model)?;
     let v = eval_with(&engine, &args, base)?;
     println!("{}", serde_json::to_string_pretty(&v)?);

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod convert;
 pub mod demo;
 pub mod eval;
+pub mod load;
 pub mod report;
 pub mod run;
 pub mod serve;

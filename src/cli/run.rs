@@ -29,6 +29,8 @@ pub struct RunArgs {
     pub premise: Option<String>,
     #[command(flatten)]
     pub exits: ExitArgs,
+    #[command(flatten)]
+    pub load: super::load::LoadArgs,
     /// Beam size for captioning.
     #[arg(long, default_value_t = 5)]
     pub beam: usize,
@@ -142,7 +144,7 @@ fn print_cost(mue: &crate::generate::Cost, full: &crate::generate::Cost) {
 
 pub fn main(args: RunArgs) -> Result<()> {
     let model = super::model_dir(args.model.as_deref())?;
-    let engine = Engine::load(&model)?;
+    let engine = Engine::load_with(&model, &args.load.options())?;
     let image = DynamicImage::ImageRgb8(load_image(&args.image)?);
     let base = TaskThresholds::for_model(&model)?.get(args.task);
     let policy = args.exits.policy(base)?;

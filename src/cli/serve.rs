@@ -18,6 +18,8 @@ pub struct ServeArgs {
     /// Serve a RANDOM model instead (predictions are meaningless; for testing).
     #[arg(long, conflicts_with = "model")]
     pub random_weights: bool,
+    #[command(flatten)]
+    pub load: super::load::LoadArgs,
     /// Address to listen on.
     #[arg(long, env = "MUE_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: String,
@@ -111,7 +113,12 @@ async fn shutdown_signal() {
 pub fn main(args: ServeArgs) -> Result<()> {
     // Flags that need no model are checked before it is loaded, the rest before listening.
     args.config(TaskThresholds::default()).validate_flags()?;
-    let (engine, thresholds) = load_engine(args.model.as_deref(), args.random_weights, "serving")?;
+    let (engine, thresholds) = load_engine(
+        args.model.as_deref(),
+        args.random_weights,
+        "serving",
+        &args.load.options(),
+    )?;
     let cfg = args.config(thresholds);
     cfg.validate(&engine)?;
     let drain_ms = args.drain_ms;
@@ -208,8 +215,12 @@ pub fn bench_main(args: ServeBenchArgs) -> Result<()> {
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
-    let (engine, thresholds) =
-        load_engine(args.model.as_deref(), args.random_weights, "benchmarking")?;
+    let (engine, thresholds) = load_engine(
+        args.model.as_deref(),
+        args.random_weights,
+        "benchmarking",
+        &Default::default(),
+    )?;
     anyhow::ensure!(
         args.loads.iter().all(|l| l.is_finite() && *l > 0.0),
         "--loads must be positive multiples, got {:?}",

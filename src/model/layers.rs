@@ -122,17 +122,33 @@ impl LayerNorm {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The weight in int8 (`--precision int8`, set at load): inference products use it.
+    pub int8: Option<std::sync::Arc<super::quant::QMatrix>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            int8: None,
+        }
+    }
+
+    /// `x W^T` (no bias): in int8 when the layer has it and nothing tracks gradients.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.int8 {
+            Some(q) if !x.track_op() && !super::infer::reference_kernels() => {
+                super::precision::int8_linear(x, q)
+            }
+            _ => matmul_flat(x, &self.weight.t()?),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_flat(x, &self.weight.t()?)?;
+        let y = self.product(x)?;
         match &self.bias {
             // Inference: the bias goes into the fresh product in place.
             Some(b) if super::infer::fuses_inference(&y) => {
@@ -166,7 +182,7 @@ impl Linear {
     /// (`super::infer`); otherwise the composed (differentiable) ops.
     pub fn forward_act(&self, x: &Tensor, mode: Mode, scale: f64, gelu: bool) -> Result<Tensor> {
         if !mode.train {
-            let y = matmul_flat(x, &self.weight.t()?)?;
+            let y = self.product(x)?;
             if super::infer::fuses_inference(&y) {
                 let n = y.dim(D::Minus1)?;
                 let b = match &self.bias {

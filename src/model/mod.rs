@@ -11,6 +11,8 @@ pub mod layers;
 pub mod ofa;
 pub mod pool;
 pub mod position;
+pub mod precision;
+pub mod quant;
 pub mod resnet;
 pub mod stem;
 pub mod weights;

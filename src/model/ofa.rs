@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::config::{Config, EncoderMode, ImageEmbedder};
@@ -32,41 +33,49 @@ pub fn is_hf_ofa_dir(dir: &Path) -> bool {
         .is_some_and(|j| is_hf_ofa_config(&j))
 }
 
-fn req_usize(json: &Value, key: &str) -> Result<usize> {
-    let v = json
-        .get(key)
-        .with_context(|| format!("OFA config: missing key `{key}`"))?;
-    let n = v
-        .as_u64()
-        .with_context(|| format!("OFA config: `{key}` must be a non-negative integer, got {v}"))?;
-    Ok(n as usize)
+/// The keys of a Hugging Face `OFAConfig` that the engine reads (others are ignored). A
+/// missing optional key takes `OFAConfig`'s default; every boolean switch must have the
+/// value the engine implements, which is also its default.
+#[derive(Debug, Clone, Deserialize)]
+struct HfConfig {
+    vocab_size: usize,
+    d_model: usize,
+    encoder_layers: usize,
+    decoder_layers: usize,
+    encoder_attention_heads: usize,
+    decoder_attention_heads: usize,
+    encoder_ffn_dim: usize,
+    decoder_ffn_dim: usize,
+    max_position_embeddings: usize,
+    resnet_type: String,
+    token_bucket_size: Option<usize>,
+    image_bucket_size: Option<usize>,
+    attn_scale_factor: Option<f64>,
+    activation_function: Option<String>,
+    bos_token_id: Option<u32>,
+    pad_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+    normformer: Option<bool>,
+    encoder_normalize_before: Option<bool>,
+    decoder_normalize_before: Option<bool>,
+    layernorm_embedding: Option<bool>,
+    patch_layernorm_embedding: Option<bool>,
+    add_type_embedding: Option<bool>,
+    share_decoder_input_output_embed: Option<bool>,
+    entangle_position_embedding: Option<bool>,
+    scale_embedding: Option<bool>,
 }
 
-fn opt_usize(json: &Value, key: &str, default: usize) -> Result<usize> {
-    match json.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(_) => req_usize(json, key),
-    }
-}
-
-fn opt_id(json: &Value, key: &str, default: u32) -> Result<u32> {
-    let n = opt_usize(json, key, default as usize)?;
-    u32::try_from(n).with_context(|| format!("OFA config: `{key}` = {n} is too large"))
-}
-
-/// A boolean switch that must have the value the engine implements. A missing key takes
-/// the Hugging Face `OFAConfig` default, which is `want` for every switch checked here.
-fn require_switch(json: &Value, key: &str, want: bool) -> Result<()> {
-    match json.get(key) {
-        None | Some(Value::Null) => Ok(()),
-        Some(v) => match v.as_bool() {
-            Some(b) if b == want => Ok(()),
-            Some(b) => bail!(
-                "OFA config: `{key}` = {b} is not supported (the engine implements only {key} = {want})"
-            ),
-            None => bail!("OFA config: `{key}` must be a boolean, got {v}"),
-        },
-    }
+/// Deserializes `json` as `T`; an error names the key it is about.
+fn typed<T: serde::de::DeserializeOwned>(json: &Value) -> Result<T> {
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            anyhow::anyhow!("OFA config: {}", e.inner())
+        } else {
+            anyhow::anyhow!("OFA config: `{path}`: {}", e.inner())
+        }
+    })
 }
 
 /// Maps a Hugging Face OFA `config.json` to the engine's [`Config`] for square images of
@@ -75,73 +84,90 @@ pub fn config_from_hf(json: &Value, image_size: usize, mode: EncoderMode) -> Res
     if !json.is_object() {
         bail!("OFA config: expected a JSON object");
     }
-    match json.get("model_type").and_then(Value::as_str) {
-        Some("ofa") => {}
-        Some(other) => bail!("OFA config: `model_type` is \"{other}\", expected \"ofa\""),
+    // The kind first, so that another model's config is named as such.
+    #[derive(Deserialize)]
+    struct Kind {
+        model_type: Option<Value>,
+    }
+    match typed::<Kind>(json)?.model_type {
+        Some(Value::String(t)) if t == "ofa" => {}
+        Some(other) => bail!("OFA config: `model_type` is {other}, expected \"ofa\""),
         None => bail!("OFA config: missing key `model_type` (expected \"ofa\")"),
     }
-    for (key, want) in [
-        ("normformer", true),
-        ("encoder_normalize_before", true),
-        ("decoder_normalize_before", true),
-        ("layernorm_embedding", true),
-        ("patch_layernorm_embedding", true),
-        ("add_type_embedding", true),
-        ("share_decoder_input_output_embed", true),
-        ("entangle_position_embedding", false),
-        ("scale_embedding", false),
+    let hf: HfConfig = typed(json)?;
+    for (key, value, want) in [
+        ("normformer", hf.normformer, true),
+        (
+            "encoder_normalize_before",
+            hf.encoder_normalize_before,
+            true,
+        ),
+        (
+            "decoder_normalize_before",
+            hf.decoder_normalize_before,
+            true,
+        ),
+        ("layernorm_embedding", hf.layernorm_embedding, true),
+        (
+            "patch_layernorm_embedding",
+            hf.patch_layernorm_embedding,
+            true,
+        ),
+        ("add_type_embedding", hf.add_type_embedding, true),
+        (
+            "share_decoder_input_output_embed",
+            hf.share_decoder_input_output_embed,
+            true,
+        ),
+        (
+            "entangle_position_embedding",
+            hf.entangle_position_embedding,
+            false,
+        ),
+        ("scale_embedding", hf.scale_embedding, false),
     ] {
-        require_switch(json, key, want)?;
-    }
-    if let Some(v) = json.get("activation_function") {
-        match v.as_str() {
-            Some("gelu") => {}
-            _ => bail!(
-                "OFA config: `activation_function` = {v} is not supported (the engine implements only \"gelu\")"
-            ),
+        if let Some(b) = value.filter(|&b| b != want) {
+            bail!(
+                "OFA config: `{key}` = {b} is not supported (the engine implements only {key} = {want})"
+            );
         }
     }
-    let resnet_type = json
-        .get("resnet_type")
-        .context("OFA config: missing key `resnet_type`")?;
-    let blocks = resnet_type
-        .as_str()
-        .and_then(resnet::blocks_for)
-        .with_context(|| {
-            format!(
-                "OFA config: `resnet_type` = {resnet_type} is not supported (resnet50, resnet101 or resnet152)"
-            )
-        })?;
-    let attn_scale_factor = match json.get("attn_scale_factor") {
-        None | Some(Value::Null) => 2.0,
-        Some(v) => v.as_f64().with_context(|| {
-            format!("OFA config: `attn_scale_factor` must be a number, got {v}")
-        })?,
-    };
+    if let Some(a) = hf.activation_function.as_deref().filter(|&a| a != "gelu") {
+        bail!(
+            "OFA config: `activation_function` = \"{a}\" is not supported (the engine implements only \"gelu\")"
+        );
+    }
+    let blocks = resnet::blocks_for(&hf.resnet_type).with_context(|| {
+        format!(
+            "OFA config: `resnet_type` = \"{}\" is not supported (resnet50, resnet101 or resnet152)",
+            hf.resnet_type
+        )
+    })?;
+    let attn_scale_factor = hf.attn_scale_factor.unwrap_or(2.0);
     if attn_scale_factor.is_nan() || attn_scale_factor <= 0.0 {
         bail!("OFA config: `attn_scale_factor` must be positive, got {attn_scale_factor}");
     }
     let cfg = Config {
-        vocab_size: req_usize(json, "vocab_size")?,
-        d_model: req_usize(json, "d_model")?,
-        encoder_layers: req_usize(json, "encoder_layers")?,
-        decoder_layers: req_usize(json, "decoder_layers")?,
-        encoder_heads: req_usize(json, "encoder_attention_heads")?,
-        decoder_heads: req_usize(json, "decoder_attention_heads")?,
-        encoder_ffn_dim: req_usize(json, "encoder_ffn_dim")?,
-        decoder_ffn_dim: req_usize(json, "decoder_ffn_dim")?,
-        max_positions: req_usize(json, "max_position_embeddings")?,
-        token_bucket_size: opt_usize(json, "token_bucket_size", 256)?,
-        image_bucket_size: opt_usize(json, "image_bucket_size", 42)?,
+        vocab_size: hf.vocab_size,
+        d_model: hf.d_model,
+        encoder_layers: hf.encoder_layers,
+        decoder_layers: hf.decoder_layers,
+        encoder_heads: hf.encoder_attention_heads,
+        decoder_heads: hf.decoder_attention_heads,
+        encoder_ffn_dim: hf.encoder_ffn_dim,
+        decoder_ffn_dim: hf.decoder_ffn_dim,
+        max_positions: hf.max_position_embeddings,
+        token_bucket_size: hf.token_bucket_size.unwrap_or(256),
+        image_bucket_size: hf.image_bucket_size.unwrap_or(42),
         attn_scale_factor,
         layer_norm_eps: 1e-5,
         image_size,
         image_embedder: ImageEmbedder::Resnet { blocks },
         encoder_mode: mode,
         entangle_image_positions: false,
-        bos_id: opt_id(json, "bos_token_id", 0)?,
-        pad_id: opt_id(json, "pad_token_id", 1)?,
-        eos_id: opt_id(json, "eos_token_id", 2)?,
+        bos_id: hf.bos_token_id.unwrap_or(0),
+        pad_id: hf.pad_token_id.unwrap_or(1),
+        eos_id: hf.eos_token_id.unwrap_or(2),
     };
     cfg.validate().context("OFA config")?;
     Ok(cfg)
@@ -400,6 +426,21 @@ mod tests {
         for key in ["d_model", "vocab_size", "encoder_ffn_dim", "resnet_type"] {
             let mut j = fixture_json();
             j.as_object_mut().unwrap().remove(key);
+            let err = format!(
+                "{:#}",
+                config_from_hf(&j, 128, EncoderMode::Joint).unwrap_err()
+            );
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        // A value of the wrong type names its key too.
+        for (key, bad) in [
+            ("d_model", Value::String("256".into())),
+            ("bos_token_id", serde_json::json!(-1)),
+            ("attn_scale_factor", Value::Bool(true)),
+            ("normformer", Value::String("yes".into())),
+        ] {
+            let mut j = fixture_json();
+            j[key] = bad;
             let err = format!(
                 "{:#}",
                 config_from_hf(&j, 128, EncoderMode::Joint).unwrap_err()

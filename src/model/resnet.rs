@@ -257,6 +257,21 @@ impl ResNet {
         Ok(Self { stem, blocks: all })
     }
 
+    /// Every packed convolution's products in int8 (`--precision int8`); convolutions
+    /// without a packed form (weights that train) keep candle's f32 ops.
+    pub fn quantize_int8(&mut self) {
+        let convs = self.blocks.iter_mut().flat_map(|b| {
+            [&mut b.conv1, &mut b.conv2, &mut b.conv3]
+                .into_iter()
+                .chain(b.downsample.as_mut())
+        });
+        for conv in std::iter::once(&mut self.stem).chain(convs) {
+            if let Some(p) = &conv.packed {
+                conv.packed = Some(Arc::new(p.to_int8()));
+            }
+        }
+    }
+
     /// Multiply-adds of one `h` x `w` image through the trunk (convolutions only).
     pub fn macs(&self, h: usize, w: usize) -> u64 {
         let (mut total, h, w) = self.stem.macs(h, w);
