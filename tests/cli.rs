@@ -547,3 +547,47 @@ fn int8_agrees_with_f32_on_the_shipped_model() {
     ]);
     assert!(!ok && err.contains("unknown precision"), "{err}");
 }
+
+/// `mue train` names a wrong path flag before it reads any data or creates --out.
+#[test]
+fn train_names_a_bad_path_flag_before_reading_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let (no_data, out, no_init) = (p("no-such-data"), p("out"), p("no-such-init"));
+    let empty = p("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let file = p("a-file");
+    std::fs::write(&file, "").unwrap();
+    let base = ["train", "--steps", "1", "--quiet"];
+    let check = |flags: &[&str], want: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(flags).copied().collect();
+        let (ok, _, err) = mue(&args);
+        assert!(!ok, "{args:?} should fail");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: expected '{w}' in: {err}");
+        }
+        assert!(
+            !err.contains("cannot open"),
+            "{args:?}: data read first: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    // The case: a missing --init, with a --data that does not exist either.
+    let init = ["--data", &no_data, "--out", &out, "--init", &no_init];
+    check(&init, &["--init", &no_init]);
+    // An init directory without a model in it.
+    check(
+        &["--data", &no_data, "--out", &out, "--init", &empty],
+        &[&empty, "config.json"],
+    );
+    check(
+        &["--data", &no_data, "--out", &out, "--resume"],
+        &["--resume", "train_state.json"],
+    );
+    check(&["--data", &no_data, "--out", &file], &["--out", &file]);
+    check(&["--data", &no_data, "--out", &out], &["--data", &no_data]);
+    assert!(
+        !Path::new(&out).exists(),
+        "--out was created by a failed run"
+    );
+}

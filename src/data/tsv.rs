@@ -203,33 +203,57 @@ fn non_empty(line: usize, field: &'static str, v: &str) -> Result<String, TsvErr
     Ok(v.to_string())
 }
 
-/// Streaming reader of SNLI-VE TSV rows.
-pub struct VeReader<R> {
-    src: LineSource<R>,
-    limits: ImageLimits,
+/// A kind of TSV row: how one line of its file parses.
+pub trait TsvRow: Sized {
+    fn parse(line_no: usize, line: &str, limits: &ImageLimits) -> Result<Self, TsvError>;
 }
 
-impl<R: BufRead> VeReader<R> {
+/// Streaming reader of TSV rows of one kind (`VeReader`, `CaptionReader`).
+pub struct TsvReader<R, T> {
+    src: LineSource<R>,
+    limits: ImageLimits,
+    row: std::marker::PhantomData<fn() -> T>,
+}
+
+/// Streaming reader of SNLI-VE TSV rows.
+pub type VeReader<R> = TsvReader<R, VeRow>;
+/// Streaming reader of caption TSV rows (references split on `&&`).
+pub type CaptionReader<R> = TsvReader<R, CaptionRow>;
+
+impl<R: BufRead, T: TsvRow> TsvReader<R, T> {
     pub fn new(reader: R) -> Self {
         Self::with_limits(reader, ImageLimits::default())
     }
     pub fn with_limits(reader: R, limits: ImageLimits) -> Self {
-        VeReader {
+        TsvReader {
             src: LineSource::new(reader),
             limits,
+            row: std::marker::PhantomData,
         }
     }
 }
 
-impl<R: BufRead> Iterator for VeReader<R> {
-    type Item = Result<VeRow, TsvError>;
+impl<R: BufRead, T: TsvRow> Iterator for TsvReader<R, T> {
+    type Item = Result<T, TsvError>;
     fn next(&mut self) -> Option<Self::Item> {
         let limits = self.limits.clone();
         let (line_no, line) = match self.src.next_line()? {
             Ok(v) => v,
             Err(e) => return Some(Err(e)),
         };
-        Some(parse_ve_line(line_no, line, &limits))
+        Some(T::parse(line_no, line, &limits))
+    }
+}
+
+impl TsvRow for VeRow {
+    fn parse(line_no: usize, line: &str, limits: &ImageLimits) -> Result<Self, TsvError> {
+        parse_ve_line(line_no, line, limits)
+    }
+}
+
+impl TsvRow for CaptionRow {
+    fn parse(line_no: usize, line: &str, limits: &ImageLimits) -> Result<Self, TsvError> {
+        parse_caption_line(line_no, line, limits)
     }
 }
 
@@ -258,36 +282,6 @@ fn parse_ve_line(n: usize, line: &str, limits: &ImageLimits) -> Result<VeRow, Ts
         premise,
         label,
     })
-}
-
-/// Streaming reader of caption TSV rows (references split on `&&`).
-pub struct CaptionReader<R> {
-    src: LineSource<R>,
-    limits: ImageLimits,
-}
-
-impl<R: BufRead> CaptionReader<R> {
-    pub fn new(reader: R) -> Self {
-        Self::with_limits(reader, ImageLimits::default())
-    }
-    pub fn with_limits(reader: R, limits: ImageLimits) -> Self {
-        CaptionReader {
-            src: LineSource::new(reader),
-            limits,
-        }
-    }
-}
-
-impl<R: BufRead> Iterator for CaptionReader<R> {
-    type Item = Result<CaptionRow, TsvError>;
-    fn next(&mut self) -> Option<Self::Item> {
-        let limits = self.limits.clone();
-        let (line_no, line) = match self.src.next_line()? {
-            Ok(v) => v,
-            Err(e) => return Some(Err(e)),
-        };
-        Some(parse_caption_line(line_no, line, &limits))
-    }
 }
 
 fn parse_caption_line(n: usize, line: &str, limits: &ImageLimits) -> Result<CaptionRow, TsvError> {

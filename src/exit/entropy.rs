@@ -2,7 +2,7 @@
 //! below a threshold. Encoder streams have no prediction head and run at full depth.
 
 use super::family::{Family, Flags, Marker, Params, Role, Style};
-use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
+use super::{latest_decoder_prediction, validate_threshold, ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
 
 pub const FAMILY: Family = Family {
@@ -21,25 +21,13 @@ pub const FAMILY: Family = Family {
 /// entailment, where the entropy is at most ln 3).
 pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
 
-fn grid(_decoder_layers: usize) -> Vec<EntropyPolicy> {
-    ENTROPY_GRID
-        .iter()
-        .map(|&threshold| EntropyPolicy { threshold })
-        .collect()
-}
-
-fn from_flags(f: &Flags) -> anyhow::Result<EntropyPolicy> {
-    Ok(EntropyPolicy {
-        threshold: f.threshold("entropy")?,
-    })
-}
-
 impl Params for EntropyPolicy {
-    fn grid(decoder_layers: usize) -> Vec<Self> {
-        grid(decoder_layers)
+    fn grid(_decoder_layers: usize) -> Vec<Self> {
+        ENTROPY_GRID.map(|threshold| Self { threshold }).to_vec()
     }
-    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
-        from_flags(flags)
+    fn from_flags(f: &Flags) -> anyhow::Result<Self> {
+        let threshold = f.threshold(FAMILY.name)?;
+        Ok(Self { threshold })
     }
     fn params(&self) -> String {
         format!("threshold={}", self.threshold)
@@ -74,13 +62,7 @@ impl ExitPolicy for EntropyPolicy {
     }
 
     fn should_exit(&self, site: Site, history: &[LayerSignal], _num_layers: usize) -> bool {
-        if !matches!(site, Site::Decoder { .. }) {
-            return false;
-        }
-        match history.last().and_then(|s| s.prediction) {
-            Some(p) => p.entropy < self.threshold,
-            None => false,
-        }
+        latest_decoder_prediction(site, history).is_some_and(|p| p.entropy < self.threshold)
     }
 }
 

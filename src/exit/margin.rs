@@ -3,7 +3,7 @@
 //! streams run at full depth.
 
 use super::family::{Family, Flags, Marker, Params, Role, Style};
-use super::{validate_threshold, ExitPolicy, LayerSignal, Site};
+use super::{latest_decoder_prediction, validate_threshold, ExitPolicy, LayerSignal, Site};
 use serde::{Deserialize, Serialize};
 
 pub const FAMILY: Family = Family {
@@ -21,25 +21,13 @@ pub const FAMILY: Family = Family {
 /// Softmax margin thresholds.
 pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
 
-fn grid(_decoder_layers: usize) -> Vec<MarginPolicy> {
-    MARGIN_GRID
-        .iter()
-        .map(|&threshold| MarginPolicy { threshold })
-        .collect()
-}
-
-fn from_flags(f: &Flags) -> anyhow::Result<MarginPolicy> {
-    Ok(MarginPolicy {
-        threshold: f.threshold("margin")?,
-    })
-}
-
 impl Params for MarginPolicy {
-    fn grid(decoder_layers: usize) -> Vec<Self> {
-        grid(decoder_layers)
+    fn grid(_decoder_layers: usize) -> Vec<Self> {
+        MARGIN_GRID.map(|threshold| Self { threshold }).to_vec()
     }
-    fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
-        from_flags(flags)
+    fn from_flags(f: &Flags) -> anyhow::Result<Self> {
+        let threshold = f.threshold(FAMILY.name)?;
+        Ok(Self { threshold })
     }
     fn params(&self) -> String {
         format!("threshold={}", self.threshold)
@@ -72,13 +60,7 @@ impl ExitPolicy for MarginPolicy {
     }
 
     fn should_exit(&self, site: Site, history: &[LayerSignal], _num_layers: usize) -> bool {
-        if !matches!(site, Site::Decoder { .. }) {
-            return false;
-        }
-        match history.last().and_then(|s| s.prediction) {
-            Some(p) => p.margin > self.threshold,
-            None => false,
-        }
+        latest_decoder_prediction(site, history).is_some_and(|p| p.margin > self.threshold)
     }
 }
 

@@ -181,3 +181,12 @@ pub fn validate_threshold(name: &str, value: f32) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The latest layer's prediction of a decoder token: what the confidence baselines
+/// (entropy, margin) decide on. Encoder streams have no prediction head, so none.
+pub fn latest_decoder_prediction(site: Site, history: &[LayerSignal]) -> Option<Prediction> {
+    match site {
+        Site::Decoder { .. } => history.last().and_then(|s| s.prediction),
+        Site::Encoder(_) => None,
+    }
+}

@@ -27,13 +27,20 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// The layer-norm kernels as one candle op: the forward pass (inputs x, weight, bias) or,
+/// with `backward`, its gradients (inputs x, weight, output gradient).
 struct LayerNormOp {
     eps: f32,
+    backward: bool,
 }
 
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
-        "mue-layer-norm"
+        if self.backward {
+            "mue-layer-norm-bwd"
+        } else {
+            "mue-layer-norm"
+        }
     }
 
     fn cpu_fwd(
@@ -42,24 +49,17 @@ impl CustomOp3 for LayerNormOp {
         lx: &Layout,
         sw: &CpuStorage,
         lw: &Layout,
-        sb: &CpuStorage,
-        lb: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(sx, lx, self.name())?;
         let w = contiguous_f32(sw, lw, self.name())?;
-        let b = contiguous_f32(sb, lb, self.name())?;
-        let d = w.len();
-        if d == 0 || b.len() != d || lx.dims().last() != Some(&d) {
-            candle_core::bail!("layer norm: weight/bias do not match the last dimension");
+        let third = contiguous_f32(s3, l3, self.name())?;
+        if self.backward {
+            layer_norm_bwd(x, w, third, self.eps)
+        } else {
+            layer_norm_fwd(x, lx, w, third, self.eps)
         }
-        let mut y = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let (mean, rstd) = row_stats(xr, self.eps);
-            for i in 0..d {
-                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-            }
-        }
-        Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
 
     fn bwd(
@@ -70,10 +70,17 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.backward {
+            candle_core::bail!("{}: no second-order gradient", self.name());
+        }
         let d = w.dim(0)?;
         let rows = x.elem_count() / d;
         // One pass gives [dx rows..., dw, db].
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let back = LayerNormOp {
+            eps: self.eps,
+            backward: true,
+        };
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &back)?;
         let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
         let dw = all.get(rows)?;
         let db = all.get(rows + 1)?;
@@ -81,56 +88,58 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-struct LayerNormBwd {
+/// Layer norm of the rows of `x` (last dimension `w.len()`).
+fn layer_norm_fwd(
+    x: &[f32],
+    lx: &Layout,
+    w: &[f32],
+    b: &[f32],
     eps: f32,
+) -> Result<(CpuStorage, Shape)> {
+    let d = w.len();
+    if d == 0 || b.len() != d || lx.dims().last() != Some(&d) {
+        candle_core::bail!("layer norm: weight/bias do not match the last dimension");
+    }
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        let (mean, rstd) = row_stats(xr, eps);
+        for i in 0..d {
+            yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+        }
+    }
+    Ok((CpuStorage::F32(y), lx.shape().clone()))
 }
 
-impl CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "mue-layer-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sw: &CpuStorage,
-        lw: &Layout,
-        sg: &CpuStorage,
-        lg: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(sx, lx, self.name())?;
-        let w = contiguous_f32(sw, lw, self.name())?;
-        let g = contiguous_f32(sg, lg, self.name())?;
-        let d = w.len();
-        let rows = x.len() / d;
-        let mut out = vec![0f32; (rows + 2) * d];
-        let (dx, rest) = out.split_at_mut(rows * d);
-        let (dw, db) = rest.split_at_mut(d);
-        let mut xhat = vec![0f32; d];
-        let mut gw = vec![0f32; d];
-        for ((xr, gr), dxr) in x
-            .chunks_exact(d)
-            .zip(g.chunks_exact(d))
-            .zip(dx.chunks_exact_mut(d))
-        {
-            let (mean, rstd) = row_stats(xr, self.eps);
-            let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
-            for i in 0..d {
-                xhat[i] = (xr[i] - mean) * rstd;
-                gw[i] = gr[i] * w[i];
-                sum_gw += gw[i];
-                sum_gw_xhat += gw[i] * xhat[i];
-                dw[i] += gr[i] * xhat[i];
-                db[i] += gr[i];
-            }
-            let (m1, m2) = (sum_gw / d as f32, sum_gw_xhat / d as f32);
-            for i in 0..d {
-                dxr[i] = rstd * (gw[i] - m1 - xhat[i] * m2);
-            }
+/// `[dx rows..., dw, db]` of layer norm for the output gradient `g`.
+fn layer_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Result<(CpuStorage, Shape)> {
+    let d = w.len();
+    let rows = x.len() / d;
+    let mut out = vec![0f32; (rows + 2) * d];
+    let (dx, rest) = out.split_at_mut(rows * d);
+    let (dw, db) = rest.split_at_mut(d);
+    let mut xhat = vec![0f32; d];
+    let mut gw = vec![0f32; d];
+    for ((xr, gr), dxr) in x
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
+        let (mean, rstd) = row_stats(xr, eps);
+        let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+        for i in 0..d {
+            xhat[i] = (xr[i] - mean) * rstd;
+            gw[i] = gr[i] * w[i];
+            sum_gw += gw[i];
+            sum_gw_xhat += gw[i] * xhat[i];
+            dw[i] += gr[i] * xhat[i];
+            db[i] += gr[i];
         }
-        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+        let (m1, m2) = (sum_gw / d as f32, sum_gw_xhat / d as f32);
+        for i in 0..d {
+            dxr[i] = rstd * (gw[i] - m1 - xhat[i] * m2);
+        }
     }
+    Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
 }
 
 /// Differentiable layer norm over the last dimension with a fused CPU kernel for the
@@ -139,7 +148,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        LayerNormOp { eps },
+        LayerNormOp {
+            eps,
+            backward: false,
+        },
     )
 }
 

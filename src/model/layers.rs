@@ -424,17 +424,27 @@ impl DecoderLayer {
         eps: f64,
         vb: VarBuilder,
     ) -> Result<Self> {
+        // An encoder layer's weights under the same names, plus cross-attention.
+        let EncoderLayer {
+            self_attn_layer_norm,
+            self_attn,
+            self_attn_mid_layer_norm,
+            final_layer_norm,
+            fc1,
+            ffn_layer_norm,
+            fc2,
+        } = EncoderLayer::load(d, heads, ffn_dim, sf, eps, vb.clone())?;
         Ok(Self {
-            self_attn_layer_norm: LayerNorm::load(d, eps, vb.pp("self_attn_layer_norm"))?,
-            self_attn: Attention::load(d, heads, sf, vb.pp("self_attn"))?,
-            self_attn_mid_layer_norm: LayerNorm::load(d, eps, vb.pp("self_attn_mid_layer_norm"))?,
+            self_attn_layer_norm,
+            self_attn,
+            self_attn_mid_layer_norm,
             cross_attn_layer_norm: LayerNorm::load(d, eps, vb.pp("cross_attn_layer_norm"))?,
             cross_attn: Attention::load(d, heads, sf, vb.pp("cross_attn"))?,
             cross_attn_mid_layer_norm: LayerNorm::load(d, eps, vb.pp("cross_attn_mid_layer_norm"))?,
-            final_layer_norm: LayerNorm::load(d, eps, vb.pp("final_layer_norm"))?,
-            fc1: linear(d, ffn_dim, vb.pp("fc1"))?,
-            ffn_layer_norm: LayerNorm::load(ffn_dim, eps, vb.pp("ffn_layer_norm"))?,
-            fc2: linear(ffn_dim, d, vb.pp("fc2"))?,
+            final_layer_norm,
+            fc1,
+            ffn_layer_norm,
+            fc2,
         })
     }
 

@@ -405,6 +405,41 @@ fn resize_images(raw: &mut RawSplit, size: usize) {
 }
 
 /// Train (or continue training) a model as `opts` says.
+/// The path flags, checked before anything is read or created, so that a mistyped one is
+/// named rather than the first file that could not be read.
+fn check_paths(opts: &TrainOptions) -> Result<()> {
+    if let Some(init) = &opts.init {
+        if !init.is_dir() {
+            bail!("--init {}: no such model directory", init.display());
+        }
+        if !init.join("config.json").is_file() {
+            bail!("init model {} has no config.json", init.display());
+        }
+        if !init.join("tokenizer.json").is_file() {
+            bail!("init model {} has no tokenizer.json", init.display());
+        }
+    }
+    if opts.out_dir.exists() && !opts.out_dir.is_dir() {
+        bail!(
+            "--out {} is a file, not a directory",
+            opts.out_dir.display()
+        );
+    }
+    if opts.resume && !opts.out_dir.join(TRAIN_STATE).is_file() {
+        bail!(
+            "--resume: {} has no {TRAIN_STATE} to continue from",
+            opts.out_dir.display()
+        );
+    }
+    if !opts.data_dir.is_dir() {
+        bail!(
+            "--data {}: no such benchmark directory (`mue data generate` makes one)",
+            opts.data_dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t0 = Instant::now();
     if opts.batch_size == 0 || opts.steps == 0 {
@@ -419,6 +454,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     if opts.resnet.is_some() && !opts.stem.is_empty() {
         bail!("--resnet and --stem are two image trunks: give one");
     }
+    check_paths(opts)?;
     let device = Device::Cpu;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
@@ -475,11 +511,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     } else if let Some(init) = &opts.init {
         let mut cfg = Config::load(&init.join("config.json"))?;
         cfg.encoder_mode = opts.encoder_mode;
-        let tp = init.join("tokenizer.json");
-        if !tp.is_file() {
-            bail!("init model {} has no tokenizer.json", init.display());
-        }
-        (cfg, Tokenizer::from_file(tp)?)
+        (cfg, Tokenizer::from_file(init.join("tokenizer.json"))?)
     } else {
         let tok = Tokenizer::train(
             data::tokenizer_texts(&train_raw).into_iter(),

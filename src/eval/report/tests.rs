@@ -88,6 +88,29 @@ fn mue(i: f32, t: f32, d: f32) -> PolicySpec {
     })
 }
 
+fn depth(depth: usize) -> PolicySpec {
+    PolicySpec::Static(StaticSpec { depth })
+}
+
+fn entropy(threshold: f32) -> PolicySpec {
+    PolicySpec::Entropy(EntropyPolicy { threshold })
+}
+
+fn patience(patience: usize) -> PolicySpec {
+    PolicySpec::Patience(PatiencePolicy { patience })
+}
+
+fn margin(threshold: f32) -> PolicySpec {
+    PolicySpec::Margin(MarginPolicy { threshold })
+}
+
+fn joint(encoder: f32, tau: f32) -> PolicySpec {
+    PolicySpec::Joint(JointSpec {
+        encoder,
+        decoder: DecoderThreshold::Constant { tau },
+    })
+}
+
 /// Entailment at full accuracy 0.8: every baseline point below MuE's frontier unless
 /// `open_static` adds a cheap, accurate static depth 1.
 fn task_results(task: Task, open_static: bool) -> TaskResults {
@@ -99,55 +122,24 @@ fn task_results(task: Task, open_static: bool) -> TaskResults {
     let cal = mue(0.9, 0.99, 0.99);
     let mut pts = vec![
         (PolicySpec::Full(FullDepth), f(0.8), 0.0),
-        (PolicySpec::Static(StaticSpec { depth: 4 }), f(0.76), 0.3),
-        (PolicySpec::Static(StaticSpec { depth: 2 }), f(0.6), 0.6),
-        (
-            PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
-            f(0.8),
-            0.05,
-        ),
-        (
-            PolicySpec::Entropy(EntropyPolicy { threshold: 1.0 }),
-            f(0.795),
-            0.2,
-        ),
-        (
-            PolicySpec::Entropy(EntropyPolicy { threshold: 2.0 }),
-            f(0.7),
-            0.5,
-        ),
-        (
-            PolicySpec::Patience(PatiencePolicy { patience: 1 }),
-            f(0.7),
-            0.3,
-        ),
-        (
-            PolicySpec::Patience(PatiencePolicy { patience: 2 }),
-            f(0.75),
-            0.1,
-        ),
-        (
-            PolicySpec::Margin(MarginPolicy { threshold: 0.9 }),
-            f(0.793),
-            0.25,
-        ),
+        (depth(4), f(0.76), 0.3),
+        (depth(2), f(0.6), 0.6),
+        (entropy(0.5), f(0.8), 0.05),
+        (entropy(1.0), f(0.795), 0.2),
+        (entropy(2.0), f(0.7), 0.5),
+        (patience(1), f(0.7), 0.3),
+        (patience(2), f(0.75), 0.1),
+        (margin(0.9), f(0.793), 0.25),
         (mue(1.0, 1.0, 1.0), f(0.8), 0.0),
         (cal, f(0.795), 0.4),
         (mue(0.95, 1.0, 1.0), f(0.8), 0.2),
         (mue(0.8, 0.95, 0.95), f(0.78), 0.55),
         (mue(0.7, 0.9, 0.9), f(0.76), 0.65),
         (mue(0.5, 0.5, 0.5), f(0.7), 0.8),
-        (
-            PolicySpec::Joint(JointSpec {
-                encoder: 0.95,
-                decoder: DecoderThreshold::Constant { tau: 0.99 },
-            }),
-            f(0.795),
-            0.15,
-        ),
+        (joint(0.95, 0.99), f(0.795), 0.15),
     ];
     if open_static {
-        pts.push((PolicySpec::Static(StaticSpec { depth: 1 }), f(0.8), 0.9));
+        pts.push((depth(1), f(0.8), 0.9));
     }
     let points = pts
         .into_iter()
@@ -284,10 +276,7 @@ fn grids_get_the_points_the_table_needs() {
     assert!(g.contains(&NEVER_EXIT));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("g.json");
-    let only = vec![
-        PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
-        mue(0.9, 0.9, 0.9),
-    ];
+    let only = vec![entropy(0.5), mue(0.9, 0.9, 0.9)];
     std::fs::write(&file, serde_json::to_string(&only).unwrap()).unwrap();
     // MuE points of the file, plus never-exit.
     assert_eq!(
@@ -300,10 +289,10 @@ fn grids_get_the_points_the_table_needs() {
         t,
         vec![
             PolicySpec::Full(FullDepth),
-            PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
+            entropy(0.5),
             mue(0.9, 0.9, 0.9),
-            PolicySpec::Static(StaticSpec { depth: 4 }),
-            PolicySpec::Static(StaticSpec { depth: 2 }),
+            depth(4),
+            depth(2),
             cal
         ]
     );
@@ -498,46 +487,15 @@ fn baselines_are_picked_on_valid_and_shown_on_test() {
     // reaches 99% (best quality: patience 2); margin 0.9 is cheapest at 99%.
     let valid_pts = [
         (PolicySpec::Full(FullDepth), f(0.8), 0.0),
-        (PolicySpec::Static(StaticSpec { depth: 4 }), f(0.7), 0.3),
-        (PolicySpec::Static(StaticSpec { depth: 2 }), f(0.6), 0.6),
-        (
-            PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }),
-            f(0.8),
-            0.1,
-        ),
-        (
-            PolicySpec::Entropy(EntropyPolicy { threshold: 1.0 }),
-            f(0.78),
-            0.2,
-        ),
-        (
-            PolicySpec::Entropy(EntropyPolicy { threshold: 2.0 }),
-            f(0.7),
-            0.5,
-        ),
-        (
-            PolicySpec::Patience(PatiencePolicy { patience: 1 }),
-            f(0.6),
-            0.3,
-        ),
-        (
-            PolicySpec::Patience(PatiencePolicy { patience: 2 }),
-            f(0.75),
-            0.1,
-        ),
-        (
-            PolicySpec::Margin(MarginPolicy { threshold: 0.9 }),
-            f(0.793),
-            0.25,
-        ),
-        (
-            PolicySpec::Joint(JointSpec {
-                encoder: 0.9,
-                decoder: DecoderThreshold::Constant { tau: 0.99 },
-            }),
-            f(0.7),
-            0.15,
-        ),
+        (depth(4), f(0.7), 0.3),
+        (depth(2), f(0.6), 0.6),
+        (entropy(0.5), f(0.8), 0.1),
+        (entropy(1.0), f(0.78), 0.2),
+        (entropy(2.0), f(0.7), 0.5),
+        (patience(1), f(0.6), 0.3),
+        (patience(2), f(0.75), 0.1),
+        (margin(0.9), f(0.793), 0.25),
+        (joint(0.9, 0.99), f(0.7), 0.15),
     ];
     let points = valid_pts
         .into_iter()
@@ -548,7 +506,7 @@ fn baselines_are_picked_on_valid_and_shown_on_test() {
     // still show entropy 0.5, the valid pick, with its test figures.
     assert_eq!(
         pick_baseline(&t.sweep, "entropy", 0.99).map(|(i, _)| t.sweep.points[i].spec),
-        Some(PolicySpec::Entropy(EntropyPolicy { threshold: 1.0 }))
+        Some(entropy(1.0))
     );
     let rows = rows(&t);
     let row = |fam| {
@@ -563,7 +521,7 @@ fn baselines_are_picked_on_valid_and_shown_on_test() {
         .sweep
         .points
         .iter()
-        .find(|p| p.spec == PolicySpec::Entropy(EntropyPolicy { threshold: 0.5 }))
+        .find(|p| p.spec == entropy(0.5))
         .unwrap();
     assert_eq!(e.metrics.as_ref().unwrap().macs, test_e.mac_reduction);
     let pa = row("patience");
