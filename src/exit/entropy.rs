@@ -1,9 +1,8 @@
 //! DeeBERT: exit a decoder token once the entropy of its intermediate prediction falls
 //! below a threshold. Encoder streams have no prediction head and run at full depth.
 
-use super::family::{Family, Flags, Marker, Params, Role, Style};
-use super::{latest_decoder_prediction, validate_threshold, ExitPolicy, LayerSignal, Site};
-use serde::{Deserialize, Serialize};
+use super::confidence_baseline;
+use super::family::{Family, Marker, Role, Style};
 
 pub const FAMILY: Family = Family {
     name: "entropy",
@@ -21,55 +20,17 @@ pub const FAMILY: Family = Family {
 /// entailment, where the entropy is at most ln 3).
 pub const ENTROPY_GRID: [f32; 5] = [0.1, 0.5, 1.0, 2.0, 3.0];
 
-impl Params for EntropyPolicy {
-    fn grid(_decoder_layers: usize) -> Vec<Self> {
-        ENTROPY_GRID.map(|threshold| Self { threshold }).to_vec()
-    }
-    fn from_flags(f: &Flags) -> anyhow::Result<Self> {
-        let threshold = f.threshold(FAMILY.name)?;
-        Ok(Self { threshold })
-    }
-    fn params(&self) -> String {
-        format!("threshold={}", self.threshold)
-    }
-    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
-        Ok(Box::new(EntropyPolicy::new(self.threshold)?))
-    }
-}
-
-/// Exit when `entropy(softmax(intermediate logits)) < threshold` (nats). In generation the
-/// softmax is over the vocabulary; in entailment over the answer tokens, the distribution
-/// the answer is chosen from (`generate::score`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EntropyPolicy {
-    pub threshold: f32,
-}
-
-impl EntropyPolicy {
-    pub fn new(threshold: f32) -> anyhow::Result<Self> {
-        validate_threshold("entropy", threshold)?;
-        Ok(Self { threshold })
-    }
-}
-
-impl ExitPolicy for EntropyPolicy {
-    fn name(&self) -> String {
-        "entropy".into()
-    }
-
-    fn needs_predictions(&self) -> bool {
-        true
-    }
-
-    fn should_exit(&self, site: Site, history: &[LayerSignal], _num_layers: usize) -> bool {
-        latest_decoder_prediction(site, history).is_some_and(|p| p.entropy < self.threshold)
-    }
-}
+confidence_baseline!(
+    /// Exit when `entropy(softmax(intermediate logits)) < threshold` (nats). In generation
+    /// the softmax is over the vocabulary; in entailment over the answer tokens, the
+    /// distribution the answer is chosen from (`generate::score`).
+    EntropyPolicy, FAMILY, ENTROPY_GRID, |p, t| p.entropy < t
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::{Prediction, Stream};
+    use crate::exit::{ExitPolicy, LayerSignal, Prediction, Site, Stream};
 
     fn pred(top1: u32, entropy: f32) -> LayerSignal {
         LayerSignal {

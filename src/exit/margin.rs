@@ -2,9 +2,8 @@
 //! and top-2 probabilities of its intermediate prediction exceeds a threshold. Encoder
 //! streams run at full depth.
 
-use super::family::{Family, Flags, Marker, Params, Role, Style};
-use super::{latest_decoder_prediction, validate_threshold, ExitPolicy, LayerSignal, Site};
-use serde::{Deserialize, Serialize};
+use super::confidence_baseline;
+use super::family::{Family, Marker, Role, Style};
 
 pub const FAMILY: Family = Family {
     name: "margin",
@@ -21,53 +20,15 @@ pub const FAMILY: Family = Family {
 /// Softmax margin thresholds.
 pub const MARGIN_GRID: [f32; 5] = [0.1, 0.3, 0.5, 0.7, 0.9];
 
-impl Params for MarginPolicy {
-    fn grid(_decoder_layers: usize) -> Vec<Self> {
-        MARGIN_GRID.map(|threshold| Self { threshold }).to_vec()
-    }
-    fn from_flags(f: &Flags) -> anyhow::Result<Self> {
-        let threshold = f.threshold(FAMILY.name)?;
-        Ok(Self { threshold })
-    }
-    fn params(&self) -> String {
-        format!("threshold={}", self.threshold)
-    }
-    fn build(&self) -> anyhow::Result<Box<dyn ExitPolicy>> {
-        Ok(Box::new(MarginPolicy::new(self.threshold)?))
-    }
-}
-
-/// Exit when `p_top1 - p_top2 > threshold` (strict).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct MarginPolicy {
-    pub threshold: f32,
-}
-
-impl MarginPolicy {
-    pub fn new(threshold: f32) -> anyhow::Result<Self> {
-        validate_threshold("margin", threshold)?;
-        Ok(Self { threshold })
-    }
-}
-
-impl ExitPolicy for MarginPolicy {
-    fn name(&self) -> String {
-        "margin".into()
-    }
-
-    fn needs_predictions(&self) -> bool {
-        true
-    }
-
-    fn should_exit(&self, site: Site, history: &[LayerSignal], _num_layers: usize) -> bool {
-        latest_decoder_prediction(site, history).is_some_and(|p| p.margin > self.threshold)
-    }
-}
+confidence_baseline!(
+    /// Exit when `p_top1 - p_top2 > threshold` (strict).
+    MarginPolicy, FAMILY, MARGIN_GRID, |p, t| p.margin > t
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::{Prediction, Stream};
+    use crate::exit::{ExitPolicy, LayerSignal, Prediction, Site, Stream};
 
     fn pred(margin: f32) -> LayerSignal {
         LayerSignal {

@@ -190,3 +190,61 @@ pub fn latest_decoder_prediction(site: Site, history: &[LayerSignal]) -> Option<
         Site::Encoder(_) => None,
     }
 }
+
+/// A baseline that exits a decoder token once one confidence of its latest prediction
+/// passes a threshold (DeeBERT's entropy, CALM's margin). The policy type and what it
+/// implements are the same for each: validation, grid, flags, `ExitPolicy`. `$exits`
+/// says whether prediction `$p` exits at threshold `$t`.
+macro_rules! confidence_baseline {
+    ($(#[$doc:meta])* $ty:ident, $family:expr, $grid:expr, |$p:ident, $t:ident| $exits:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+        pub struct $ty {
+            pub threshold: f32,
+        }
+
+        impl $ty {
+            pub fn new(threshold: f32) -> anyhow::Result<Self> {
+                $crate::exit::validate_threshold($family.name, threshold)?;
+                Ok(Self { threshold })
+            }
+        }
+
+        impl $crate::exit::family::Params for $ty {
+            fn grid(_decoder_layers: usize) -> Vec<Self> {
+                $grid.map(|threshold| Self { threshold }).to_vec()
+            }
+            fn from_flags(f: &$crate::exit::family::Flags) -> anyhow::Result<Self> {
+                let threshold = f.threshold($family.name)?;
+                Ok(Self { threshold })
+            }
+            fn params(&self) -> String {
+                format!("threshold={}", self.threshold)
+            }
+            fn build(&self) -> anyhow::Result<Box<dyn $crate::exit::ExitPolicy>> {
+                Ok(Box::new(Self::new(self.threshold)?))
+            }
+        }
+
+        impl $crate::exit::ExitPolicy for $ty {
+            fn name(&self) -> String {
+                $family.name.into()
+            }
+
+            fn needs_predictions(&self) -> bool {
+                true
+            }
+
+            fn should_exit(
+                &self,
+                site: $crate::exit::Site,
+                history: &[$crate::exit::LayerSignal],
+                _num_layers: usize,
+            ) -> bool {
+                let $t = self.threshold;
+                $crate::exit::latest_decoder_prediction(site, history).is_some_and(|$p| $exits)
+            }
+        }
+    };
+}
+pub(crate) use confidence_baseline;
