@@ -3,6 +3,7 @@
 
 pub mod benchmark;
 pub mod coco;
+pub mod label;
 pub mod preprocess;
 pub mod scene;
 pub mod tokenizer;

@@ -12,7 +12,7 @@ use std::io::{BufRead, Write};
 use base64::Engine;
 use image::{ImageFormat, ImageReader, Limits, RgbImage};
 
-use super::benchmark::Label;
+use super::label::Label;
 
 /// Limits applied when decoding an embedded image.
 #[derive(Clone, Debug, PartialEq, Eq)]
