@@ -6,7 +6,7 @@ use super::hypothesis::{number_word, with_article, Desc, Relation};
 use crate::data::scene::{Color, Object, Scene, Shape, GRID};
 
 /// Groups visible objects by (colour, shape), in reading order.
-fn groups(scene: &Scene) -> Vec<(Color, Shape, Vec<&Object>)> {
+pub(super) fn groups(scene: &Scene) -> Vec<(Color, Shape, Vec<&Object>)> {
     let mut g: Vec<(Color, Shape, Vec<&Object>)> = Vec::new();
     for o in &scene.objects {
         if let Some(e) = g.iter_mut().find(|e| e.0 == o.color && e.1 == o.shape) {
@@ -18,7 +18,7 @@ fn groups(scene: &Scene) -> Vec<(Color, Shape, Vec<&Object>)> {
     g
 }
 
-fn join_list(items: &[String]) -> String {
+pub(super) fn join_list(items: &[String]) -> String {
     match items.len() {
         0 => String::new(),
         1 => items[0].clone(),
@@ -26,7 +26,7 @@ fn join_list(items: &[String]) -> String {
     }
 }
 
-fn listing(scene: &Scene, with_sizes: bool) -> String {
+pub(super) fn listing(scene: &Scene, with_sizes: bool) -> String {
     let items: Vec<String> = groups(scene)
         .iter()
         .map(|(c, s, objs)| {
@@ -46,7 +46,7 @@ fn listing(scene: &Scene, with_sizes: bool) -> String {
     join_list(&items)
 }
 
-fn background_phrase(scene: &Scene) -> String {
+pub(super) fn background_phrase(scene: &Scene) -> String {
     let c = scene.background.color.name();
     match scene.background.texture.name() {
         Some(t) => format!("a {t} {c} background"),

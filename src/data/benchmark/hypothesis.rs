@@ -86,7 +86,8 @@ pub(super) fn with_article(phrase: &str) -> String {
 
 pub(super) fn number_word(n: usize) -> &'static str {
     [
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+        "eleven", "twelve",
     ]
     .get(n)
     .copied()
@@ -101,7 +102,7 @@ pub enum Pred {
 }
 
 impl Pred {
-    fn holds(&self, o: &Object) -> bool {
+    pub fn holds(&self, o: &Object) -> bool {
         match *self {
             Pred::Color(c) => o.color == c,
             Pred::Size(s) => o.size == s,

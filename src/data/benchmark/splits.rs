@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::caption::captions;
 use super::hypothesis::{hypothesis_with_label, pick_type, HypSpec, HypType};
+use super::record::{ImageRecord, VeRecord};
+use super::writer::ToRecord;
 use super::Label;
 use crate::data::scene::Scene;
 
@@ -127,4 +129,31 @@ pub fn split_examples(
     (0..n as u64).map(move |i| {
         make_image_example(&image_id(split, i), image_seed(seed, split, i), image_size)
     })
+}
+
+impl ToRecord for ImageExample {
+    fn record(&self) -> ImageRecord<'_> {
+        ImageRecord {
+            image_id: &self.image_id,
+            tier: self.tier,
+            scene: &self.scene,
+            captions: &self.captions,
+            ve: self
+                .ve
+                .iter()
+                .map(|v| VeRecord {
+                    uniq_id: &v.uniq_id,
+                    hypothesis: &v.hypothesis,
+                    premise: &v.premise,
+                    label: v.label,
+                    hyp_type: v.hyp_type.as_str(),
+                    tier: self.tier,
+                    difficulty: None,
+                })
+                .collect(),
+        }
+    }
+    fn scene_line(&self) -> Option<String> {
+        None
+    }
 }

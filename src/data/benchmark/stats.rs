@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::record::ImageRecord;
 use super::splits::ImageExample;
+use super::writer::ToRecord;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SummaryStats {
@@ -23,6 +25,9 @@ pub struct SummaryStats {
     pub mean_caption_words: f64,
     pub mean_hypothesis_words: f64,
     pub mean_objects_per_image: f64,
+    /// v2: difficulty (0 trivial ..= 3 hard) -> number of entailment examples.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ve_difficulty_counts: BTreeMap<u8, usize>,
 }
 
 #[derive(Default)]
@@ -35,7 +40,7 @@ pub(super) struct StatsAccumulator {
 }
 
 impl StatsAccumulator {
-    pub(super) fn add(&mut self, ex: &ImageExample) {
+    pub(super) fn add(&mut self, ex: &ImageRecord) {
         let s = &mut self.s;
         s.captions_per_image_min = if s.n_images == 0 {
             ex.captions.len()
@@ -56,11 +61,12 @@ impl StatsAccumulator {
         for v in &ex.ve {
             s.n_ve += 1;
             *s.label_counts.entry(v.label.as_str().into()).or_default() += 1;
-            *s.hyp_type_counts
-                .entry(v.hyp_type.as_str().into())
-                .or_default() += 1;
+            if let Some(d) = v.difficulty {
+                *s.ve_difficulty_counts.entry(d).or_default() += 1;
+            }
+            *s.hyp_type_counts.entry(v.hyp_type.into()).or_default() += 1;
             *s.label_by_type
-                .entry(v.hyp_type.as_str().into())
+                .entry(v.hyp_type.into())
                 .or_default()
                 .entry(v.label.as_str().into())
                 .or_default() += 1;
@@ -82,7 +88,7 @@ impl StatsAccumulator {
 pub fn summary_stats<'a>(examples: impl IntoIterator<Item = &'a ImageExample>) -> SummaryStats {
     let mut acc = StatsAccumulator::default();
     for ex in examples {
-        acc.add(ex);
+        acc.add(&ex.record());
     }
     acc.finish()
 }

@@ -1,6 +1,5 @@
 //! Tests of the v1 generator: labels, texts, balance, determinism, splits.
 
-use super::caption::*;
 use super::hypothesis::*;
 use super::splits::*;
 use super::stats::*;
