@@ -5,7 +5,7 @@
 //! boundary), so spatial relations are defined on cell coordinates and are never
 //! ambiguous. An optional *occluder* (a hatched box) covers a rectangle of cells;
 //! nothing drawn there is visible, which is the source of neutral labels in the
-//! visual-entailment task (see `benchmark.rs` and `docs/benchmark.md`).
+//! visual-entailment task (see `benchmark/` and `docs/benchmark.md`).
 
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};

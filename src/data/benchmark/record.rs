@@ -31,6 +31,27 @@ pub struct VeRecord<'a> {
     pub difficulty: Option<u8>,
 }
 
+impl<'a> VeRecord<'a> {
+    /// `[uniq_id, hypothesis, premise]`, the label, the type and the difficulty.
+    pub fn new(
+        [uniq_id, hypothesis, premise]: [&'a str; 3],
+        label: Label,
+        hyp_type: &'a str,
+        tier: u8,
+        difficulty: Option<u8>,
+    ) -> VeRecord<'a> {
+        VeRecord {
+            uniq_id,
+            hypothesis,
+            premise,
+            label,
+            hyp_type,
+            tier,
+            difficulty,
+        }
+    }
+}
+
 /// The canonical content key of a scene: the grid, the occluder and every visible
 /// object (cell, size, colour, shape) in cell order. Backgrounds, noise, jitter and
 /// distractor lines are left out, so two scenes with one key show the same thing.

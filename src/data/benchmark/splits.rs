@@ -141,14 +141,9 @@ impl ToRecord for ImageExample {
             ve: self
                 .ve
                 .iter()
-                .map(|v| VeRecord {
-                    uniq_id: &v.uniq_id,
-                    hypothesis: &v.hypothesis,
-                    premise: &v.premise,
-                    label: v.label,
-                    hyp_type: v.hyp_type.as_str(),
-                    tier: self.tier,
-                    difficulty: None,
+                .map(|v| {
+                    let texts = [v.uniq_id.as_str(), &v.hypothesis, &v.premise];
+                    VeRecord::new(texts, v.label, v.hyp_type.as_str(), self.tier, None)
                 })
                 .collect(),
         }

@@ -184,14 +184,10 @@ impl ToRecord for ImageExample {
             ve: self
                 .ve
                 .iter()
-                .map(|v| VeRecord {
-                    uniq_id: &v.uniq_id,
-                    hypothesis: &v.hypothesis,
-                    premise: &v.premise,
-                    label: v.label,
-                    hyp_type: v.question.type_name(),
-                    tier: v.difficulty,
-                    difficulty: Some(v.difficulty),
+                .map(|v| {
+                    let texts = [v.uniq_id.as_str(), &v.hypothesis, &v.premise];
+                    let (ty, d) = (v.question.type_name(), v.difficulty);
+                    VeRecord::new(texts, v.label, ty, d, Some(d))
                 })
                 .collect(),
         }

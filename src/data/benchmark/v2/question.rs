@@ -386,7 +386,12 @@ pub fn question_with_label(
     want: Label,
     allowed: impl Fn(&str) -> bool,
 ) -> Option<(Question, String)> {
-    let w = &TYPE_WEIGHTS[Label::ALL.iter().position(|&l| l == want).unwrap()];
+    // Rows by name, not by `Label::ALL`'s order.
+    let w = &TYPE_WEIGHTS[match want {
+        Label::Entailment => 0,
+        Label::Neutral => 1,
+        Label::Contradiction => 2,
+    }];
     let total: f64 = w.iter().sum();
     for _ in 0..12 {
         let mut r = rng.random_range(0.0..total);
