@@ -52,6 +52,13 @@ impl<'a> VeRecord<'a> {
     }
 }
 
+/// An image of either benchmark version, as the writer needs it.
+pub(super) trait ToRecord {
+    fn record(&self) -> ImageRecord<'_>;
+    /// The line of `scenes_{split}.jsonl` (v2), `None` for v1, which has no such file.
+    fn scene_line(&self) -> Option<String>;
+}
+
 /// The canonical content key of a scene: the grid, the occluder and every visible
 /// object (cell, size, colour, shape) in cell order. Backgrounds, noise, jitter and
 /// distractor lines are left out, so two scenes with one key show the same thing.

@@ -6,8 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::caption::captions;
 use super::hypothesis::{hypothesis_with_label, pick_type, HypSpec, HypType};
-use super::record::{ImageRecord, VeRecord};
-use super::writer::ToRecord;
+use super::record::{ImageRecord, ToRecord, VeRecord};
 use super::Label;
 use crate::data::scene::Scene;
 

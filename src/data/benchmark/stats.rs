@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::record::ImageRecord;
+use super::record::{ImageRecord, ToRecord};
 use super::splits::ImageExample;
-use super::writer::ToRecord;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SummaryStats {

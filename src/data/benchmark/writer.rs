@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::record::{ImageRecord, TrainContent, TwinCounts};
+use super::record::{ImageRecord, ToRecord, TrainContent, TwinCounts};
 use super::splits::{split_examples, Split};
 use super::stats::{StatsAccumulator, SummaryStats};
 use super::v2;
@@ -89,13 +89,6 @@ impl Output {
             .with_context(|| format!("renaming {}", self.tmp.display()))?;
         Ok(self.path)
     }
-}
-
-/// An image of either benchmark version, as the writer needs it.
-pub(super) trait ToRecord {
-    fn record(&self) -> ImageRecord<'_>;
-    /// The line of `scenes_{split}.jsonl` (v2), `None` for v1, which has no such file.
-    fn scene_line(&self) -> Option<String>;
 }
 
 /// Writes `snli_ve_{split}.tsv`, `caption_{split}.tsv` and `meta_{split}.tsv` for

@@ -28,9 +28,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::record::{scene_key, ImageRecord, VeRecord};
+use super::record::{scene_key, ImageRecord, ToRecord, VeRecord};
 use super::splits::{image_id, image_seed, Split};
-use super::writer::ToRecord;
 use super::Label;
 use crate::data::scene::Scene;
 
