@@ -6,7 +6,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::super::hypothesis::{number_word, with_article, Desc, Pred, Relation};
-use crate::data::label::Label;
+use super::super::Label;
 use crate::data::scene::{Color, Object, Scene, Shape, Size};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
