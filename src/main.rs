@@ -63,14 +63,22 @@ struct GenerateArgs {
     out: std::path::PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 5000)]
-    train: usize,
-    #[arg(long, default_value_t = 200)]
-    valid: usize,
-    #[arg(long, default_value_t = 200)]
-    test: usize,
-    #[arg(long, default_value_t = 64)]
-    image_size: u32,
+    /// Training images (default 5000; v2: 30000).
+    #[arg(long)]
+    train: Option<usize>,
+    /// Validation images (default 200; v2: 2000).
+    #[arg(long)]
+    valid: Option<usize>,
+    /// Test images (default 200; v2: 2000).
+    #[arg(long)]
+    test: Option<usize>,
+    /// Image side in pixels (default 64; v2: 128, at least 128).
+    #[arg(long)]
+    image_size: Option<u32>,
+    /// Benchmark version: 1 (the original, default) or 2 (issue 23: 64 patches,
+    /// compositional questions, splits disjoint by content).
+    #[arg(long = "version", default_value_t = 1)]
+    bench_version: u32,
 }
 
 fn main() -> Result<()> {
@@ -93,16 +101,33 @@ fn main() -> Result<()> {
         Command::Calibrate(a) => cli::eval::calibrate_main(a),
         Command::Report(a) => cli::report::main(a),
         Command::Data(DataCommand::Generate(a)) => {
+            let v2 = a.bench_version == 2;
+            let pick = |flag: Option<usize>, v1: usize, v2_default: usize| {
+                flag.unwrap_or(if v2 { v2_default } else { v1 })
+            };
+            use mue::data::benchmark::v2::{DEFAULT_TEST, DEFAULT_TRAIN, DEFAULT_VALID};
             let opts = mue::data::GenerateOptions {
                 out_dir: a.out,
                 seed: a.seed,
-                n_train: a.train,
-                n_val: a.valid,
-                n_test: a.test,
-                image_size: a.image_size,
+                n_train: pick(a.train, 5000, DEFAULT_TRAIN),
+                n_val: pick(a.valid, 200, DEFAULT_VALID),
+                n_test: pick(a.test, 200, DEFAULT_TEST),
+                image_size: a.image_size.unwrap_or(if v2 { 128 } else { 64 }),
             };
-            let report = mue::data::generate(&opts)?;
+            let report = mue::data::benchmark::generate_version(&opts, a.bench_version)?;
             println!("{}", serde_json::to_string_pretty(&report.stats)?);
+            for (split, t) in &report.twins {
+                eprintln!(
+                    "mue: {split} items with a verbatim twin in train: scenes {} of {}, \
+                     hypotheses {} of {}, captions {} of {}",
+                    t.scenes_with_train_twin,
+                    t.images,
+                    t.hypotheses_in_train,
+                    t.hypotheses,
+                    t.captions_in_train,
+                    t.captions
+                );
+            }
             Ok(())
         }
         Command::Data(DataCommand::Examples { out, n, image_size }) => {

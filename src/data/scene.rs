@@ -5,15 +5,23 @@
 //! boundary), so spatial relations are defined on cell coordinates and are never
 //! ambiguous. An optional *occluder* (a hatched box) covers a rectangle of cells;
 //! nothing drawn there is visible, which is the source of neutral labels in the
-//! visual-entailment task (see `benchmark.rs` and `docs/benchmark.md`).
+//! visual-entailment task (see `benchmark/` and `docs/benchmark.md`).
 
 use image::{Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Number of grid cells per side.
+/// Number of grid cells per side (benchmark v1; v2 scenes carry their own `grid`).
 pub const GRID: u32 = 4;
+
+fn default_grid() -> u32 {
+    GRID
+}
+
+fn is_default_grid(g: &u32) -> bool {
+    *g == GRID
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Shape {
@@ -241,10 +249,31 @@ pub struct Distractor {
     pub rgb: [u8; 3],
 }
 
+impl Distractor {
+    /// A dimmed line of 10-25% of the image side `s`, anywhere.
+    pub fn random(rng: &mut impl Rng, s: f32) -> Distractor {
+        let x0 = rng.random_range(0.0..s);
+        let y0 = rng.random_range(0.0..s);
+        let len = rng.random_range(0.1..0.25) * s;
+        let ang: f32 = rng.random_range(0.0..std::f32::consts::PI);
+        let c = Color::ALL[rng.random_range(0..Color::ALL.len())].rgb();
+        // Dimmed so that lines read as clutter, not shapes.
+        let rgb = [c[0] / 2 + 40, c[1] / 2 + 40, c[2] / 2 + 40];
+        Distractor {
+            from: (x0, y0),
+            to: (x0 + len * ang.cos(), y0 + len * ang.sin()),
+            rgb,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Scene {
     /// Image side in pixels (square images).
     pub image_size: u32,
+    /// Grid cells per side (left out of the JSON when it is v1's `GRID`).
+    #[serde(default = "default_grid", skip_serializing_if = "is_default_grid")]
+    pub grid: u32,
     /// Difficulty tier 0 (easy) ..= 2 (hard).
     pub tier: u8,
     pub background: Background,
@@ -260,10 +289,10 @@ pub struct Scene {
 
 impl Scene {
     pub fn cell_size(&self) -> f32 {
-        self.image_size as f32 / GRID as f32
+        self.image_size as f32 / self.grid as f32
     }
 
-    /// Builds an object in `cell` with a centre offset `jitter` (fraction of a cell).
+    /// Builds an object in `cell` of v1's grid with a centre offset `jitter` (fraction of a cell).
     pub fn make_object(
         image_size: u32,
         shape: Shape,
@@ -272,7 +301,20 @@ impl Scene {
         cell: (u32, u32),
         jitter: (f32, f32),
     ) -> Object {
-        let cs = image_size as f32 / GRID as f32;
+        Scene::make_object_in(GRID, image_size, shape, color, size, cell, jitter)
+    }
+
+    /// Builds an object in `cell` of a `grid x grid` grid.
+    pub fn make_object_in(
+        grid: u32,
+        image_size: u32,
+        shape: Shape,
+        color: Color,
+        size: Size,
+        cell: (u32, u32),
+        jitter: (f32, f32),
+    ) -> Object {
+        let cs = image_size as f32 / grid as f32;
         let cx = (cell.0 as f32 + 0.5 + jitter.0) * cs;
         let cy = (cell.1 as f32 + 0.5 + jitter.1) * cs;
         let radius = size.radius_frac() * cs;
@@ -302,6 +344,7 @@ impl Scene {
     ) -> Scene {
         Scene {
             image_size,
+            grid: GRID,
             tier: 0,
             background: Background {
                 color: BgColor::Gray,
@@ -430,20 +473,7 @@ impl Scene {
         let s = image_size as f32;
         let distractors = if tier == 2 {
             (0..rng.random_range(2..=4))
-                .map(|_| {
-                    let x0 = rng.random_range(0.0..s);
-                    let y0 = rng.random_range(0.0..s);
-                    let len = rng.random_range(0.1..0.25) * s;
-                    let ang: f32 = rng.random_range(0.0..std::f32::consts::PI);
-                    let c = Color::ALL[rng.random_range(0..Color::ALL.len())].rgb();
-                    // Dimmed so that lines read as clutter, not shapes.
-                    let rgb = [c[0] / 2 + 40, c[1] / 2 + 40, c[2] / 2 + 40];
-                    Distractor {
-                        from: (x0, y0),
-                        to: (x0 + len * ang.cos(), y0 + len * ang.sin()),
-                        rgb,
-                    }
-                })
+                .map(|_| Distractor::random(&mut rng, s))
                 .collect()
         } else {
             Vec::new()
@@ -455,6 +485,7 @@ impl Scene {
         };
         Scene {
             image_size,
+            grid: GRID,
             tier,
             background: Background {
                 color: bg_color,
