@@ -13,6 +13,7 @@ pub mod pool;
 pub mod position;
 pub mod resnet;
 pub mod stem;
+pub mod threads;
 pub mod weights;
 
 use anyhow::{bail, Context};
@@ -287,6 +288,7 @@ pub struct EncoderOutput {
 
 impl Model {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        threads::fix_thread_count();
         let embed_tokens = vb.get_with_hints(
             (cfg.vocab_size, cfg.d_model),
             "encoder.embed_tokens.weight",
