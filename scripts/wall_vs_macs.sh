@@ -4,7 +4,9 @@
 # process), and the same from CPU time (perf stat task-clock; user + sys), which a shared
 # machine disturbs less than wall time:
 #   E_full = S + 2F (eval --policy full runs full depth twice), E_mue = S + F + M,
-#   S = start-up (the same eval on one example), so cpu_reduction = 1 - M / F.
+#   S = start-up (the same eval on one batch), so cpu_reduction = 1 - M / F.
+# One worker thread by default (THREADS): with two on a busy machine, threads spinning and
+# yielding while they wait for each other add CPU time that has nothing to do with the work.
 #
 #   MUE=target/release/mue ENTAIL=snli_ve_test.tsv CAPTION=caption_test.tsv bash scripts/wall_vs_macs.sh
 set -euo pipefail
@@ -15,6 +17,7 @@ CAPTION=${CAPTION:?set CAPTION to a caption TSV split}
 ENTAIL_LIMIT=${ENTAIL_LIMIT:-400}
 CAPTION_LIMIT=${CAPTION_LIMIT:-100}
 BATCH=${BATCH:-1 8}
+export RAYON_NUM_THREADS=${THREADS:-1}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 cpu_ms() { # task-clock ms of one command
@@ -22,6 +25,7 @@ cpu_ms() { # task-clock ms of one command
   awk -F, '/task-clock/ {print $1}' "$TMP/perf"
 }
 uptime
+echo "threads=$RAYON_NUM_THREADS"
 for task in entail caption; do
   if [ "$task" = entail ]; then data=$ENTAIL; limit=$ENTAIL_LIMIT; else data=$CAPTION; limit=$CAPTION_LIMIT; fi
   for b in $BATCH; do

@@ -288,7 +288,6 @@ pub struct EncoderOutput {
 
 impl Model {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        threads::fix_thread_count();
         let embed_tokens = vb.get_with_hints(
             (cfg.vocab_size, cfg.d_model),
             "encoder.embed_tokens.weight",
