@@ -88,7 +88,12 @@ fn main() -> Result<()> {
         // Colours only on a terminal: log files and journald get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // `mue bench` sets the count from --threads itself.
+    if !matches!(command, Command::Bench(_)) {
+        mue::model::threads::fix_thread_count();
+    }
+    match command {
         Command::Demo(a) => cli::demo::main(a),
         Command::Run(a) => cli::run::main(a),
         Command::Serve(a) => cli::serve::main(a),

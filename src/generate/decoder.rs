@@ -69,6 +69,9 @@ pub struct DecoderState<'a> {
     /// Cross keys/values per layer and sample, computed the first time a row of that sample
     /// reaches the layer.
     cross_kv: Vec<Vec<Option<(Tensor, Tensor)>>>,
+    /// Per layer, the last stack of cross keys/values built for a list of samples (one
+    /// batched attention call for all of them), reused while the list stays the same.
+    cross_stack: Vec<Option<(Vec<usize>, Tensor, Tensor)>>,
     /// Self-attention keys/values per layer, written in place.
     cache: KvCache,
     /// Sample of each row.
@@ -115,6 +118,7 @@ impl<'a> DecoderState<'a> {
             self_biases: model.decoder_self_biases(&pos)?,
             cross_bias: model.decoder_cross_bias(&pos, &enc.positions.joint()?)?,
             cross_kv: vec![vec![None; b]; model.cfg.decoder_layers],
+            cross_stack: vec![None; model.cfg.decoder_layers],
             cache: KvCache::new(model.cfg.decoder_layers, steps),
             row_sample: (0..b).collect(),
             t: 0,
@@ -177,42 +181,72 @@ impl<'a> DecoderState<'a> {
 
     /// Cross attention for active rows `rows` with states `x` `[a, 1, d]`; rows of one sample
     /// are attended together as a sequence of queries over that sample's memory.
-    fn cross(&self, layer: usize, rows: &[usize], x: &Tensor) -> Result<Tensor> {
+    fn cross(&mut self, layer: usize, rows: &[usize], x: &Tensor) -> Result<Tensor> {
         let dl = &self.model.decoder.layers[layer];
         let mode = Mode::INFER;
         let bias_t = self.cross_bias.i((.., .., self.t..self.t + 1, ..))?;
-        let mut samples: Vec<usize> = rows.iter().map(|&r| self.row_sample[r]).collect();
-        samples.dedup();
+        // Contiguous runs of rows of the same sample: (sample, first row, rows).
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for (j, &r) in rows.iter().enumerate() {
+            let s = self.row_sample[r];
+            match runs.last_mut() {
+                Some((last, _, n)) if *last == s => *n += 1,
+                _ => runs.push((s, j, 1)),
+            }
+        }
         let (a, _, dm) = x.dims3()?;
-        if samples.len() == 1 {
-            let s = samples[0];
-            let (k, v) = self.cross_kv[layer][s].as_ref().unwrap();
-            let bias = bias_t.broadcast_add(&self.mem_mask.narrow(0, s, 1)?)?;
-            let y = dl.cross_block(&x.reshape((1, a, dm))?, (k, v), Some(&bias), mode)?;
+        let g = runs[0].2;
+        if runs.iter().all(|&(_, _, n)| n == g) {
+            // As many rows per sample (greedy: one; beam search: the beams): one batched
+            // call, queries `[samples, g, d]` over the samples' stacked keys/values, instead
+            // of one small call per sample.
+            let samples: Vec<usize> = runs.iter().map(|&(s, _, _)| s).collect();
+            let (k, v, mask) = self.stacked_cross_kv(layer, &samples)?;
+            let bias = bias_t.broadcast_add(&mask)?;
+            let xs = x.reshape((samples.len(), g, dm))?;
+            let y = dl.cross_block(&xs, (&k, &v), Some(&bias), mode)?;
             return y.reshape((a, 1, dm));
         }
-        // Several samples: one call per contiguous run of rows of the same sample.
+        // Unequal runs: one call per run.
         let mut outs = Vec::new();
-        let mut start = 0;
-        while start < rows.len() {
-            let s = self.row_sample[rows[start]];
-            let mut end = start + 1;
-            while end < rows.len() && self.row_sample[rows[end]] == s {
-                end += 1;
-            }
+        for (s, start, n) in runs {
             let (k, v) = self.cross_kv[layer][s].as_ref().unwrap();
             let bias = bias_t.broadcast_add(&self.mem_mask.narrow(0, s, 1)?)?;
-            let xs = x
-                .narrow(0, start, end - start)?
-                .reshape((1, end - start, dm))?;
-            outs.push(dl.cross_block(&xs, (k, v), Some(&bias), mode)?.reshape((
-                end - start,
-                1,
-                dm,
-            ))?);
-            start = end;
+            let xs = x.narrow(0, start, n)?.reshape((1, n, dm))?;
+            outs.push(
+                dl.cross_block(&xs, (k, v), Some(&bias), mode)?
+                    .reshape((n, 1, dm))?,
+            );
         }
         Tensor::cat(&outs, 0)
+    }
+
+    /// Cross keys/values `[m, h, n, dh]` and memory masks `[m, 1, 1, n]` of `samples`
+    /// (repeats allowed), stacked once per list of samples and layer.
+    fn stacked_cross_kv(
+        &mut self,
+        layer: usize,
+        samples: &[usize],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let idx = Tensor::from_vec(
+            samples.iter().map(|&s| s as u32).collect::<Vec<_>>(),
+            samples.len(),
+            &self.model.device,
+        )?;
+        let mask = self.mem_mask.index_select(&idx, 0)?;
+        if let Some((list, k, v)) = &self.cross_stack[layer] {
+            if list == samples {
+                return Ok((k.clone(), v.clone(), mask));
+            }
+        }
+        let kv: Vec<&(Tensor, Tensor)> = samples
+            .iter()
+            .map(|&s| self.cross_kv[layer][s].as_ref().unwrap())
+            .collect();
+        let k = Tensor::cat(&kv.iter().map(|(k, _)| k).collect::<Vec<_>>(), 0)?;
+        let v = Tensor::cat(&kv.iter().map(|(_, v)| v).collect::<Vec<_>>(), 0)?;
+        self.cross_stack[layer] = Some((samples.to_vec(), k.clone(), v.clone()));
+        Ok((k, v, mask))
     }
 
     fn predictions(&self, h: &Tensor) -> Result<Vec<Prediction>> {

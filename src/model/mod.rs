@@ -15,6 +15,7 @@ pub mod precision;
 pub mod quant;
 pub mod resnet;
 pub mod stem;
+pub mod threads;
 pub mod weights;
 
 use anyhow::{bail, Context};
