@@ -270,6 +270,8 @@ impl EncoderBias {
 pub struct Model {
     pub cfg: Config,
     pub embed_tokens: Tensor,
+    /// `embed_tokens` in int8, per vocabulary row (`--precision int8`): the tied projection.
+    pub vocab_int8: Option<std::sync::Arc<quant::QMatrix>>,
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub device: Device,
@@ -297,6 +299,7 @@ impl Model {
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
+            vocab_int8: None,
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             device: vb.device().clone(),
@@ -656,6 +659,13 @@ impl Model {
         let x = self.decoder.layer_norm.forward(h, mode)?;
         if mode.train {
             return matmul_flat(&x, &self.embed_tokens.t()?);
+        }
+        if let Some(q) = self
+            .vocab_int8
+            .as_ref()
+            .filter(|_| !infer::reference_kernels())
+        {
+            return precision::int8_linear(&x, q);
         }
         // Inference multiplies the vocabulary matrix as stored, `E x^T`: `x E^T` made gemm
         // repack all of E^T on every decoding step, most of a step's time (same sums, same
