@@ -654,18 +654,17 @@ impl Model {
         Ok(hidden)
     }
 
-    /// Vocabulary logits from a decoder state: final layer norm, then the tied projection.
+    /// Vocabulary logits from a decoder state: final layer norm, then the tied projection
+    /// (in int8 under `--precision int8`).
     pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        precision::int8_logits(self, h, mode).unwrap_or_else(|| self.logits_f32(h, mode))
+    }
+
+    /// [`Model::logits`] in f32 at every precision.
+    pub fn logits_f32(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.decoder.layer_norm.forward(h, mode)?;
         if mode.train {
             return matmul_flat(&x, &self.embed_tokens.t()?);
-        }
-        if let Some(q) = self
-            .vocab_int8
-            .as_ref()
-            .filter(|_| !infer::reference_kernels())
-        {
-            return precision::int8_linear(&x, q);
         }
         // Inference multiplies the vocabulary matrix as stored, `E x^T`: `x E^T` made gemm
         // repack all of E^T on every decoding step, most of a step's time (same sums, same

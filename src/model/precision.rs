@@ -5,6 +5,7 @@
 //! token embedding as the LM head, one scale per vocabulary row) once. The embedding
 //! lookup of input tokens, layer norms and the position-bias projections stay f32.
 
+use super::layers::Mode;
 use super::quant::{self, QMatrix};
 use super::Model;
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
@@ -94,6 +95,17 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     Ok(())
 }
 
+/// The tied vocabulary projection in int8 when the model has it and nothing trains
+/// (`None`: the f32 one runs).
+pub fn int8_logits(model: &Model, h: &Tensor, mode: Mode) -> Option<Result<Tensor>> {
+    let q = model.vocab_int8.as_ref()?;
+    if mode.train || super::infer::reference_kernels() {
+        return None;
+    }
+    let x = model.decoder.layer_norm.forward(h, mode);
+    Some(x.and_then(|x| int8_linear(&x, q)))
+}
+
 /// `x [..., k] W^T` through the int8 kernel: `[..., n]` f32.
 pub fn int8_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
     let dims = x.dims();
@@ -126,7 +138,6 @@ pub fn int8_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::layers::Mode;
     use crate::model::{Config, EncoderMode};
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
@@ -134,7 +145,8 @@ mod tests {
     /// The int8 vocabulary projection against the f32 one on random models and states (odd
     /// vocabulary sizes, `d` not a multiple of 4 or 16, batch 1 and > 1, several
     /// positions): every logit within the rounding bound of its two operands, not
-    /// bit-identical to f32 (the int8 path ran), and the same on a second call.
+    /// bit-identical to f32 (the int8 path ran), the same on a second call, and
+    /// `logits_f32` still the f32 bits.
     #[test]
     fn int8_logits_match_f32_within_the_rounding_bound() {
         let dev = Device::Cpu;
@@ -163,6 +175,9 @@ mod tests {
                 let got = got.to_vec1::<f32>().unwrap();
                 assert_eq!(got, again.to_vec1::<f32>().unwrap(), "deterministic");
                 let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                // Answer scoring's f32 projection is untouched by the conversion.
+                let f = q_model.logits_f32(&h, Mode::INFER).unwrap();
+                assert_eq!(f.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
                 // The projection's input: the final layer norm of `h`.
                 let x = f32_model
                     .decoder
