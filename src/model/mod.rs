@@ -657,7 +657,12 @@ impl Model {
     /// Vocabulary logits from a decoder state: final layer norm, then the tied projection
     /// (in int8 under `--precision int8`).
     pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
-        precision::int8_logits(self, h, mode).unwrap_or_else(|| self.logits_f32(h, mode))
+        match &self.vocab_int8 {
+            Some(q) if !mode.train && !infer::reference_kernels() => {
+                precision::int8_linear(&self.decoder.layer_norm.forward(h, mode)?, q)
+            }
+            _ => self.logits_f32(h, mode),
+        }
     }
 
     /// [`Model::logits`] in f32 at every precision.

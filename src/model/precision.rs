@@ -5,7 +5,6 @@
 //! token embedding as the LM head, one scale per vocabulary row) once. The embedding
 //! lookup of input tokens, layer norms and the position-bias projections stay f32.
 
-use super::layers::Mode;
 use super::quant::{self, QMatrix};
 use super::Model;
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
@@ -95,17 +94,6 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     Ok(())
 }
 
-/// The tied vocabulary projection in int8 when the model has it and nothing trains
-/// (`None`: the f32 one runs).
-pub fn int8_logits(model: &Model, h: &Tensor, mode: Mode) -> Option<Result<Tensor>> {
-    let q = model.vocab_int8.as_ref()?;
-    if mode.train || super::infer::reference_kernels() {
-        return None;
-    }
-    let x = model.decoder.layer_norm.forward(h, mode);
-    Some(x.and_then(|x| int8_linear(&x, q)))
-}
-
 /// `x [..., k] W^T` through the int8 kernel: `[..., n]` f32.
 pub fn int8_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
     let dims = x.dims();
@@ -138,6 +126,7 @@ pub fn int8_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::layers::Mode;
     use crate::model::{Config, EncoderMode};
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
