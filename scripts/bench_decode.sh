@@ -6,6 +6,7 @@
 # comparable figures; run the binaries to compare one after the other.
 #
 #   MODEL=/tmp/mue-tiny MUES="old/mue target/release/mue" bash scripts/bench_decode.sh
+# PRECISION=int8 times `--precision int8` (default f32).
 set -euo pipefail
 MODEL=${MODEL:?set MODEL to a model directory}
 MUES=${MUES:-target/release/mue}
@@ -14,18 +15,20 @@ SHORT=${SHORT:-2}
 LONG=${LONG:-30}
 ITERS=${ITERS:-3}
 THREADS=${THREADS:-1}
+PRECISION=${PRECISION:-f32}
 cpu_s() { # CPU seconds (user + sys) of one `mue bench` run
   ( TIMEFORMAT='%U %S'; { time "$@" >/dev/null 2>&1; } 2>&1 ) | awk '{print $1 + $2}'
 }
 uptime
 for b in $BATCH; do
   for m in $MUES; do
-    args=(bench --model "$MODEL" --batch "$b" --iters "$ITERS" --threads "$THREADS" --workloads caption)
+    args=(bench --model "$MODEL" --batch "$b" --iters "$ITERS" --threads "$THREADS" --workloads caption
+      --precision "$PRECISION")
     s=$(cpu_s "$m" "${args[@]}" --steps "$SHORT")
     l=$(cpu_s "$m" "${args[@]}" --steps "$LONG")
     # one warm-up run besides the timed ones
     awk -v s="$s" -v l="$l" -v n=$((ITERS + 1)) -v d=$((LONG - SHORT)) -v m="$m" -v b="$b" \
-      'BEGIN { printf "%s batch=%s decode_cpu_ms_per_step=%.2f (cpu_s %.2f at %d steps, %.2f at %d)\n", m, b, (l - s) * 1000 / (n * d), l, '"$LONG"', s, '"$SHORT"' }'
+      'BEGIN { printf "%s '$PRECISION' batch=%s decode_cpu_ms_per_step=%.2f (cpu_s %.2f at %d steps, %.2f at %d)\n", m, b, (l - s) * 1000 / (n * d), l, '"$LONG"', s, '"$SHORT"' }'
   done
 done
 uptime

@@ -271,6 +271,8 @@ impl EncoderBias {
 pub struct Model {
     pub cfg: Config,
     pub embed_tokens: Tensor,
+    /// `embed_tokens` in int8, per vocabulary row (`--precision int8`): the tied projection.
+    pub vocab_int8: Option<std::sync::Arc<quant::QMatrix>>,
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub device: Device,
@@ -298,6 +300,7 @@ impl Model {
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
+            vocab_int8: None,
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             device: vb.device().clone(),
@@ -652,8 +655,19 @@ impl Model {
         Ok(hidden)
     }
 
-    /// Vocabulary logits from a decoder state: final layer norm, then the tied projection.
+    /// Vocabulary logits from a decoder state: final layer norm, then the tied projection
+    /// (in int8 under `--precision int8`).
     pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
+        match &self.vocab_int8 {
+            Some(q) if !mode.train && !infer::reference_kernels() => {
+                precision::int8_linear(&self.decoder.layer_norm.forward(h, mode)?, q)
+            }
+            _ => self.logits_f32(h, mode),
+        }
+    }
+
+    /// [`Model::logits`] in f32 at every precision.
+    pub fn logits_f32(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         let x = self.decoder.layer_norm.forward(h, mode)?;
         if mode.train {
             return matmul_flat(&x, &self.embed_tokens.t()?);

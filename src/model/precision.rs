@@ -1,8 +1,9 @@
 //! Inference precision (`--precision`): f32 (the default and the parity reference) or
 //! int8 weights with per-output-channel scales and per-row dynamic activation scales
 //! (`super::quant`). Chosen at load: [`apply`] converts the weights of the transformer's
-//! dense layers and the image trunk's convolutions once. Embeddings, layer norms, the
-//! position-bias projections and the tied vocabulary projection stay f32.
+//! dense layers, the image trunk's convolutions and the tied vocabulary projection (the
+//! token embedding as the LM head, one scale per vocabulary row) once. The embedding
+//! lookup of input tokens, layer norms and the position-bias projections stay f32.
 
 use super::quant::{self, QMatrix};
 use super::Model;
@@ -82,6 +83,14 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     if let super::ImageTrunk::Resnet(net) = &mut enc.image_trunk {
         net.quantize_int8();
     }
+    // Most of a decoding step's multiply-adds at OFA sizes: `[vocab, d]`, a scale per row.
+    let (v, d) = model.embed_tokens.dims2()?;
+    let e = model
+        .embed_tokens
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    model.vocab_int8 = Some(Arc::new(QMatrix::from_rows(&e, v, d)));
     Ok(())
 }
 
@@ -112,4 +121,85 @@ pub fn int8_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
     let mut out = dims[..dims.len() - 1].to_vec();
     out.push(n);
     Tensor::from_vec(y, out, x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::layers::Mode;
+    use crate::model::{Config, EncoderMode};
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// The int8 vocabulary projection against the f32 one on random models and states (odd
+    /// vocabulary sizes, `d` not a multiple of 4 or 16, batch 1 and > 1, several
+    /// positions): every logit within the rounding bound of its two operands, not
+    /// bit-identical to f32 (the int8 path ran), the same on a second call, and
+    /// `logits_f32` still the f32 bits.
+    #[test]
+    fn int8_logits_match_f32_within_the_rounding_bound() {
+        let dev = Device::Cpu;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for &(vocab, d, heads) in &[(37, 30, 3), (200, 32, 4), (1003, 68, 4)] {
+            let mut cfg = Config::tiny(EncoderMode::Decomposed);
+            cfg.vocab_size = vocab;
+            cfg.d_model = d;
+            cfg.encoder_heads = heads;
+            cfg.decoder_heads = heads;
+            let (f32_model, _) = Model::random(&cfg, 3, &dev).unwrap();
+            let mut q_model = f32_model.clone();
+            apply(&mut q_model, Precision::Int8).unwrap();
+            assert!(f32_model.vocab_int8.is_none());
+            let e = f32_model.embed_tokens.to_vec2::<f32>().unwrap();
+            for &(b, t) in &[(1, 1), (3, 1), (2, 5)] {
+                let h: Vec<f32> = (0..b * t * d)
+                    .map(|_| rng.random_range(-3.0f32..3.0))
+                    .collect();
+                let h = Tensor::from_vec(h, (b, t, d), &dev).unwrap();
+                let want = f32_model.logits(&h, Mode::INFER).unwrap();
+                let got = q_model.logits(&h, Mode::INFER).unwrap();
+                assert_eq!(got.dims(), &[b, t, vocab]);
+                let again = q_model.logits(&h, Mode::INFER).unwrap();
+                let (got, again) = (got.flatten_all().unwrap(), again.flatten_all().unwrap());
+                let got = got.to_vec1::<f32>().unwrap();
+                assert_eq!(got, again.to_vec1::<f32>().unwrap(), "deterministic");
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                // Answer scoring's f32 projection is untouched by the conversion.
+                let f = q_model.logits_f32(&h, Mode::INFER).unwrap();
+                assert_eq!(f.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+                // The projection's input: the final layer norm of `h`.
+                let x = f32_model
+                    .decoder
+                    .layer_norm
+                    .forward(&h, Mode::INFER)
+                    .unwrap();
+                let x = x.reshape((b * t, d)).unwrap().to_vec2::<f32>().unwrap();
+                let mut moved = false;
+                for (i, xi) in x.iter().enumerate() {
+                    let sa = xi.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                    for (j, ej) in e.iter().enumerate() {
+                        let sw = ej.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                        // |x e - xq eq| <= sum |x| |de| + |dx| |eq|, |de| <= sw / 2,
+                        // |dx| <= sa / 2, |eq| <= |e| + sw / 2.
+                        let bound: f32 = xi
+                            .iter()
+                            .zip(ej)
+                            .map(|(xv, ev)| xv.abs() * sw / 2.0 + sa / 2.0 * (ev.abs() + sw / 2.0))
+                            .sum();
+                        let (g, w) = (got[i * vocab + j], want[i * vocab + j]);
+                        let err = (g - w).abs();
+                        assert!(
+                            err <= bound * 1.001 + 1e-5,
+                            "vocab {vocab} d {d} b {b} t {t} [{i},{j}]: {g} vs {w}, bound {bound}"
+                        );
+                        moved |= g != w;
+                    }
+                }
+                assert!(
+                    moved,
+                    "int8 logits equal f32 bit for bit: int8 path not taken"
+                );
+            }
+        }
+    }
 }
