@@ -175,20 +175,18 @@ pub fn split_examples(
 
 impl ToRecord for ImageExample {
     fn record(&self) -> ImageRecord<'_> {
+        // A v2 question carries its own difficulty, beside its image's level.
+        let ve = self.ve.iter().map(|v| {
+            let texts = [v.uniq_id.as_str(), &v.hypothesis, &v.premise];
+            let (ty, d) = (v.question.type_name(), v.difficulty);
+            VeRecord::new(texts, v.label, ty, d, Some(d))
+        });
         ImageRecord {
             image_id: &self.image_id,
             tier: self.level,
             scene: &self.scene,
             captions: &self.captions,
-            ve: self
-                .ve
-                .iter()
-                .map(|v| {
-                    let texts = [v.uniq_id.as_str(), &v.hypothesis, &v.premise];
-                    let (ty, d) = (v.question.type_name(), v.difficulty);
-                    VeRecord::new(texts, v.label, ty, d, Some(d))
-                })
-                .collect(),
+            ve: ve.collect(),
         }
     }
 
