@@ -8,7 +8,7 @@ use super::kv_cache::KvCache;
 use super::rows::{signals, ExitRows};
 use crate::exit::{row_similarity, ExitPolicy, Prediction, Site};
 use crate::model::layers::{key_padding_bias, Mode};
-use crate::model::Model;
+use crate::model::{DecoderSelfBiases, Model};
 use candle_core::{DType, IndexOp, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -62,8 +62,8 @@ pub struct DecoderState<'a> {
     memory: Tensor,
     mem_mask: Tensor,
     memory_len: Vec<usize>,
-    /// `[1, h, T, T]` per layer for positions 0..T.
-    self_biases: Vec<Tensor>,
+    /// `[1, h, T, T]` per layer for positions 0..T, built when a row first reaches the layer.
+    self_biases: DecoderSelfBiases<'a>,
     /// `[1, h, T, n]`.
     cross_bias: Tensor,
     /// Cross keys/values per layer and sample, computed the first time a row of that sample
@@ -72,6 +72,9 @@ pub struct DecoderState<'a> {
     /// Per layer, the last stack of cross keys/values built for a list of samples (one
     /// batched attention call for all of them), reused while the list stays the same.
     cross_stack: Vec<Option<(Vec<usize>, Tensor, Tensor)>>,
+    /// This step's cross-attention bias with the memory masks of a list of samples, shared
+    /// by the layers while the list stays the same.
+    cross_bias_step: Option<(usize, Vec<usize>, Tensor)>,
     /// Self-attention keys/values per layer, written in place.
     cache: KvCache,
     /// Sample of each row.
@@ -115,10 +118,11 @@ impl<'a> DecoderState<'a> {
             memory: enc.memory.clone(),
             mem_mask: key_padding_bias(&enc.padding, &model.device)?,
             memory_len: enc.memory_len.clone(),
-            self_biases: model.decoder_self_biases(&pos)?,
+            self_biases: DecoderSelfBiases::new(model, &pos)?,
             cross_bias: model.decoder_cross_bias(&pos, &enc.positions.joint()?)?,
             cross_kv: vec![vec![None; b]; model.cfg.decoder_layers],
             cross_stack: vec![None; model.cfg.decoder_layers],
+            cross_bias_step: None,
             cache: KvCache::new(model.cfg.decoder_layers, steps),
             row_sample: (0..b).collect(),
             t: 0,
@@ -201,8 +205,8 @@ impl<'a> DecoderState<'a> {
             // call, queries `[samples, g, d]` over the samples' stacked keys/values, instead
             // of one small call per sample.
             let samples: Vec<usize> = runs.iter().map(|&(s, _, _)| s).collect();
-            let (k, v, mask) = self.stacked_cross_kv(layer, &samples)?;
-            let bias = bias_t.broadcast_add(&mask)?;
+            let (k, v) = self.stacked_cross_kv(layer, &samples)?;
+            let bias = self.step_cross_bias(&bias_t, &samples)?;
             let xs = x.reshape((samples.len(), g, dm))?;
             let y = dl.cross_block(&xs, (&k, &v), Some(&bias), mode)?;
             return y.reshape((a, 1, dm));
@@ -221,22 +225,30 @@ impl<'a> DecoderState<'a> {
         Tensor::cat(&outs, 0)
     }
 
-    /// Cross keys/values `[m, h, n, dh]` and memory masks `[m, 1, 1, n]` of `samples`
-    /// (repeats allowed), stacked once per list of samples and layer.
-    fn stacked_cross_kv(
-        &mut self,
-        layer: usize,
-        samples: &[usize],
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    /// This step's cross-attention bias `bias_t` plus the memory masks `[m, 1, 1, n]` of
+    /// `samples` (repeats allowed).
+    fn step_cross_bias(&mut self, bias_t: &Tensor, samples: &[usize]) -> Result<Tensor> {
+        if let Some((t, list, bias)) = &self.cross_bias_step {
+            if *t == self.t && list == samples {
+                return Ok(bias.clone());
+            }
+        }
         let idx = Tensor::from_vec(
             samples.iter().map(|&s| s as u32).collect::<Vec<_>>(),
             samples.len(),
             &self.model.device,
         )?;
-        let mask = self.mem_mask.index_select(&idx, 0)?;
+        let bias = bias_t.broadcast_add(&self.mem_mask.index_select(&idx, 0)?)?;
+        self.cross_bias_step = Some((self.t, samples.to_vec(), bias.clone()));
+        Ok(bias)
+    }
+
+    /// Cross keys/values `[m, h, n, dh]` of `samples` (repeats allowed), stacked once per
+    /// list of samples and layer.
+    fn stacked_cross_kv(&mut self, layer: usize, samples: &[usize]) -> Result<(Tensor, Tensor)> {
         if let Some((list, k, v)) = &self.cross_stack[layer] {
             if list == samples {
-                return Ok((k.clone(), v.clone(), mask));
+                return Ok((k.clone(), v.clone()));
             }
         }
         let kv: Vec<&(Tensor, Tensor)> = samples
@@ -246,7 +258,7 @@ impl<'a> DecoderState<'a> {
         let k = Tensor::cat(&kv.iter().map(|(k, _)| k).collect::<Vec<_>>(), 0)?;
         let v = Tensor::cat(&kv.iter().map(|(_, v)| v).collect::<Vec<_>>(), 0)?;
         self.cross_stack[layer] = Some((samples.to_vec(), k.clone(), v.clone()));
-        Ok((k, v, mask))
+        Ok((k, v))
     }
 
     fn predictions(&self, h: &Tensor) -> Result<Vec<Prediction>> {
@@ -301,7 +313,7 @@ impl<'a> DecoderState<'a> {
                     dev,
                 )?)
             };
-            let bias = self.self_biases[l].i((.., .., t..t + 1, 0..t + 1))?;
+            let bias = self.self_biases.layer(l)?.i((.., .., t..t + 1, 0..t + 1))?;
             let dl = &model.decoder.layers[l];
             let h = run.gather(&active)?;
             // Self-attention as `DecoderLayer::self_block`, with this token's keys/values

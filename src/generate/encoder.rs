@@ -4,7 +4,7 @@ use super::cost::{self, Macs};
 use super::rows::{signals, ExitRows};
 use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Site, Stream};
 use crate::model::layers::{key_padding_bias, Mode};
-use crate::model::{memory_padding, EncoderMode, EncoderPositions, Model};
+use crate::model::{memory_padding, EncoderBiases, EncoderMode, EncoderPositions, Model};
 use candle_core::{Result, Tensor};
 
 /// Encoder result for a batch, with per-sample exits and costs.
@@ -62,7 +62,7 @@ pub fn run_encoder(
     let txt = model.embed_text(ids, padding, mode)?;
     let p = img.dim(1)?;
     let pos = model.encoder_positions(l, mode)?;
-    let biases = model.encoder_biases(&pos)?;
+    let mut biases = EncoderBiases::new(model, &pos, cfg.encoder_mode == EncoderMode::Joint)?;
     let d = cfg.d_model as u64;
     let ffn = cfg.encoder_ffn_dim as u64;
 
@@ -91,7 +91,9 @@ pub fn run_encoder(
     let site_t = Site::Encoder(Stream::Text);
     let mut si = ExitRows::new(&img, layers, site_i)?;
     let mut st = ExitRows::new(&txt, layers, site_t)?;
-    for (layer_idx, (layer, bias)) in model.encoder.layers.iter().zip(&biases).enumerate() {
+    // The text rows' padding bias and similarity mask, rebuilt only when rows exit.
+    let mut text_masks: Option<(Vec<usize>, Tensor, Tensor)> = None;
+    for (layer_idx, layer) in model.encoder.layers.iter().enumerate() {
         let ai = si.active();
         let at = st.active();
         if ai.is_empty() && at.is_empty() {
@@ -101,27 +103,30 @@ pub fn run_encoder(
             EncoderMode::Decomposed => {
                 if !ai.is_empty() {
                     let x = si.gather(&ai)?;
-                    let y = layer.forward(&x, None, Some(&bias.image_image), mode)?;
+                    let y = layer.forward(&x, None, Some(biases.image_image(layer_idx)?), mode)?;
                     si.charge(&ai, |_| cost::encoder_layer(p as u64, p as u64, d, ffn));
                     let s = similarity(&y, &x, None)?;
                     si.update(&ai, layer_idx, &y, s, policy)?;
                 }
                 if !at.is_empty() {
                     let x = st.gather(&at)?;
-                    let pad = select(padding, &at);
-                    let mask = bias
-                        .text_text
-                        .broadcast_add(&key_padding_bias(&pad, dev)?)?;
+                    if text_masks.as_ref().is_none_or(|(rows, _, _)| *rows != at) {
+                        let pad = key_padding_bias(&select(padding, &at), dev)?;
+                        text_masks = Some((at.clone(), pad, keep_mask(padding, &at, dev)?));
+                    }
+                    let (_, pad, keep) = text_masks.as_ref().unwrap();
+                    let mask = biases.text_text(layer_idx)?.broadcast_add(pad)?;
                     let y = layer.forward(&x, None, Some(&mask), mode)?;
                     st.charge(&at, |i| {
                         let lt = text_len[i] as u64;
                         cost::encoder_layer(lt, lt, d, ffn)
                     });
-                    let s = similarity(&y, &x, Some(&keep_mask(padding, &at, dev)?))?;
+                    let s = similarity(&y, &x, Some(keep))?;
                     st.update(&at, layer_idx, &y, s, policy)?;
                 }
             }
             EncoderMode::Joint => {
+                let bias = biases.layer(layer_idx)?;
                 // Samples fall in three groups: both streams running, only image, only text.
                 // A stream that exited keeps its frozen states as keys/values.
                 let both: Vec<usize> = ai.iter().copied().filter(|&i| st.is_active(i)).collect();

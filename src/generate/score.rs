@@ -6,7 +6,7 @@ use super::encoder::EncoderRun;
 use super::rows::{signals, ExitRows};
 use crate::exit::{row_similarity, ExitPolicy, Prediction, Site};
 use crate::model::layers::{causal_bias, key_padding_bias, Mode};
-use crate::model::Model;
+use crate::model::{DecoderSelfBiases, Model};
 use candle_core::{DType, IndexOp, Result, Tensor};
 
 /// Scores of the candidates for one sample.
@@ -237,6 +237,18 @@ struct RowSpec {
     scored: Vec<usize>,
 }
 
+/// Masks and memory of the rows still running, in row order.
+struct ActiveRows {
+    rows: Vec<usize>,
+    /// Key padding bias of the rows' own tokens.
+    pad: Tensor,
+    /// Cross-attention bias with the memory's padding.
+    cross_bias: Tensor,
+    memory: Tensor,
+    /// 1 at the scored positions (the similarity's mask).
+    keep: Tensor,
+}
+
 /// Teacher-forced decoder over rows with exits. Returns each row's final state `[1, t, d]`
 /// (before the final layer norm), its exit layer, and work per sample.
 fn run_rows(
@@ -274,7 +286,7 @@ fn run_rows(
     let ids = Tensor::from_vec(ids, (n, t), dev)?;
     let keep = Tensor::from_vec(keep, (n, t), dev)?;
     let pos = model.decoder_positions(t, mode)?;
-    let self_biases = model.decoder_self_biases(&pos)?;
+    let mut self_biases = DecoderSelfBiases::new(model, &pos)?;
     let causal = causal_bias(t, dev)?;
     let cross_bias = model.decoder_cross_bias(&pos, &enc.positions.joint()?)?;
     let sample_idx: Vec<u32> = rows.iter().map(|r| r.sample as u32).collect();
@@ -304,25 +316,38 @@ fn run_rows(
         max_len: t,
     };
     let mut run = ExitRows::new(&model.embed_decoder(&ids, mode)?, layers, site)?;
+    // What depends on the active rows only, rebuilt when rows exit.
+    let mut of_rows: Option<ActiveRows> = None;
     for (l, layer) in model.decoder.layers.iter().enumerate() {
         let active = run.active();
         if active.is_empty() {
             break;
         }
-        let idx = Tensor::from_vec(
-            active.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            active.len(),
-            dev,
-        )?;
+        if of_rows.as_ref().is_none_or(|a| a.rows != active) {
+            let idx = Tensor::from_vec(
+                active.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                active.len(),
+                dev,
+            )?;
+            let pad_a: Vec<Vec<bool>> = active.iter().map(|&r| pad[r].clone()).collect();
+            let mpad_a: Vec<Vec<bool>> = active.iter().map(|&r| mem_pad[r].clone()).collect();
+            of_rows = Some(ActiveRows {
+                pad: key_padding_bias(&pad_a, dev)?,
+                cross_bias: cross_bias.broadcast_add(&key_padding_bias(&mpad_a, dev)?)?,
+                memory: memory.index_select(&idx, 0)?,
+                keep: keep.index_select(&idx, 0)?,
+                rows: active.clone(),
+            });
+        }
+        let a = of_rows.as_ref().unwrap();
         let x = run.gather(&active)?;
-        let pad_a: Vec<Vec<bool>> = active.iter().map(|&r| pad[r].clone()).collect();
-        let mpad_a: Vec<Vec<bool>> = active.iter().map(|&r| mem_pad[r].clone()).collect();
-        let self_bias = self_biases[l]
+        let self_bias = self_biases
+            .layer(l)?
             .broadcast_add(&causal)?
-            .broadcast_add(&key_padding_bias(&pad_a, dev)?)?;
-        let cb = cross_bias.broadcast_add(&key_padding_bias(&mpad_a, dev)?)?;
-        let (k, v) = layer.cross_key_value(&memory.index_select(&idx, 0)?, Mode::INFER)?;
-        let (y, _) = layer.forward(&x, None, Some(&self_bias), (&k, &v), Some(&cb), mode)?;
+            .broadcast_add(&a.pad)?;
+        let cb = &a.cross_bias;
+        let (k, v) = layer.cross_key_value(&a.memory, Mode::INFER)?;
+        let (y, _) = layer.forward(&x, None, Some(&self_bias), (&k, &v), Some(cb), mode)?;
         run.charge(&active, layer_macs);
         // No decision follows the last layer.
         let signals = if l + 1 == layers {
@@ -341,7 +366,7 @@ fn run_rows(
             } else {
                 None
             };
-            let sims = row_similarity(&y, &x, Some(&keep.index_select(&idx, 0)?))?;
+            let sims = row_similarity(&y, &x, Some(&a.keep))?;
             signals(sims, preds)
         };
         run.update(&active, l, &y, signals, policy)?;

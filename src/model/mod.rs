@@ -269,6 +269,130 @@ impl EncoderBias {
     }
 }
 
+/// The encoder biases of one request, each layer's relative part built the first time a
+/// stream reaches that layer: exited streams skip the layers they no longer run.
+pub struct EncoderBiases<'a> {
+    model: &'a Model,
+    ii: Tensor,
+    tt: Tensor,
+    /// Absolute image-text / text-image blocks: the joint encoder's only.
+    cross: Option<(Tensor, Tensor)>,
+    tok: Tensor,
+    img: Tensor,
+    image_image: Vec<Option<Tensor>>,
+    text_text: Vec<Option<Tensor>>,
+}
+
+impl<'a> EncoderBiases<'a> {
+    /// `cross`: also build the image-text blocks (joint attention).
+    pub fn new(model: &'a Model, pos: &EncoderPositions, cross: bool) -> Result<Self> {
+        let e = &model.encoder;
+        let (h, s) = (model.cfg.encoder_heads, model.head_scale());
+        let pb =
+            |a: &Tensor, b: &Tensor| position_bias(&e.pos_q_linear, &e.pos_k_linear, a, b, h, s);
+        let ii = pb(&pos.image, &pos.image)?;
+        let cross = if cross {
+            Some((pb(&pos.image, &pos.text)?, pb(&pos.text, &pos.image)?))
+        } else {
+            None
+        };
+        let tt = pb(&pos.text, &pos.text)?;
+        let l = pos.text.dim(0)?;
+        let cfg = &model.cfg;
+        let dev = &model.device;
+        let layers = cfg.encoder_layers;
+        Ok(Self {
+            model,
+            ii,
+            tt,
+            cross,
+            tok: position::token_bucket_matrix(l, cfg.token_bucket_size, cfg.max_positions, dev)?,
+            img: position::image_bucket_matrix(cfg.grid_side(), cfg.image_bucket_size, dev)?,
+            image_image: vec![None; layers],
+            text_text: vec![None; layers],
+        })
+    }
+
+    pub fn image_image(&mut self, layer: usize) -> Result<&Tensor> {
+        if self.image_image[layer].is_none() {
+            let rel =
+                position::relative_bias(&self.model.encoder.image_rel_tables[layer], &self.img)?;
+            self.image_image[layer] = Some(self.ii.broadcast_add(&rel)?);
+        }
+        Ok(self.image_image[layer].as_ref().unwrap())
+    }
+
+    pub fn text_text(&mut self, layer: usize) -> Result<&Tensor> {
+        if self.text_text[layer].is_none() {
+            let rel =
+                position::relative_bias(&self.model.encoder.token_rel_tables[layer], &self.tok)?;
+            self.text_text[layer] = Some(self.tt.broadcast_add(&rel)?);
+        }
+        Ok(self.text_text[layer].as_ref().unwrap())
+    }
+
+    /// Every block of `layer` (built with `cross`).
+    pub fn layer(&mut self, layer: usize) -> Result<EncoderBias> {
+        let Some((it, ti)) = self.cross.clone() else {
+            candle_core::bail!("encoder biases built without the image-text blocks");
+        };
+        Ok(EncoderBias {
+            image_image: self.image_image(layer)?.clone(),
+            image_text: it,
+            text_image: ti,
+            text_text: self.text_text(layer)?.clone(),
+        })
+    }
+}
+
+/// Decoder self-attention biases for positions 0..t, each layer's built the first time a
+/// row reaches it.
+pub struct DecoderSelfBiases<'a> {
+    model: &'a Model,
+    abs: Tensor,
+    tok: Tensor,
+    layers: Vec<Option<Tensor>>,
+}
+
+impl<'a> DecoderSelfBiases<'a> {
+    pub fn new(model: &'a Model, pos: &Tensor) -> Result<Self> {
+        let dec = &model.decoder;
+        let t = pos.dim(0)?;
+        let abs = position_bias(
+            &dec.self_pos_q_linear,
+            &dec.self_pos_k_linear,
+            pos,
+            pos,
+            model.cfg.decoder_heads,
+            model.head_scale(),
+        )?;
+        let tok = position::token_bucket_matrix(
+            t,
+            model.cfg.token_bucket_size,
+            model.cfg.max_positions,
+            &model.device,
+        )?;
+        Ok(Self {
+            model,
+            abs,
+            tok,
+            layers: vec![None; dec.token_rel_tables.len()],
+        })
+    }
+
+    /// `[1, h, t, t]` of `layer` (causal mask not included).
+    pub fn layer(&mut self, layer: usize) -> Result<&Tensor> {
+        if self.layers[layer].is_none() {
+            let table = &self.model.decoder.token_rel_tables[layer];
+            let b = self
+                .abs
+                .broadcast_add(&position::relative_bias(table, &self.tok)?)?;
+            self.layers[layer] = Some(b);
+        }
+        Ok(self.layers[layer].as_ref().unwrap())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Model {
     pub cfg: Config,
@@ -457,41 +581,9 @@ impl Model {
 
     /// Biases of every encoder layer (absolute position bias + relative biases).
     pub fn encoder_biases(&self, pos: &EncoderPositions) -> Result<Vec<EncoderBias>> {
-        let e = &self.encoder;
-        let (h, s) = (self.cfg.encoder_heads, self.head_scale());
-        let pb =
-            |a: &Tensor, b: &Tensor| position_bias(&e.pos_q_linear, &e.pos_k_linear, a, b, h, s);
-        let ii = pb(&pos.image, &pos.image)?;
-        let it = pb(&pos.image, &pos.text)?;
-        let ti = pb(&pos.text, &pos.image)?;
-        let tt = pb(&pos.text, &pos.text)?;
-        let l = pos.text.dim(0)?;
-        let tok = position::token_bucket_matrix(
-            l,
-            self.cfg.token_bucket_size,
-            self.cfg.max_positions,
-            &self.device,
-        )?;
-        let img = position::image_bucket_matrix(
-            self.cfg.grid_side(),
-            self.cfg.image_bucket_size,
-            &self.device,
-        )?;
+        let mut lazy = EncoderBiases::new(self, pos, true)?;
         (0..self.cfg.encoder_layers)
-            .map(|layer| {
-                Ok(EncoderBias {
-                    image_image: ii.broadcast_add(&position::relative_bias(
-                        &e.image_rel_tables[layer],
-                        &img,
-                    )?)?,
-                    image_text: it.clone(),
-                    text_image: ti.clone(),
-                    text_text: tt.broadcast_add(&position::relative_bias(
-                        &e.token_rel_tables[layer],
-                        &tok,
-                    )?)?,
-                })
-            })
+            .map(|layer| lazy.layer(layer))
             .collect()
     }
 
@@ -590,25 +682,9 @@ impl Model {
     /// Self-attention bias of every decoder layer for positions 0..t: `[1, h, t, t]` each
     /// (causal mask not included).
     pub fn decoder_self_biases(&self, pos: &Tensor) -> Result<Vec<Tensor>> {
-        let dec = &self.decoder;
-        let t = pos.dim(0)?;
-        let abs = position_bias(
-            &dec.self_pos_q_linear,
-            &dec.self_pos_k_linear,
-            pos,
-            pos,
-            self.cfg.decoder_heads,
-            self.head_scale(),
-        )?;
-        let tok = position::token_bucket_matrix(
-            t,
-            self.cfg.token_bucket_size,
-            self.cfg.max_positions,
-            &self.device,
-        )?;
-        dec.token_rel_tables
-            .iter()
-            .map(|table| abs.broadcast_add(&position::relative_bias(table, &tok)?))
+        let mut lazy = DecoderSelfBiases::new(self, pos)?;
+        (0..self.cfg.decoder_layers)
+            .map(|l| lazy.layer(l).cloned())
             .collect()
     }
 
