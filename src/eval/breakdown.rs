@@ -102,6 +102,7 @@ pub fn breakdown(
                 policy: run.policy.clone(),
                 examples: idx.iter().map(|&i| run.examples[i].clone()).collect(),
                 wall_ms: 0.0,
+                cpu_ms: None,
             };
             GroupReport {
                 examples: idx.len(),

@@ -323,6 +323,8 @@ mod tests {
                 reduction,
                 wall_ms: 1.0,
                 wall_ms_full: 1.0,
+                cpu_ms: None,
+                cpu_ms_full: None,
             },
         }
     }

@@ -116,6 +116,10 @@ pub struct RunOutputs {
     pub examples: Vec<ExampleOutput>,
     /// Wall time of all engine calls.
     pub wall_ms: f64,
+    /// CPU time of the process (every thread) during those calls, where Linux's
+    /// `/proc/self/task` tells it: unlike wall time, other work on the machine hardly moves it.
+    #[serde(default)]
+    pub cpu_ms: Option<f64>,
 }
 
 impl RunOutputs {
@@ -153,6 +157,7 @@ pub fn run(
     let pb = progress_bar(data.len(), opts.progress, &policy.name());
     let mut examples = Vec::with_capacity(data.len());
     let mut wall_ms = 0.0;
+    let mut cpu_ms = Some(0.0);
     match data {
         Dataset::Entail(rows) => {
             for chunk in rows.chunks(opts.batch) {
@@ -165,9 +170,10 @@ pub fn run(
                             .filter(|p| opts.premise && !p.trim().is_empty()),
                     })
                     .collect();
-                let start = Instant::now();
+                let (start, cpu) = (Instant::now(), process_cpu_ms());
                 let outs = engine.entail(&reqs, policy)?;
                 wall_ms += start.elapsed().as_secs_f64() * 1e3;
+                add_cpu(&mut cpu_ms, cpu);
                 for (r, o) in chunk.iter().zip(outs) {
                     examples.push(ExampleOutput {
                         id: r.id.clone(),
@@ -187,9 +193,10 @@ pub fn run(
                     .iter()
                     .map(|r| DynamicImage::ImageRgb8(r.image.clone()))
                     .collect();
-                let start = Instant::now();
+                let (start, cpu) = (Instant::now(), process_cpu_ms());
                 let outs = engine.caption(&images, policy, &opts.search)?;
                 wall_ms += start.elapsed().as_secs_f64() * 1e3;
+                add_cpu(&mut cpu_ms, cpu);
                 for (r, o) in chunk.iter().zip(outs) {
                     examples.push(ExampleOutput {
                         id: r.id.clone(),
@@ -209,7 +216,27 @@ pub fn run(
         policy: policy.name(),
         examples,
         wall_ms,
+        cpu_ms,
     })
+}
+
+/// CPU time of this process so far in ms (user + system, every live thread: the engine's
+/// work runs on rayon's workers), from `/proc/self/task/*/schedstat`; `None` without it.
+pub fn process_cpu_ms() -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e6)
+}
+
+/// Add the CPU time since `start` to `total` (which stays `None` once a reading failed).
+fn add_cpu(total: &mut Option<f64>, start: Option<f64>) {
+    *total = match (*total, start, process_cpu_ms()) {
+        (Some(t), Some(a), Some(b)) => Some(t + (b - a)),
+        _ => None,
+    };
 }
 
 /// Task quality of a run. `primary` is accuracy (entailment) or CIDEr-D (captioning).
@@ -470,6 +497,11 @@ pub struct EvalReport {
     pub reduction: Reduction,
     pub wall_ms: f64,
     pub wall_ms_full: f64,
+    /// CPU time of the run and of the full-depth run ([`RunOutputs::cpu_ms`]).
+    #[serde(default)]
+    pub cpu_ms: Option<f64>,
+    #[serde(default)]
+    pub cpu_ms_full: Option<f64>,
 }
 
 /// `a / b`, 1 when both are 0.
@@ -513,6 +545,8 @@ pub fn report(
         reduction: reduction(run, full),
         wall_ms: run.wall_ms,
         wall_ms_full: full.wall_ms,
+        cpu_ms: run.cpu_ms,
+        cpu_ms_full: full.cpu_ms,
     })
 }
 
@@ -608,6 +642,7 @@ pub fn oracle(engine: &Engine, data: &Dataset, opts: &EvalOptions) -> Result<Ora
         policy: "oracle".into(),
         examples: chosen,
         wall_ms: wall_ms.iter().sum(),
+        cpu_ms: None,
     };
     let mut histogram = vec![0; depth];
     for &d in &depths {

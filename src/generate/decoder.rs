@@ -349,6 +349,7 @@ impl<'a> DecoderState<'a> {
         let exit_layer = run.exit.clone();
 
         // Skipped layers still need this token's keys/values for later, deeper tokens.
+        let mut exit_states: Option<(Vec<usize>, Tensor)> = None;
         for m in 1..layers {
             let fill_rows: Vec<usize> = (0..rows).filter(|&r| exit_layer[r] <= m).collect();
             if fill_rows.is_empty() {
@@ -356,12 +357,15 @@ impl<'a> DecoderState<'a> {
             }
             let (k, v) = match self.fill {
                 KvFill::Propagate => {
-                    let parts: Vec<&Tensor> = fill_rows.iter().map(|&r| run.state(r)).collect();
-                    let hs = Tensor::cat(&parts, 0)?;
+                    // The same rows' exit states serve every layer above their exits.
+                    if exit_states.as_ref().is_none_or(|(r, _)| *r != fill_rows) {
+                        exit_states = Some((fill_rows.clone(), run.gather(&fill_rows)?));
+                    }
+                    let hs = &exit_states.as_ref().unwrap().1;
                     for &r in &fill_rows {
                         self.macs[self.row_sample[r]].executed += cost::propagate(d);
                     }
-                    model.decoder.layers[m].self_key_value(&hs, mode)?
+                    model.decoder.layers[m].self_key_value(hs, mode)?
                 }
                 KvFill::Copy => {
                     let mut ks = Vec::new();
@@ -377,8 +381,7 @@ impl<'a> DecoderState<'a> {
             };
             self.cache.write(m, rows, &fill_rows, t, &k, &v)?;
         }
-        let parts: Vec<&Tensor> = (0..rows).map(|r| run.state(r)).collect();
-        let hs = Tensor::cat(&parts, 0)?;
+        let hs = run.gather(&(0..rows).collect::<Vec<_>>())?;
         let logits = model.logits(&hs, mode)?.squeeze(1)?;
         for r in 0..rows {
             let s = self.row_sample[r];

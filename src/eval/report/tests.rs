@@ -59,6 +59,8 @@ fn report(task: Task, q: f64, full: f64, red: f64) -> EvalReport {
         },
         wall_ms: 1.0,
         wall_ms_full: 1.0,
+        cpu_ms: None,
+        cpu_ms_full: None,
     }
 }
 
