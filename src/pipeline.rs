@@ -137,7 +137,7 @@ impl Engine {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let results = on_pool(|| generate::caption(&self.model, &inputs, policy, search))?;
+        let results = generate::caption(&self.model, &inputs, policy, search)?;
         results
             .into_iter()
             .map(|r| {
@@ -187,8 +187,7 @@ impl Engine {
             });
             prefixes.push(prefix);
         }
-        let results =
-            on_pool(|| generate::classify(&self.model, &inputs, &prefixes, &self.answers, policy))?;
+        let results = generate::classify(&self.model, &inputs, &prefixes, &self.answers, policy)?;
         Ok(results
             .into_iter()
             .map(|r| {
@@ -204,12 +203,4 @@ impl Engine {
             })
             .collect())
     }
-}
-
-/// Runs `f` on a worker of rayon's pool, so that the parallel kernels inside (candle's layer
-/// norm, element-wise ops) run there or split across the pool, instead of each handing its
-/// work from this thread to the pool and sleeping until it is done: a wake-up and a wait per
-/// op, a cost per layer and step that does not shrink with the rows it serves.
-fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
 }
