@@ -689,7 +689,7 @@ impl Model {
         let n = self.embed_tokens.dim(0)?;
         let fast = !infer::reference_kernels() && x.device().is_cpu() && x.dtype() == DType::F32;
         let y = match &self.vocab_panels {
-            Some(p) if fast && vocab::takes(rows, n) && p.rows() == n => {
+            Some(p) if fast && vocab::takes(rows, n, d) && p.rows() == n => {
                 let xv = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut y = vec![0f32; rows * n];
                 p.product(&xv, rows, &mut y)?;

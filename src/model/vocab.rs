@@ -9,9 +9,9 @@
 //!
 //! Same values as gemm: each logit is one fused multiply-add chain over `d` in order,
 //! starting from zero, which is what gemm's kernel computes for these shapes while `d`
-//! fits one depth block (`d <= 512`; every OFA size but Large). One row keeps gemm's
-//! matrix-vector path (another summation order), split over the threads by vocabulary
-//! rows.
+//! fits one depth block (`d <= 512`: OFA-Tiny, -Medium and the shipped model; wider models
+//! keep gemm). One row keeps gemm's matrix-vector path (another summation order), split
+//! over the threads by vocabulary rows.
 
 use candle_core::{Result, Tensor};
 
@@ -21,10 +21,11 @@ const LANES: usize = 16;
 /// does enough work per packed element.
 pub const MAX_ROWS: usize = 16;
 
-/// Whether `rows` x `n` logits take the panels: where gemm would run its general kernel
-/// (2+ rows; up to 256 outputs it computes dot products another way).
-pub fn takes(rows: usize, n: usize) -> bool {
-    (2..=MAX_ROWS).contains(&rows) && rows * n > 256
+/// Whether `rows` x `n` logits of depth `d` take the panels: where gemm would run its
+/// general kernel (2+ rows; up to 256 outputs it computes dot products another way) in
+/// one depth block (beyond 512 it may split the chain, by the machine's cache sizes).
+pub fn takes(rows: usize, n: usize, d: usize) -> bool {
+    (2..=MAX_ROWS).contains(&rows) && rows * n > 256 && d <= 512
 }
 
 /// `E` `[n, d]` as panels `[ceil(n / 16)][d][16]`, the last one zero-padded.
