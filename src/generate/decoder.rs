@@ -9,7 +9,7 @@ use super::rows::{signals, ExitRows};
 use crate::exit::{row_similarity, ExitPolicy, Prediction, Site};
 use crate::model::layers::{key_padding_bias, Mode};
 use crate::model::{DecoderSelfBiases, Model};
-use candle_core::{DType, IndexOp, Result, Tensor, D};
+use candle_core::{DType, IndexOp, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// How skipped layers get keys/values for a token that exited early.
@@ -413,9 +413,4 @@ fn row_kv(pieces: &[(Vec<usize>, Tensor, Tensor)], r: usize) -> Result<(Tensor, 
         }
     }
     candle_core::bail!("no keys/values recorded for row {r}")
-}
-
-/// Log-softmax over the last dimension in f32.
-pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)
 }

@@ -1,9 +1,10 @@
 //! Greedy and beam search over `DecoderState`, with exits in every step.
 
 use super::cost::Macs;
-use super::decoder::{log_softmax, DecoderState, KvFill};
+use super::decoder::{DecoderState, KvFill};
 use super::encoder::EncoderRun;
 use crate::exit::ExitPolicy;
+use crate::model::infer::log_softmax_rows;
 use crate::model::Model;
 use candle_core::Result;
 use serde::{Deserialize, Serialize};
@@ -121,7 +122,7 @@ pub fn greedy(
     for step in 0..=cfg.max_len {
         let tokens: Vec<u32> = live.iter().map(|&s| *seqs[s].last().unwrap()).collect();
         let out = state.step(&tokens)?;
-        let lp = log_softmax(&out.logits)?.to_vec2::<f32>()?;
+        let lp = log_softmax_rows(&out.logits)?;
         let mut keep = Vec::new();
         for (r, &s) in live.iter().enumerate() {
             let mut row = lp[r].clone();
@@ -199,7 +200,7 @@ pub fn beam_search(
     for step in 0..=cfg.max_len {
         let tokens: Vec<u32> = beams.iter().map(|bm| *bm.tokens.last().unwrap()).collect();
         let out = state.step(&tokens)?;
-        let lp = log_softmax(&out.logits)?.to_vec2::<f32>()?;
+        let lp = log_softmax_rows(&out.logits)?;
         let mut next: Vec<Beam> = Vec::new();
         let mut origins: Vec<usize> = Vec::new();
         let mut r0 = 0;

@@ -185,6 +185,47 @@ pub fn bias_softmax(scores: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(scores)
 }
 
+/// Rows of `log_softmax(logits)` over the last dimension of f32 `[rows, n]`, as candle's
+/// composed `log_softmax` computes them, bit for bit (max, `x - max`, `exp`, candle's own
+/// row sum, `ln`, subtraction), in one buffer per row instead of five tensors and a copy:
+/// what greedy and beam search read after every decoding step.
+pub fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let (rows, n) = logits.dims2()?;
+    let x = logits.to_dtype(candle_core::DType::F32)?;
+    if reference_kernels() || !x.device().is_cpu() || n == 0 {
+        return candle_nn::ops::log_softmax(&x, candle_core::D::Minus1)?.to_vec2();
+    }
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("log-softmax rows: CPU tensor expected");
+    };
+    let (a, _) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("log-softmax rows: not contiguous".into()))?;
+    let data = &f32_slice(cpu, "log-softmax rows")?[a..a + rows * n];
+    let row = |src: &[f32]| -> Vec<f32> {
+        let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut out: Vec<f32> = src.iter().map(|&v| (v - max).exp()).collect();
+        let mut sum = 0f32;
+        // SAFETY: `out` holds `n` values.
+        unsafe {
+            <f32 as candle_core::cpu::kernels::VecOps>::vec_reduce_sum(out.as_ptr(), &mut sum, n)
+        };
+        let log_sum = sum.ln();
+        for (o, &v) in out.iter_mut().zip(src) {
+            *o = (v - max) - log_sum;
+        }
+        out
+    };
+    if candle_core::utils::get_num_threads() > 1 && rows > 1 {
+        use rayon::prelude::*;
+        Ok(data.par_chunks(n).map(row).collect())
+    } else {
+        Ok(data.chunks(n).map(row).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +254,31 @@ mod tests {
         let y = Tensor::zeros((2, 3), candle_core::DType::F32, &dev).unwrap();
         let b = Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap();
         assert!(bias_act(y, &b, 1.0, false).is_err());
+    }
+
+    #[test]
+    fn log_softmax_rows_match_composed_ops_bit_for_bit() {
+        let dev = Device::Cpu;
+        for (rows, n) in [(1, 1), (1, 7), (3, 33), (8, 1001), (5, 59457)] {
+            let x = Tensor::randn(0f32, 4.0, (rows, n), &dev).unwrap();
+            let want = candle_nn::ops::log_softmax(&x, D::Minus1)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let got = log_softmax_rows(&x).unwrap();
+            assert_eq!(got.len(), rows);
+            for (g, w) in got.iter().zip(&want) {
+                let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same && g.len() == n, "{rows}x{n}");
+            }
+        }
+        // Banned (-inf) logits stay -inf; a non-matrix is an error.
+        let x = Tensor::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &dev).unwrap();
+        let got = log_softmax_rows(&x).unwrap();
+        assert_eq!(got[0][1], f32::NEG_INFINITY);
+        assert!(
+            log_softmax_rows(&Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap()).is_err()
+        );
     }
 
     #[test]

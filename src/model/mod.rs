@@ -17,6 +17,7 @@ pub mod quant;
 pub mod resnet;
 pub mod stem;
 pub mod threads;
+pub mod vocab;
 pub mod weights;
 
 use anyhow::{bail, Context};
@@ -399,6 +400,9 @@ pub struct Model {
     pub embed_tokens: Tensor,
     /// `embed_tokens` in int8, per vocabulary row (`--precision int8`): the tied projection.
     pub vocab_int8: Option<std::sync::Arc<quant::QMatrix>>,
+    /// `embed_tokens` packed for decoding steps' few rows, at inference loads only (a copy
+    /// that training would leave stale).
+    pub vocab_panels: Option<std::sync::Arc<vocab::VocabPanels>>,
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub device: Device,
@@ -427,6 +431,7 @@ impl Model {
             cfg: cfg.clone(),
             embed_tokens,
             vocab_int8: None,
+            vocab_panels: None,
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             device: vb.device().clone(),
@@ -755,10 +760,22 @@ impl Model {
         // values; `mue bench` caption workload).
         let dims = x.dims().to_vec();
         let d = dims[dims.len() - 1];
-        let x = x.reshape((x.elem_count() / d.max(1), d))?;
-        let y = self.embed_tokens.matmul(&x.t()?)?.t()?.contiguous()?;
+        let rows = x.elem_count() / d.max(1);
+        let x = x.reshape((rows, d))?;
+        let n = self.embed_tokens.dim(0)?;
+        let fast = !infer::reference_kernels() && x.device().is_cpu() && x.dtype() == DType::F32;
+        let y = match &self.vocab_panels {
+            Some(p) if fast && vocab::takes(rows, n, d) && p.rows() == n => {
+                let xv = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut y = vec![0f32; rows * n];
+                p.product(&xv, rows, &mut y)?;
+                Tensor::from_vec(y, (rows, n), x.device())?
+            }
+            _ if fast && rows == 1 => vocab::single_row(&self.embed_tokens, &x)?,
+            _ => self.embed_tokens.matmul(&x.t()?)?.t()?.contiguous()?,
+        };
         let mut out = dims[..dims.len() - 1].to_vec();
-        out.push(self.embed_tokens.dim(0)?);
+        out.push(n);
         y.reshape(out)
     }
 

@@ -1,0 +1,317 @@
+//! The tied vocabulary projection at inference, `logits = x E^T`, for the few rows of a
+//! decoding step.
+//!
+//! gemm multiplies `E x^T` for 2..16 rows with its general kernel: it repacks the whole
+//! embedding matrix `E` (vocabulary x d) into panels on every call and fills only half
+//! of its 16-row register tile at batch 8; the step reads ~61 MB (OFA's 59457 x 256)
+//! either way. [`VocabPanels`] packs `E` once, at load, into panels of 16 vocabulary rows
+//! laid out `[d][16]`, so a step streams it once with every lane busy.
+//!
+//! Same values as gemm: each logit is one fused multiply-add chain over `d` in order,
+//! starting from zero, which is what gemm's kernel computes for these shapes while `d`
+//! fits one depth block (`d <= 512`: OFA-Tiny, -Medium and the shipped model; wider models
+//! keep gemm). One row keeps gemm's matrix-vector path (another summation order), split
+//! over the threads by vocabulary rows.
+
+use candle_core::{Result, Tensor};
+
+/// Vocabulary rows per panel (one AVX-512 register of f32).
+const LANES: usize = 16;
+/// Most rows the panel kernel takes; more go to gemm's packed kernel, which then
+/// does enough work per packed element.
+pub const MAX_ROWS: usize = 16;
+
+/// Whether `rows` x `n` logits of depth `d` take the panels: where gemm would run its
+/// general kernel (2+ rows; up to 256 outputs it computes dot products another way) in
+/// one depth block (beyond 512 it may split the chain, by the machine's cache sizes).
+pub fn takes(rows: usize, n: usize, d: usize) -> bool {
+    (2..=MAX_ROWS).contains(&rows) && rows * n > 256 && d <= 512
+}
+
+/// `E` `[n, d]` as panels `[ceil(n / 16)][d][16]`, the last one zero-padded.
+#[derive(Debug)]
+pub struct VocabPanels {
+    n: usize,
+    d: usize,
+    data: Vec<f32>,
+}
+
+impl VocabPanels {
+    /// Packs row-major `e` of `n` rows of `d`.
+    pub fn new(e: &[f32], n: usize, d: usize) -> Result<Self> {
+        if e.len() != n * d || n == 0 || d == 0 {
+            candle_core::bail!("vocabulary matrix of {} values is not {n} x {d}", e.len());
+        }
+        let panels = n.div_ceil(LANES);
+        let mut data = vec![0f32; panels * d * LANES];
+        for (i, row) in e.chunks_exact(d).enumerate() {
+            let (p, lane) = (i / LANES, i % LANES);
+            let panel = &mut data[p * d * LANES..(p + 1) * d * LANES];
+            for (k, &v) in row.iter().enumerate() {
+                panel[k * LANES + lane] = v;
+            }
+        }
+        Ok(Self { n, d, data })
+    }
+
+    /// Packs the embedding matrix `e` `[n, d]` (f32 on the CPU).
+    pub fn from_tensor(e: &Tensor) -> Result<Self> {
+        let (n, d) = e.dims2()?;
+        let v = e
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Self::new(&v, n, d)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// `y [m, n] = x [m, d] E^T`, threads splitting the panels.
+    pub fn product(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        let (n, d) = (self.n, self.d);
+        if x.len() != m * d || y.len() != m * n {
+            candle_core::bail!(
+                "vocabulary product: {} inputs / {} outputs for {m} rows of {d} -> {n}",
+                x.len(),
+                y.len()
+            );
+        }
+        let panels = n.div_ceil(LANES);
+        let threads = candle_core::utils::get_num_threads().clamp(1, panels);
+        let out = SharedOut(y.as_mut_ptr());
+        let per = panels.div_ceil(threads);
+        let run = |t: usize| {
+            let ps = t * per..((t + 1) * per).min(panels);
+            // SAFETY: each part writes only the columns of its own panels.
+            unsafe { self.panels(x, m, ps, &out) }
+        };
+        if threads == 1 {
+            run(0);
+        } else {
+            use rayon::prelude::*;
+            (0..threads).into_par_iter().for_each(run);
+        }
+        Ok(())
+    }
+
+    /// Panels `ps` into their columns of `out` (`[m, n]`).
+    unsafe fn panels(&self, x: &[f32], m: usize, ps: std::ops::Range<usize>, out: &SharedOut) {
+        let (n, d) = (self.n, self.d);
+        let mut acc = [[0f32; LANES]; MAX_ROWS];
+        for p in ps {
+            let panel = &self.data[p * d * LANES..(p + 1) * d * LANES];
+            let cols = LANES.min(n - p * LANES);
+            // Groups of at most 8 rows: 8 accumulators and the panel's registers fit.
+            let mut r0 = 0;
+            while r0 < m {
+                let r = (m - r0).min(8);
+                let xs = &x[r0 * d..(r0 + r) * d];
+                chains(panel, xs, r, d, &mut acc[..r]);
+                for (i, a) in acc[..r].iter().enumerate() {
+                    let dst = out.0.add((r0 + i) * n + p * LANES);
+                    std::ptr::copy_nonoverlapping(a.as_ptr(), dst, cols);
+                }
+                r0 += r;
+            }
+        }
+    }
+}
+
+struct SharedOut(*mut f32);
+// SAFETY: threads write disjoint columns (see `VocabPanels::product`).
+unsafe impl Sync for SharedOut {}
+
+/// `acc[i][l] = sum_k panel[k][l] * xs[i][k]`, one fused chain per lane in `k` order.
+fn chains(panel: &[f32], xs: &[f32], r: usize, d: usize, acc: &mut [[f32; LANES]]) {
+    macro_rules! dispatch {
+        ($f:ident) => {
+            match r {
+                1 => $f::<1>(panel, xs, d, acc),
+                2 => $f::<2>(panel, xs, d, acc),
+                3 => $f::<3>(panel, xs, d, acc),
+                4 => $f::<4>(panel, xs, d, acc),
+                5 => $f::<5>(panel, xs, d, acc),
+                6 => $f::<6>(panel, xs, d, acc),
+                7 => $f::<7>(panel, xs, d, acc),
+                _ => $f::<8>(panel, xs, d, acc),
+            }
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            unsafe { dispatch!(chains_avx512) };
+            return;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            unsafe { dispatch!(chains_avx2) };
+            return;
+        }
+    }
+    dispatch!(chains_body)
+}
+
+#[inline(always)]
+fn chains_body<const R: usize>(panel: &[f32], xs: &[f32], d: usize, acc: &mut [[f32; LANES]]) {
+    let mut a = [[0f32; LANES]; R];
+    for (k, e) in panel.chunks_exact(LANES).enumerate().take(d) {
+        for (i, ai) in a.iter_mut().enumerate() {
+            let xv = xs[i * d + k];
+            for (v, &el) in ai.iter_mut().zip(e) {
+                *v = el.mul_add(xv, *v);
+            }
+        }
+    }
+    acc[..R].copy_from_slice(&a);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn chains_avx512<const R: usize>(
+    panel: &[f32],
+    xs: &[f32],
+    d: usize,
+    acc: &mut [[f32; LANES]],
+) {
+    chains_body::<R>(panel, xs, d, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chains_avx2<const R: usize>(
+    panel: &[f32],
+    xs: &[f32],
+    d: usize,
+    acc: &mut [[f32; LANES]],
+) {
+    chains_body::<R>(panel, xs, d, acc)
+}
+
+/// `E x^T` through gemm's matrix-vector path for one row `x` `[1, d]`, the vocabulary
+/// split over the threads (each logit computed exactly as one call would): `[1, n]`.
+pub fn single_row(e: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let n = e.dim(0)?;
+    let threads = candle_core::utils::get_num_threads().clamp(1, n);
+    let xt = x.t()?;
+    if threads == 1 {
+        return e.matmul(&xt)?.t()?.contiguous();
+    }
+    use rayon::prelude::*;
+    let per = n.div_ceil(threads);
+    let parts: Vec<Tensor> = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let (a, len) = (t * per, per.min(n - (t * per).min(n)));
+            e.narrow(0, a, len)?.matmul(&xt)
+        })
+        .collect::<Result<_>>()?;
+    Tensor::cat(&parts, 0)?.t()?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The composed reference: candle's `E x^T` (gemm), as `[m, n]`.
+    fn reference(e: &Tensor, x: &Tensor) -> Tensor {
+        e.matmul(&x.t().unwrap())
+            .unwrap()
+            .t()
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    fn fma_cpu() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    #[test]
+    fn panels_match_gemm_on_random_shapes() {
+        let dev = Device::Cpu;
+        // (vocabulary, d, rows): odd sizes, a last panel of 1..15 rows, 2..16 rows.
+        let cases = [
+            (1, 1, 2),
+            (17, 5, 2),
+            (33, 31, 3),
+            (100, 128, 8),
+            (257, 64, 9),
+            (1001, 256, 16),
+            (59, 77, 5),
+        ];
+        for (n, d, m) in cases {
+            let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (m, d), &dev).unwrap();
+            let p = VocabPanels::from_tensor(&e).unwrap();
+            let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut y = vec![f32::NAN; m * n];
+            p.product(&xv, m, &mut y).unwrap();
+            // The definition: one fused chain per logit, in `d` order.
+            let ev = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (i, &got) in y.iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let want = (0..d).fold(0f32, |a, k| ev[c * d + k].mul_add(xv[r * d + k], a));
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{n}x{d}, {m} rows, [{r}, {c}]"
+                );
+            }
+            // gemm's general kernel (more than 256 outputs) fuses the same chain on FMA
+            // machines: the same bits.
+            let want = reference(&e, &x)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let err = y
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let bound = if fma_cpu() && m * n > 256 {
+                0.0
+            } else {
+                1e-4 * d as f32
+            };
+            assert!(err <= bound, "{n}x{d}, {m} rows: {err}");
+        }
+    }
+
+    #[test]
+    fn one_row_split_over_threads_matches_gemm_exactly() {
+        let dev = Device::Cpu;
+        for (n, d) in [(1, 3), (7, 16), (1001, 256), (4099, 33)] {
+            let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (1, d), &dev).unwrap();
+            let got = single_row(&e, &x).unwrap();
+            assert_eq!(got.dims(), &[1, n]);
+            let diff = crate::model::max_abs_diff(&got, &reference(&e, &x)).unwrap();
+            assert_eq!(diff, 0.0, "{n}x{d}");
+        }
+    }
+
+    #[test]
+    fn mismatched_sizes_are_errors() {
+        assert!(VocabPanels::new(&[0.0; 5], 2, 3).is_err());
+        assert!(VocabPanels::new(&[], 0, 3).is_err());
+        let p = VocabPanels::new(&[1.0; 6], 2, 3).unwrap();
+        let mut y = vec![0f32; 4];
+        assert!(p.product(&[1.0; 5], 2, &mut y).is_err());
+        assert!(p.product(&[1.0; 6], 2, &mut y[..3]).is_err());
+        p.product(&[1.0; 6], 2, &mut y).unwrap();
+        assert_eq!(y, vec![3.0; 4]);
+    }
+}
