@@ -37,6 +37,12 @@ pub fn available() -> bool {
     }
 }
 
+thread_local! {
+    /// This thread's im2col tile, kept between tasks: a fresh one per task was a new
+    /// mapping for the kernel to fault in and zero.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A weight `[k, n]` packed as `ceil(n / 64)` panels `[k][64]` (channels past `n` zero).
 #[derive(Debug, Clone)]
 pub struct Panels {
@@ -139,24 +145,27 @@ pub fn conv(
     let task = |t: usize| {
         let (r0, c0) = ((t / chunks) * tile, (t % chunks) * chunk);
         let (m, cn) = (tile.min(rows - r0), chunk.min(n - c0));
-        let mut buf = Vec::new();
-        let a = match &a {
-            Rows::Stored(a) => &a[r0 * k..(r0 + m) * k],
-            Rows::Gathered(f) => {
-                buf = super::conv::take(m * k);
-                f(r0, m, &mut buf);
-                &buf[..]
+        let run = |a: &[f32]| {
+            // SAFETY: task t alone writes rows r0..r0+m, channels c0..c0+cn of `out`
+            // (tiles and chunks partition it); `a` holds m rows of k floats; the panels
+            // hold every channel below n.div_ceil(64) * 64 for all k; `available()` holds.
+            unsafe {
+                let d = dst.get().add(r0 * n);
+                tile_product(w, a, m, d, n, c0, cn, read_dst);
+                tile_epilogue(d, n, m, c0, cn, bias, relu);
             }
         };
-        // SAFETY: task t alone writes rows r0..r0+m, channels c0..c0+cn of `out`
-        // (tiles and chunks partition it); `a` holds m rows of k floats; the panels hold
-        // every channel below n.div_ceil(64) * 64 for all k; `available()` was asserted.
-        unsafe {
-            let d = dst.get().add(r0 * n);
-            tile_product(w, a, m, d, n, c0, cn, read_dst);
-            tile_epilogue(d, n, m, c0, cn, bias, relu);
+        match &a {
+            Rows::Stored(a) => run(&a[r0 * k..(r0 + m) * k]),
+            Rows::Gathered(f) => SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < m * k {
+                    s.resize(m * k, 0.0);
+                }
+                f(r0, m, &mut s[..m * k]);
+                run(&s[..m * k]);
+            }),
         }
-        super::conv::give(buf);
     };
     let tasks = tiles * chunks;
     if threads <= 1 || tasks == 1 {
