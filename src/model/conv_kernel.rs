@@ -194,7 +194,7 @@ unsafe fn tile_product(
 ) {
     use gemm_f32::microkernel::avx512f::f32::UKR;
     let k = w.k;
-    debug_assert!(a.len() >= m * k && c0 % MR == 0);
+    debug_assert!(a.len() >= m * k && c0.is_multiple_of(MR));
     let (p0, p1) = (c0 / MR, (c0 + cn).div_ceil(MR));
     let mut k0 = 0;
     while k0 < k {
@@ -299,7 +299,11 @@ mod tests {
             for n in [5, 64, 130, 256, 1024] {
                 for threads in [1, 2, 3, 16] {
                     let (tile, chunk) = plan(rows, n, threads);
-                    assert!(tile % NR == 0 && tile > 0 && (chunk % MR == 0 || chunk == n));
+                    assert!(
+                        tile.is_multiple_of(NR)
+                            && tile > 0
+                            && (chunk.is_multiple_of(MR) || chunk == n)
+                    );
                     assert!(chunk >= MR.min(n) && tile <= TILE_MAX);
                     let tasks = rows.div_ceil(tile) * n.div_ceil(chunk);
                     let possible = rows.div_ceil(TILE_MIN) * n.div_ceil(MR);
