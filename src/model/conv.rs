@@ -5,7 +5,9 @@
 //! ReLU are applied in one pass over the output. No backward pass: training keeps
 //! candle's ops (`resnet.rs`).
 
+use super::conv_kernel::{self, Panels, Rows};
 use candle_core::{DType, Device, Result, Tensor};
+use std::borrow::Cow;
 
 /// Largest im2col buffer (floats) per GEMM: bounds memory at large batches.
 const IM2COL_FLOATS: usize = 1 << 22;
@@ -20,8 +22,9 @@ thread_local! {
     static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A zeroed buffer of `n` floats, from the pool when one is large enough.
-fn take(n: usize) -> Vec<f32> {
+/// A buffer of `n` floats, from the pool when one is large enough. Its contents are
+/// unspecified (a pooled buffer keeps its old values): every caller overwrites it all.
+pub(super) fn take(n: usize) -> Vec<f32> {
     let mut v = POOL
         .with(|p| {
             let mut p = p.borrow_mut();
@@ -31,13 +34,14 @@ fn take(n: usize) -> Vec<f32> {
             fit.map(|i| p.swap_remove(i))
         })
         .unwrap_or_default();
-    v.clear();
+    // Zeroing what is then overwritten was 6% of the trunk's profile.
+    v.truncate(n);
     v.resize(n, 0.0);
     v
 }
 
 /// Returns a buffer to the pool (the smallest is dropped when it is full).
-fn give(v: Vec<f32>) {
+pub(super) fn give(v: Vec<f32>) {
     if v.capacity() == 0 {
         return;
     }
@@ -99,8 +103,10 @@ impl Drop for Nhwc {
 /// A convolution (BatchNorm folded in) with its weight packed as the GEMM's right operand.
 #[derive(Debug, Clone)]
 pub struct PackedConv {
-    /// `[k * k * c_in, c_out]`: row `(ky * k + kx) * c_in + ci`.
+    /// `[k * k * c_in, c_out]`: row `(ky * k + kx) * c_in + ci`; empty when `panels` holds it.
     weight: Vec<f32>,
+    /// The same weight packed for [`conv_kernel`] (CPUs that run it).
+    panels: Option<Panels>,
     bias: Vec<f32>,
     c_in: usize,
     c_out: usize,
@@ -138,8 +144,15 @@ impl PackedConv {
         if bias.len() != c_out {
             candle_core::bail!("packed conv: bias has {} entries for {c_out}", bias.len());
         }
+        let k = kernel * kernel * c_in;
+        let (weight, panels) = if conv_kernel::available() {
+            (Vec::new(), Some(Panels::pack(&w, k, c_out)))
+        } else {
+            (w, None)
+        };
         Ok(Self {
-            weight: w,
+            weight,
+            panels,
             bias,
             c_in,
             c_out,
@@ -155,7 +168,7 @@ impl PackedConv {
         let k = self.kernel * self.kernel * self.c_in;
         PackedConv {
             int8: Some(super::quant::QMatrix::from_cols(
-                &self.weight,
+                &self.weight_rows(),
                 k,
                 self.c_out,
             )),
@@ -163,11 +176,19 @@ impl PackedConv {
         }
     }
 
+    /// The weight `[k * k * c_in, c_out]`, row-major.
+    fn weight_rows(&self) -> Cow<'_, [f32]> {
+        match &self.panels {
+            Some(p) => Cow::Owned(p.unpack()),
+            None => Cow::Borrowed(&self.weight),
+        }
+    }
+
     /// `dst [m, c_out] (+)= a [m, k] @ weight`, in int8 when the convolution has it.
     fn gemm(&self, dst: &mut [f32], read_dst: bool, a: &[f32], m: usize, k: usize) {
         match &self.int8 {
             Some(q) => super::quant::matmul(super::quant::Kernel::detect(), a, m, q, dst, read_dst),
-            None => gemm_rows(dst, read_dst, a, &self.weight, m, k, self.c_out),
+            None => gemm_rows(dst, read_dst, a, &self.weight_rows(), m, k, self.c_out),
         }
     }
 
@@ -182,14 +203,66 @@ impl PackedConv {
 
     /// `conv(x) + bias`, then ReLU if `relu`.
     pub fn forward(&self, x: &Nhwc, relu: bool) -> Result<Nhwc> {
-        let mut y = self.product(x, None)?;
-        epilogue(&mut y.data, &[&self.bias], relu);
-        Ok(y)
+        self.fused(x, None, Some(&self.bias), relu)
     }
 
     /// The bare product `conv(x)` (no bias), added to `acc` when given (same output shape),
     /// else into a fresh buffer.
     pub fn product(&self, x: &Nhwc, acc: Option<Nhwc>) -> Result<Nhwc> {
+        self.fused(x, acc, None, false)
+    }
+
+    /// `conv(x) (+ acc) (+ bias)`, then ReLU if `relu`: on [`conv_kernel`] in one pass
+    /// per tile, else the product and then [`epilogue`].
+    pub fn fused(
+        &self,
+        x: &Nhwc,
+        acc: Option<Nhwc>,
+        bias: Option<&[f32]>,
+        relu: bool,
+    ) -> Result<Nhwc> {
+        if let Some(b) = bias {
+            if b.len() != self.c_out {
+                candle_core::bail!(
+                    "packed conv: bias has {} entries for {}",
+                    b.len(),
+                    self.c_out
+                );
+            }
+        }
+        let (Some(panels), None) = (&self.panels, &self.int8) else {
+            let mut y = self.product_gemm(x, acc)?;
+            if bias.is_some() || relu {
+                epilogue(&mut y.data, &[bias.unwrap_or(&vec![0.0; self.c_out])], relu);
+            }
+            return Ok(y);
+        };
+        let (rows, (oh, ow), mut out, read_dst) = self.output(x, acc)?;
+        let zeros;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zeros = vec![0.0; self.c_out];
+                &zeros
+            }
+        };
+        let gather = |r0: usize, m: usize, buf: &mut [f32]| self.im2col(x, oh, ow, r0, m, buf);
+        let a = if self.is_pointwise() {
+            Rows::Stored(&x.data)
+        } else {
+            Rows::Gathered(&gather)
+        };
+        conv_kernel::conv(panels, a, rows, &mut out.data, read_dst, bias, relu);
+        Ok(out)
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// The output's row count and sides, and its buffer: `acc`'s (checked, read) or fresh.
+    #[allow(clippy::type_complexity)]
+    fn output(&self, x: &Nhwc, acc: Option<Nhwc>) -> Result<(usize, (usize, usize), Nhwc, bool)> {
         if x.c != self.c_in {
             candle_core::bail!(
                 "packed conv: input has {} channels, the weight {}",
@@ -200,24 +273,44 @@ impl PackedConv {
         let (oh, ow) = (self.out_side(x.h), self.out_side(x.w));
         let rows = x.b * oh * ow;
         let n = self.c_out;
-        let (mut dst, read_dst) = match acc {
-            Some(mut a) => {
+        let (out, read_dst) = match acc {
+            Some(a) => {
                 if (a.b, a.h, a.w, a.c) != (x.b, oh, ow, n) {
                     candle_core::bail!("packed conv: accumulator shape does not match the output");
                 }
-                (std::mem::take(&mut a.data), true)
+                (a, true)
             }
-            None => (take(rows * n), false),
+            None => {
+                let data = take(rows * n);
+                (
+                    Nhwc {
+                        data,
+                        b: x.b,
+                        h: oh,
+                        w: ow,
+                        c: n,
+                    },
+                    false,
+                )
+            }
         };
+        Ok((rows, (oh, ow), out, read_dst))
+    }
+
+    /// The product through `gemm::gemm` or int8 (CPUs without AVX-512, `--precision int8`).
+    fn product_gemm(&self, x: &Nhwc, acc: Option<Nhwc>) -> Result<Nhwc> {
+        let (rows, (oh, ow), mut out, read_dst) = self.output(x, acc)?;
+        let n = self.c_out;
+        let dst = &mut out.data;
         let k = self.kernel * self.kernel * self.c_in;
-        if self.kernel == 1 && self.stride == 1 && self.padding == 0 {
-            self.gemm(&mut dst, read_dst, &x.data, rows, k);
+        if self.is_pointwise() {
+            self.gemm(dst, read_dst, &x.data, rows, k);
         } else if let Some(q) = &self.int8 {
             // int8: each im2col row is gathered into a scratch row and quantized at once
             // (no f32 im2col matrix written and read back).
             let gather = |r: usize, row: &mut [f32]| self.im2col(x, oh, ow, r, 1, row);
             let kernel = super::quant::Kernel::detect();
-            super::quant::matmul_gather(kernel, rows, q, &mut dst, read_dst, &gather);
+            super::quant::matmul_gather(kernel, rows, q, dst, read_dst, &gather);
         } else {
             // im2col in blocks of output pixels, each followed by its GEMM.
             let block = (IM2COL_FLOATS / k).clamp(1, rows);
@@ -237,13 +330,7 @@ impl PackedConv {
             }
             give(cols);
         }
-        Ok(Nhwc {
-            data: dst,
-            b: x.b,
-            h: oh,
-            w: ow,
-            c: n,
-        })
+        Ok(out)
     }
 
     /// [`Self::im2col`] split over the rayon pool when large (a copy: the same bytes
@@ -268,18 +355,22 @@ impl PackedConv {
         for (r, row) in (r0..r0 + m).zip(cols.chunks_exact_mut(k)) {
             let (bi, rest) = (r / (oh * ow), r % (oh * ow));
             let (oy, ox) = (rest / ow, rest % ow);
-            for ky in 0..kk {
-                let iy = (oy * self.stride + ky) as isize - self.padding as isize;
-                for kx in 0..kk {
-                    let ix = (ox * self.stride + kx) as isize - self.padding as isize;
-                    let out = &mut row[(ky * kk + kx) * c..(ky * kk + kx + 1) * c];
-                    if iy < 0 || ix < 0 || iy as usize >= x.h || ix as usize >= x.w {
-                        out.fill(0.0);
-                    } else {
-                        let p = ((bi * x.h + iy as usize) * x.w + ix as usize) * c;
-                        out.copy_from_slice(&x.data[p..p + c]);
-                    }
+            // The taps of one kernel row that fall inside the image are one contiguous
+            // run of the input (channels-last): one copy per kernel row, zeros around it.
+            let left = ox * self.stride; // input column of tap kx, plus the padding
+            let kx_lo = self.padding.saturating_sub(left).min(kk);
+            let kx_hi = (x.w + self.padding).saturating_sub(left).clamp(kx_lo, kk);
+            for (ky, out) in row.chunks_exact_mut(kk * c).enumerate() {
+                let iy = (oy * self.stride + ky).wrapping_sub(self.padding);
+                if iy >= x.h || kx_lo == kx_hi {
+                    out.fill(0.0);
+                    continue;
                 }
+                let ix = left + kx_lo - self.padding;
+                let p = ((bi * x.h + iy) * x.w + ix) * c;
+                out[..kx_lo * c].fill(0.0);
+                out[kx_lo * c..kx_hi * c].copy_from_slice(&x.data[p..p + (kx_hi - kx_lo) * c]);
+                out[kx_hi * c..].fill(0.0);
             }
         }
     }
@@ -356,21 +447,27 @@ pub fn max_pool_3x3_s2(x: &Nhwc) -> Nhwc {
     let (oh, ow) = ((x.h + 2 - 3) / 2 + 1, (x.w + 2 - 3) / 2 + 1);
     let c = x.c;
     let mut out = take(x.b * oh * ow * c);
-    out.fill(f32::NEG_INFINITY);
-    for bi in 0..x.b {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let o = ((bi * oh + oy) * ow + ox) * c;
-                let dst = &mut out[o..o + c];
-                for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(x.h) {
-                    for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(x.w) {
-                        let p = ((bi * x.h + iy) * x.w + ix) * c;
-                        for (d, v) in dst.iter_mut().zip(&x.data[p..p + c]) {
-                            *d = d.max(*v);
-                        }
+    // One output row (all its pixels) per task.
+    let pool_row = |(r, dst_row): (usize, &mut [f32])| {
+        let (bi, oy) = (r / oh, r % oh);
+        dst_row.fill(f32::NEG_INFINITY);
+        for (ox, dst) in dst_row.chunks_exact_mut(c).enumerate() {
+            for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(x.h) {
+                for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(x.w) {
+                    let p = ((bi * x.h + iy) * x.w + ix) * c;
+                    for (d, v) in dst.iter_mut().zip(&x.data[p..p + c]) {
+                        *d = d.max(*v);
                     }
                 }
             }
+        }
+    };
+    if ow * c > 0 {
+        use rayon::prelude::*;
+        if candle_core::utils::get_num_threads() > 1 && out.len() >= 1 << 16 {
+            out.par_chunks_mut(ow * c).enumerate().for_each(pool_row);
+        } else {
+            out.chunks_mut(ow * c).enumerate().for_each(pool_row);
         }
     }
     Nhwc {

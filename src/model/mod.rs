@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod conv;
+pub mod conv_kernel;
 pub mod fused;
 pub mod infer;
 pub mod init;

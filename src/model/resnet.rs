@@ -9,7 +9,7 @@
 //! residual and ReLU fused); weights that train (variables) keep candle's ops, which have
 //! a backward pass.
 
-use super::conv::{epilogue, max_pool_3x3_s2, Nhwc, PackedConv};
+use super::conv::{max_pool_3x3_s2, Nhwc, PackedConv};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use std::sync::Arc;
@@ -202,12 +202,16 @@ impl Bottleneck {
             }
             None => (x, None),
         };
-        let mut out = conv3.product(&y, Some(acc))?;
-        match &ds_bias {
-            Some(ds) => epilogue(&mut out.data, &[conv3.bias(), ds.bias()], true),
-            None => epilogue(&mut out.data, &[conv3.bias()], true),
-        }
-        Ok(out)
+        let bias: Vec<f32> = match &ds_bias {
+            Some(ds) => conv3
+                .bias()
+                .iter()
+                .zip(ds.bias())
+                .map(|(a, b)| a + b)
+                .collect(),
+            None => conv3.bias().to_vec(),
+        };
+        conv3.fused(&y, Some(acc), Some(&bias), true)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
