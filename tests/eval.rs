@@ -592,14 +592,7 @@ fn eval_command_runs_each_policy_kind() {
             threshold: Some(0.5),
             patience: 2,
             depth: 3,
-            exits: ExitArgs {
-                img_threshold: None,
-                text_threshold: None,
-                dec_threshold: None,
-                dec_strict_fraction: None,
-                dec_decay: None,
-                kv_fill: "propagate".into(),
-            },
+            exits: ExitArgs::default(),
             load: Default::default(),
             out: Some(path.clone()),
             predictions: (kind != PolicyKind::Oracle).then(|| preds.clone()),
@@ -648,14 +641,7 @@ fn eval_command_runs_each_policy_kind() {
         threshold: None,
         patience: 2,
         depth: 3,
-        exits: ExitArgs {
-            img_threshold: None,
-            text_threshold: None,
-            dec_threshold: None,
-            dec_strict_fraction: None,
-            dec_decay: None,
-            kv_fill: "propagate".into(),
-        },
+        exits: ExitArgs::default(),
         load: Default::default(),
         out: None,
         predictions: None,
@@ -962,12 +948,8 @@ fn decoder_schedule_from_the_command_line() {
         }
     );
     let args = ExitArgs {
-        img_threshold: None,
-        text_threshold: None,
-        dec_threshold: None,
         dec_strict_fraction: Some(2.0),
-        dec_decay: None,
-        kv_fill: "propagate".into(),
+        ..ExitArgs::default()
     };
     let e = args.policy(MuePolicy::never()).unwrap_err().to_string();
     assert!(e.contains("strict_fraction"), "{e}");

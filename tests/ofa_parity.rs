@@ -67,22 +67,12 @@ fn full_fixture() -> Option<PathBuf> {
     Some(p)
 }
 
-/// Floating tensors of the fixture that the text-output forward pass uses: all but the
-/// two duplicate names of the tied embedding and the parameters that only image-code
-/// generation reads (counted from the weight file, not assumed).
+/// Tensors of the fixture that the text-output forward pass uses (counted from the weight
+/// file, not assumed).
 fn text_forward_tensors() -> usize {
-    let unused = [
-        "decoder.embed_tokens.",
-        "decoder.output_projection.",
-        "decoder.embed_image_positions.",
-        "decoder.image_pos_ln.",
-        "decoder.code_layernorm_embedding.",
-        "decoder.image_rel_pos_table_list.",
-    ];
-    weights::load_state_dict(&fixture_dir().join("model.safetensors"))
-        .unwrap()
-        .keys()
-        .filter(|k| !unused.iter().any(|u| k.starts_with(u)))
+    let all = weights::load_state_dict(&fixture_dir().join("model.safetensors")).unwrap();
+    all.into_keys()
+        .filter(|k| weights::used_for_text_output(k))
         .count()
 }
 

@@ -53,6 +53,20 @@ pub struct ExitArgs {
     pub kv_fill: String,
 }
 
+/// The command line's defaults: no overrides, `propagate`.
+impl Default for ExitArgs {
+    fn default() -> Self {
+        Self {
+            img_threshold: None,
+            text_threshold: None,
+            dec_threshold: None,
+            dec_strict_fraction: None,
+            dec_decay: None,
+            kv_fill: "propagate".into(),
+        }
+    }
+}
+
 impl ExitArgs {
     pub fn policy(&self, base: MuePolicy) -> Result<MuePolicy> {
         let dec = decoder_threshold(

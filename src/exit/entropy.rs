@@ -61,10 +61,7 @@ mod tests {
             assert!(!p.should_exit(Site::Encoder(s), &[pred(1, 0.0)], 6));
         }
         // No prediction, no exit.
-        let plain = LayerSignal {
-            similarity: 1.0,
-            prediction: None,
-        };
+        let plain = LayerSignal::of_similarity(1.0);
         assert!(!p.should_exit(DEC, &[plain], 6));
         assert!(!p.should_exit(DEC, &[], 6));
         assert!(p.needs_predictions());

@@ -124,10 +124,7 @@ mod tests {
     use crate::exit::Stream;
 
     fn sig(s: f32) -> LayerSignal {
-        LayerSignal {
-            similarity: s,
-            prediction: None,
-        }
+        LayerSignal::of_similarity(s)
     }
 
     #[test]

@@ -54,10 +54,7 @@ mod tests {
         assert!(!p.should_exit(dec, &[pred(0.9), pred(0.3)], 6));
         assert!(!p.should_exit(Site::Encoder(Stream::Text), &[pred(1.0)], 6));
         assert!(!p.should_exit(Site::Encoder(Stream::Image), &[pred(1.0)], 6));
-        let none = LayerSignal {
-            similarity: 1.0,
-            prediction: None,
-        };
+        let none = LayerSignal::of_similarity(1.0);
         assert!(!p.should_exit(dec, &[none], 6));
         // A margin can never exceed 1: threshold 1 never exits.
         assert!(!MarginPolicy::new(1.0)

@@ -50,6 +50,16 @@ pub struct LayerSignal {
     pub prediction: Option<Prediction>,
 }
 
+impl LayerSignal {
+    /// A signal with a similarity and no intermediate prediction.
+    pub fn of_similarity(similarity: f32) -> Self {
+        Self {
+            similarity,
+            prediction: None,
+        }
+    }
+}
+
 /// Summary of an intermediate output distribution.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Prediction {

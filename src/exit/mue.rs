@@ -160,10 +160,7 @@ mod tests {
     use super::*;
 
     fn sig(s: f32) -> LayerSignal {
-        LayerSignal {
-            similarity: s,
-            prediction: None,
-        }
+        LayerSignal::of_similarity(s)
     }
 
     #[test]

@@ -133,6 +133,21 @@ pub const TIED_EMBEDDING_NAMES: [&str; 3] = [
     "decoder.output_projection.weight",
 ];
 
+/// Floating tensors of an OFA state dict that the text-output forward pass reads: all
+/// but the two duplicate names of the tied embedding and the parameters that only
+/// image-code generation uses. Tests count a fixture's tensors with it.
+pub fn used_for_text_output(name: &str) -> bool {
+    const UNUSED: [&str; 6] = [
+        "decoder.embed_tokens.",
+        "decoder.output_projection.",
+        "decoder.embed_image_positions.",
+        "decoder.image_pos_ln.",
+        "decoder.code_layernorm_embedding.",
+        "decoder.image_rel_pos_table_list.",
+    ];
+    !UNUSED.iter().any(|u| name.starts_with(u))
+}
+
 /// Checks that the copies of the shared token embedding present in `map`
 /// (any of [`TIED_EMBEDDING_NAMES`]) have the same shape and values.
 pub fn check_tied_embeddings(map: &HashMap<String, Tensor>) -> anyhow::Result<()> {

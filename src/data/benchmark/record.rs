@@ -52,6 +52,22 @@ impl<'a> VeRecord<'a> {
     }
 }
 
+/// The labels wanted of one image's hypotheses, in order: (E, N, N, C) when the scene has
+/// an occluder (what hides behind it makes a question neutral), (E, C) without one;
+/// occluders are in half of the scenes, so the three labels are balanced.
+pub(super) fn wanted_labels(occluded: bool) -> &'static [Label] {
+    if occluded {
+        &[
+            Label::Entailment,
+            Label::Neutral,
+            Label::Neutral,
+            Label::Contradiction,
+        ]
+    } else {
+        &[Label::Entailment, Label::Contradiction]
+    }
+}
+
 /// An image of either benchmark version, as the writer needs it.
 pub(super) trait ToRecord {
     fn record(&self) -> ImageRecord<'_>;

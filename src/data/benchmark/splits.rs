@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::caption::captions;
 use super::hypothesis::{hypothesis_with_label, pick_type, HypSpec, HypType};
-use super::record::{ImageRecord, ToRecord, VeRecord};
+use super::record::{wanted_labels, ImageRecord, ToRecord, VeRecord};
 use super::Label;
 use crate::data::scene::Scene;
 
@@ -33,23 +33,13 @@ pub struct ImageExample {
 
 /// Generates the scene, captions and hypotheses of one image, deterministically.
 ///
-/// Scenes with an occluder get hypotheses labelled (E, N, N, C), scenes without one
-/// (E, C); occluders appear in half of the scenes, so the classes are balanced.
+/// Hypothesis labels as `wanted_labels` gives them.
 pub fn make_image_example(image_id: &str, seed: u64, image_size: u32) -> ImageExample {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let tier = rng.random_range(0..3u8);
     let scene = Scene::generate(rng.random(), tier, image_size);
     let captions = captions(&scene, &mut rng);
-    let wanted: &[Label] = if scene.occluder.is_some() {
-        &[
-            Label::Entailment,
-            Label::Neutral,
-            Label::Neutral,
-            Label::Contradiction,
-        ]
-    } else {
-        &[Label::Entailment, Label::Contradiction]
-    };
+    let wanted = wanted_labels(scene.occluder.is_some());
     let mut ve = Vec::new();
     for (k, &want) in wanted.iter().enumerate() {
         let first = pick_type(&mut rng, scene.occluder.is_some(), want);

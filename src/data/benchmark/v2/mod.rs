@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::record::{scene_key, ImageRecord, ToRecord, VeRecord};
+use super::record::{scene_key, wanted_labels, ImageRecord, ToRecord, VeRecord};
 use super::splits::{image_id, image_seed, Split};
 use super::Label;
 use crate::data::scene::Scene;
@@ -118,18 +118,7 @@ pub fn make_image_example(
         if captions.len() < min_captions {
             continue;
         }
-        // (E, N, N, C) with an occluder, (E, C) without; occluders are in half of the
-        // scenes, so the three labels are balanced.
-        let wanted: &[Label] = if scene.occluder.is_some() {
-            &[
-                Label::Entailment,
-                Label::Neutral,
-                Label::Neutral,
-                Label::Contradiction,
-            ]
-        } else {
-            &[Label::Entailment, Label::Contradiction]
-        };
+        let wanted = wanted_labels(scene.occluder.is_some());
         let mut ve = Vec::new();
         for (k, &want) in wanted.iter().enumerate() {
             let allowed = |t: &str| text_allowed(split, t);
