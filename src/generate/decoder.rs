@@ -7,6 +7,7 @@ use super::encoder::EncoderRun;
 use super::kv_cache::KvCache;
 use super::rows::{signals, ExitRows};
 use crate::exit::{row_similarity, ExitPolicy, Prediction, Site};
+use crate::model::attn_rows::{self, RowsAttention};
 use crate::model::layers::{key_padding_bias, Mode};
 use crate::model::{DecoderSelfBiases, Model};
 use candle_core::{DType, IndexOp, Result, Tensor};
@@ -66,9 +67,10 @@ pub struct DecoderState<'a> {
     self_biases: DecoderSelfBiases<'a>,
     /// `[1, h, T, n]`.
     cross_bias: Tensor,
-    /// Cross keys/values per layer and sample, computed the first time a row of that sample
-    /// reaches the layer.
-    cross_kv: Vec<Vec<Option<(Tensor, Tensor)>>>,
+    /// Cross keys/values per layer, `[samples, h, n, dh]` each, a sample's row computed the
+    /// first time a row of that sample reaches the layer (`cross_have`).
+    cross_kv: Vec<Option<(Tensor, Tensor)>>,
+    cross_have: Vec<Vec<bool>>,
     /// Per layer, the last stack of cross keys/values built for a list of samples (one
     /// batched attention call for all of them), reused while the list stays the same.
     cross_stack: Vec<Option<(Vec<usize>, Tensor, Tensor)>>,
@@ -120,7 +122,8 @@ impl<'a> DecoderState<'a> {
             memory_len: enc.memory_len.clone(),
             self_biases: DecoderSelfBiases::new(model, &pos)?,
             cross_bias: model.decoder_cross_bias(&pos, &enc.positions.joint()?)?,
-            cross_kv: vec![vec![None; b]; model.cfg.decoder_layers],
+            cross_kv: vec![None; model.cfg.decoder_layers],
+            cross_have: vec![vec![false; b]; model.cfg.decoder_layers],
             cross_stack: vec![None; model.cfg.decoder_layers],
             cross_bias_step: None,
             cache: KvCache::new(model.cfg.decoder_layers, steps),
@@ -133,6 +136,11 @@ impl<'a> DecoderState<'a> {
     /// Self-attention keys/values of `layer` so far: `[rows, h, t, dh]` each.
     pub fn cache(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
         self.cache.get(layer, self.t)
+    }
+
+    /// Samples of the batch (rows of the encoder memory).
+    fn row_sample_count(&self) -> usize {
+        self.memory_len.len()
     }
 
     pub fn rows(&self) -> usize {
@@ -161,7 +169,7 @@ impl<'a> DecoderState<'a> {
         let mut missing: Vec<usize> = rows
             .iter()
             .map(|&r| self.row_sample[r])
-            .filter(|&s| self.cross_kv[layer][s].is_none())
+            .filter(|&s| !self.cross_have[layer][s])
             .collect();
         missing.sort_unstable();
         missing.dedup();
@@ -175,9 +183,25 @@ impl<'a> DecoderState<'a> {
         )?;
         let mem = self.memory.index_select(&idx, 0)?;
         let (k, v) = self.model.decoder.layers[layer].cross_key_value(&mem, Mode::INFER)?;
+        let b = self.row_sample_count();
+        if missing.len() == b {
+            // Every sample at once (the first step): the product is the buffer.
+            self.cross_kv[layer] = Some((k.contiguous()?, v.contiguous()?));
+        } else {
+            if self.cross_kv[layer].is_none() {
+                let zeros =
+                    || Tensor::zeros((b, k.dim(1)?, k.dim(2)?, k.dim(3)?), k.dtype(), k.device());
+                self.cross_kv[layer] = Some((zeros()?, zeros()?));
+            }
+            let (bk, bv) = self.cross_kv[layer].as_ref().unwrap();
+            for (j, &s) in missing.iter().enumerate() {
+                bk.slice_set(&k.narrow(0, j, 1)?, 0, s)?;
+                bv.slice_set(&v.narrow(0, j, 1)?, 0, s)?;
+            }
+        }
         let d = self.model.cfg.d_model as u64;
-        for (j, &s) in missing.iter().enumerate() {
-            self.cross_kv[layer][s] = Some((k.narrow(0, j, 1)?, v.narrow(0, j, 1)?));
+        for &s in &missing {
+            self.cross_have[layer][s] = true;
             self.macs[s].executed += cost::cross_key_value(self.memory_len[s] as u64, d);
         }
         Ok(())
@@ -188,6 +212,21 @@ impl<'a> DecoderState<'a> {
     fn cross(&mut self, layer: usize, rows: &[usize], x: &Tensor) -> Result<Tensor> {
         let dl = &self.model.decoder.layers[layer];
         let mode = Mode::INFER;
+        if attn_rows::takes(x) {
+            // Each row reads its sample's keys/values and memory mask in place.
+            let (k, v) = self.cross_kv[layer].as_ref().unwrap();
+            let samples: Vec<usize> = rows.iter().map(|&r| self.row_sample[r]).collect();
+            let kv = RowsAttention {
+                k,
+                v,
+                len: k.dim(2)?,
+                kv_row: &samples,
+                bias: &self.cross_bias,
+                t: self.t,
+                mask: Some((&self.mem_mask, &samples)),
+            };
+            return dl.cross_block_rows(x, &kv);
+        }
         let bias_t = self.cross_bias.i((.., .., self.t..self.t + 1, ..))?;
         // Contiguous runs of rows of the same sample: (sample, first row, rows).
         let mut runs: Vec<(usize, usize, usize)> = Vec::new();
@@ -213,12 +252,13 @@ impl<'a> DecoderState<'a> {
         }
         // Unequal runs: one call per run.
         let mut outs = Vec::new();
+        let (bk, bv) = self.cross_kv[layer].as_ref().unwrap();
         for (s, start, n) in runs {
-            let (k, v) = self.cross_kv[layer][s].as_ref().unwrap();
+            let (k, v) = (bk.narrow(0, s, 1)?, bv.narrow(0, s, 1)?);
             let bias = bias_t.broadcast_add(&self.mem_mask.narrow(0, s, 1)?)?;
             let xs = x.narrow(0, start, n)?.reshape((1, n, dm))?;
             outs.push(
-                dl.cross_block(&xs, (k, v), Some(&bias), mode)?
+                dl.cross_block(&xs, (&k, &v), Some(&bias), mode)?
                     .reshape((n, 1, dm))?,
             );
         }
@@ -251,12 +291,13 @@ impl<'a> DecoderState<'a> {
                 return Ok((k.clone(), v.clone()));
             }
         }
-        let kv: Vec<&(Tensor, Tensor)> = samples
-            .iter()
-            .map(|&s| self.cross_kv[layer][s].as_ref().unwrap())
-            .collect();
-        let k = Tensor::cat(&kv.iter().map(|(k, _)| k).collect::<Vec<_>>(), 0)?;
-        let v = Tensor::cat(&kv.iter().map(|(_, v)| v).collect::<Vec<_>>(), 0)?;
+        let (bk, bv) = self.cross_kv[layer].as_ref().unwrap();
+        let idx = Tensor::from_vec(
+            samples.iter().map(|&s| s as u32).collect::<Vec<_>>(),
+            samples.len(),
+            &self.model.device,
+        )?;
+        let (k, v) = (bk.index_select(&idx, 0)?, bv.index_select(&idx, 0)?);
         self.cross_stack[layer] = Some((samples.to_vec(), k.clone(), v.clone()));
         Ok((k, v))
     }
@@ -304,26 +345,41 @@ impl<'a> DecoderState<'a> {
                 break;
             }
             self.ensure_cross_kv(l, &active)?;
-            let idx = if active.len() == rows {
-                None
-            } else {
-                Some(Tensor::from_vec(
-                    active.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                    active.len(),
-                    dev,
-                )?)
-            };
-            let bias = self.self_biases.layer(l)?.i((.., .., t..t + 1, 0..t + 1))?;
             let dl = &model.decoder.layers[l];
             let h = run.gather(&active)?;
             // Self-attention as `DecoderLayer::self_block`, with this token's keys/values
             // written into the cache and attention reading the cache in place.
             let hn = dl.self_attn_layer_norm.forward(&h, mode)?;
-            let q = dl.self_attn.query(&hn, mode)?;
             let (k, v) = dl.self_attn.key_value(&hn, mode)?;
             self.cache.write(l, rows, &active, t, &k, &v)?;
-            let (pk, pv) = self.cache.read(l, idx.as_ref(), t + 1)?;
-            let a = dl.self_attn.attend(&q, &pk, &pv, Some(&bias), mode)?;
+            let a = if attn_rows::takes(&hn) {
+                let q = dl.self_attn.query_rows(&hn, mode)?;
+                let (bk, bv) = self.cache.buffers(l)?;
+                let kv = RowsAttention {
+                    k: bk,
+                    v: bv,
+                    len: t + 1,
+                    kv_row: &active,
+                    bias: self.self_biases.layer(l)?,
+                    t,
+                    mask: None,
+                };
+                dl.self_attn.attend_rows(&q, &kv)?
+            } else {
+                let q = dl.self_attn.query(&hn, mode)?;
+                let idx = if active.len() == rows {
+                    None
+                } else {
+                    Some(Tensor::from_vec(
+                        active.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                        active.len(),
+                        dev,
+                    )?)
+                };
+                let bias = self.self_biases.layer(l)?.i((.., .., t..t + 1, 0..t + 1))?;
+                let (pk, pv) = self.cache.read(l, idx.as_ref(), t + 1)?;
+                dl.self_attn.attend(&q, &pk, &pv, Some(&bias), mode)?
+            };
             let x = (&h + dl.self_attn_mid_layer_norm.forward(&a, mode)?)?;
             let x = self.cross(l, &active, &x)?;
             let y = dl.ffn_block(&x, mode)?;

@@ -35,6 +35,14 @@ impl KvCache {
         }
     }
 
+    /// The whole buffers of `layer`, `[rows, h, capacity, dh]` each, for reading in place.
+    pub fn buffers(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        match &self.layers[layer] {
+            Some((k, v)) => Ok((k, v)),
+            None => candle_core::bail!("key/value cache of layer {layer} read before any write"),
+        }
+    }
+
     /// Positions `0..len` of `layer` for the rows in `idx` (every row when `None`).
     pub fn read(&self, layer: usize, idx: Option<&Tensor>, len: usize) -> Result<(Tensor, Tensor)> {
         let Some((k, v)) = &self.layers[layer] else {

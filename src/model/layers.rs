@@ -124,6 +124,9 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// The weight in int8 (`--precision int8`, set at load): inference products use it.
     pub int8: Option<std::sync::Arc<super::quant::QMatrix>>,
+    /// The weight packed for products of a few rows (decoding steps; set at inference
+    /// loads, f32, decoder layers): see [`super::vocab::few_rows`].
+    pub panels: Option<std::sync::Arc<super::vocab::VocabPanels>>,
 }
 
 impl Linear {
@@ -132,6 +135,7 @@ impl Linear {
             weight,
             bias,
             int8: None,
+            panels: None,
         }
     }
 
@@ -141,7 +145,13 @@ impl Linear {
             Some(q) if !x.track_op() && !super::infer::reference_kernels() => {
                 super::precision::int8_linear(x, q)
             }
-            _ => matmul_flat(x, &self.weight.t()?),
+            _ => match &self.panels {
+                Some(p) => match super::vocab::few_rows(p, x)? {
+                    Some(y) => Ok(y),
+                    None => matmul_flat(x, &self.weight.t()?),
+                },
+                None => matmul_flat(x, &self.weight.t()?),
+            },
         }
     }
 }
@@ -281,6 +291,20 @@ impl Attention {
         let k = split_heads(&self.k_proj.forward_t(x, mode)?, self.heads)?;
         let v = split_heads(&self.v_proj.forward_t(x, mode)?, self.heads)?;
         Ok((k, v))
+    }
+
+    /// Scaled queries with the heads side by side, `[b, n, h * dh]`: what
+    /// [`Attention::attend_rows`] reads.
+    pub fn query_rows(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.q_proj.forward_act(x, mode, self.scaling, false)
+    }
+
+    /// Inference, one query row each (`q` `[rows, 1, d]` from [`Attention::query_rows`]):
+    /// [`Attention::attend`] over keys/values read in place ([`super::attn_rows`]),
+    /// projected: `[rows, 1, d]`.
+    pub fn attend_rows(&self, q: &Tensor, a: &super::attn_rows::RowsAttention) -> Result<Tensor> {
+        let out = super::attn_rows::attend_rows(q, a, &self.c_attn)?;
+        self.out_proj.forward(&out)
     }
 
     /// softmax(q k^T + bias) v, head-scaled and projected: `[b, nq, d]`.
@@ -514,6 +538,19 @@ impl DecoderLayer {
         let a = self.cross_attn.attend(&q, kv.0, kv.1, bias, mode)?;
         let a = mode.dropout(&self.cross_attn_mid_layer_norm.forward(&a, mode)?)?;
         x + a
+    }
+
+    /// [`DecoderLayer::cross_block`] at inference for one query row each, keys/values read
+    /// in place ([`super::attn_rows`]).
+    pub fn cross_block_rows(
+        &self,
+        x: &Tensor,
+        kv: &super::attn_rows::RowsAttention,
+    ) -> Result<Tensor> {
+        let h = self.cross_attn_layer_norm.forward(x, Mode::INFER)?;
+        let q = self.cross_attn.query_rows(&h, Mode::INFER)?;
+        let a = self.cross_attn.attend_rows(&q, kv)?;
+        x + self.cross_attn_mid_layer_norm.forward(&a, Mode::INFER)?
     }
 
     pub fn ffn_block(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {

@@ -3,6 +3,7 @@
 //! Structs hold weights only; they are immutable and can be shared across threads.
 //! Per-request state (exit decisions, key/value caches) lives in `crate::generate`.
 
+pub mod attn_rows;
 pub mod config;
 pub mod conv;
 pub mod conv_kernel;
@@ -765,15 +766,14 @@ impl Model {
         let x = x.reshape((rows, d))?;
         let n = self.embed_tokens.dim(0)?;
         let fast = !infer::reference_kernels() && x.device().is_cpu() && x.dtype() == DType::F32;
-        let y = match &self.vocab_panels {
-            Some(p) if fast && vocab::takes(rows, n, d) && p.rows() == n => {
-                let xv = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = vec![0f32; rows * n];
-                p.product(&xv, rows, &mut y)?;
-                Tensor::from_vec(y, (rows, n), x.device())?
-            }
-            _ if fast && rows == 1 => vocab::single_row(&self.embed_tokens, &x)?,
-            _ => self.embed_tokens.matmul(&x.t()?)?.t()?.contiguous()?,
+        let panels = match &self.vocab_panels {
+            Some(p) if p.rows() == n => vocab::few_rows(p, &x)?,
+            _ => None,
+        };
+        let y = match panels {
+            Some(y) => y,
+            None if fast && rows == 1 => vocab::single_row(&self.embed_tokens, &x)?,
+            None => self.embed_tokens.matmul(&x.t()?)?.t()?.contiguous()?,
         };
         let mut out = dims[..dims.len() - 1].to_vec();
         out.push(n);

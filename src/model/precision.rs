@@ -58,6 +58,20 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
         model.vocab_panels = Some(Arc::new(panels));
     }
     if precision == Precision::F32 {
+        if model.device.is_cpu() {
+            // The decoder's dense layers too: a decoding step multiplies a few rows.
+            for l in &mut model.decoder.layers {
+                let mut linears = vec![&mut l.fc1, &mut l.fc2];
+                for a in [&mut l.self_attn, &mut l.cross_attn] {
+                    linears.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj]);
+                }
+                for lin in linears {
+                    lin.panels = Some(Arc::new(super::vocab::VocabPanels::from_tensor(
+                        &lin.weight,
+                    )?));
+                }
+            }
+        }
         return Ok(());
     }
     if !model.device.is_cpu() {

@@ -68,6 +68,11 @@ impl VocabPanels {
         self.n
     }
 
+    /// Columns of the packed matrix (`d`).
+    pub fn depth(&self) -> usize {
+        self.d
+    }
+
     /// `y [m, n] = x [m, d] E^T`, threads splitting the panels.
     pub fn product(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         let (n, d) = (self.n, self.d);
@@ -191,6 +196,37 @@ unsafe fn chains_avx2<const R: usize>(
     chains_body::<R>(panel, xs, d, acc)
 }
 
+/// `x [..., d] E^T` through the panels when `x` has a few rows ([`takes`]), f32 on the CPU
+/// outside gradient graphs, else `None` (the caller multiplies with gemm). The decoder's
+/// dense layers use it too, `E` being a weight `[out, in]`: gemm repacked the weight on
+/// every call with 2..16 rows (a decoding step at batch 8), and its kernel computes the
+/// same chains while `in <= 512`.
+pub fn few_rows(p: &VocabPanels, x: &Tensor) -> Result<Option<Tensor>> {
+    let dims = x.dims();
+    let d = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / d.max(1);
+    let fast = !super::infer::reference_kernels()
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && !x.track_op();
+    if !fast || d != p.d || !takes(rows, p.n, d) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let mut y = vec![0f32; rows * p.n];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let xv = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("few-row product: f32 contiguous input expected"),
+        };
+        p.product(xv, rows, &mut y)?;
+    }
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(p.n);
+    Ok(Some(Tensor::from_vec(y, out, x.device())?))
+}
+
 /// `E x^T` through gemm's matrix-vector path for one row `x` `[1, d]`, the vocabulary
 /// split over the threads (each logit computed exactly as one call would): `[1, n]`.
 pub fn single_row(e: &Tensor, x: &Tensor) -> Result<Tensor> {
@@ -287,6 +323,44 @@ mod tests {
                 1e-4 * d as f32
             };
             assert!(err <= bound, "{n}x{d}, {m} rows: {err}");
+        }
+    }
+
+    #[test]
+    fn few_rows_match_a_dense_layer_product() {
+        let dev = Device::Cpu;
+        // (outputs, inputs, leading dims of x): a dense layer's `x W^T` (gemm over the
+        // transposed weight), 2..16 rows of odd and OFA sizes, in <= 512.
+        let cases: [(usize, usize, &[usize]); 7] = [
+            (256, 256, &[8, 1]),
+            (1024, 256, &[2, 1]),
+            (256, 512, &[16, 1]),
+            (33, 77, &[9, 1]),
+            (128, 512, &[5]),
+            (129, 3, &[2, 1]),
+            (512, 128, &[3, 2]),
+        ];
+        for (out, inp, lead) in cases {
+            let w = Tensor::randn(0f32, 1.0, (out, inp), &dev).unwrap();
+            let mut shape = lead.to_vec();
+            shape.push(inp);
+            let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap();
+            let p = VocabPanels::from_tensor(&w).unwrap();
+            let got = few_rows(&p, &x)
+                .unwrap()
+                .expect("a few rows take the panels");
+            let want = crate::model::layers::matmul_flat(&x, &w.t().unwrap()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let err = crate::model::max_abs_diff(&got, &want).unwrap();
+            let bound = if fma_cpu() { 0.0 } else { 1e-4 * inp as f32 };
+            assert!(err <= bound, "{out}x{inp}, {lead:?}: {err}");
+        }
+        // One row, more than 16, or another depth: gemm's (None).
+        let w = Tensor::randn(0f32, 1.0, (64, 32), &dev).unwrap();
+        let p = VocabPanels::from_tensor(&w).unwrap();
+        for shape in [(1, 32), (17, 32), (4, 31)] {
+            let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            assert!(few_rows(&p, &x).unwrap().is_none(), "{shape:?}");
         }
     }
 
