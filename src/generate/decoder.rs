@@ -71,6 +71,8 @@ pub struct DecoderState<'a> {
     /// first time a row of that sample reaches the layer (`cross_have`).
     cross_kv: Vec<Option<(Tensor, Tensor)>>,
     cross_have: Vec<Vec<bool>>,
+    /// The keys of `cross_kv` transposed, `[samples, h, dh, n]`, for the row attention.
+    cross_kt: Vec<Option<Tensor>>,
     /// Per layer, the last stack of cross keys/values built for a list of samples (one
     /// batched attention call for all of them), reused while the list stays the same.
     cross_stack: Vec<Option<(Vec<usize>, Tensor, Tensor)>>,
@@ -124,6 +126,7 @@ impl<'a> DecoderState<'a> {
             cross_bias: model.decoder_cross_bias(&pos, &enc.positions.joint()?)?,
             cross_kv: vec![None; model.cfg.decoder_layers],
             cross_have: vec![vec![false; b]; model.cfg.decoder_layers],
+            cross_kt: vec![None; model.cfg.decoder_layers],
             cross_stack: vec![None; model.cfg.decoder_layers],
             cross_bias_step: None,
             cache: KvCache::new(model.cfg.decoder_layers, steps),
@@ -199,6 +202,12 @@ impl<'a> DecoderState<'a> {
                 bv.slice_set(&v.narrow(0, j, 1)?, 0, s)?;
             }
         }
+        let (bk, _) = self.cross_kv[layer].as_ref().unwrap();
+        self.cross_kt[layer] = if attn_rows::takes(bk) {
+            Some(bk.transpose(2, 3)?.contiguous()?)
+        } else {
+            None
+        };
         let d = self.model.cfg.d_model as u64;
         for &s in &missing {
             self.cross_have[layer][s] = true;
@@ -212,14 +221,15 @@ impl<'a> DecoderState<'a> {
     fn cross(&mut self, layer: usize, rows: &[usize], x: &Tensor) -> Result<Tensor> {
         let dl = &self.model.decoder.layers[layer];
         let mode = Mode::INFER;
-        if attn_rows::takes(x) {
+        if let (true, Some(kt)) = (attn_rows::takes(x), &self.cross_kt[layer]) {
             // Each row reads its sample's keys/values and memory mask in place.
-            let (k, v) = self.cross_kv[layer].as_ref().unwrap();
+            let (_, v) = self.cross_kv[layer].as_ref().unwrap();
             let samples: Vec<usize> = rows.iter().map(|&r| self.row_sample[r]).collect();
             let kv = RowsAttention {
-                k,
+                k: kt,
                 v,
-                len: k.dim(2)?,
+                keys_t: true,
+                len: v.dim(2)?,
                 kv_row: &samples,
                 bias: &self.cross_bias,
                 t: self.t,
@@ -358,6 +368,7 @@ impl<'a> DecoderState<'a> {
                 let kv = RowsAttention {
                     k: bk,
                     v: bv,
+                    keys_t: false,
                     len: t + 1,
                     kv_row: &active,
                     bias: self.self_biases.layer(l)?,

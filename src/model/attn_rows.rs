@@ -19,8 +19,12 @@ use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 /// Keys/values, biases and head scales of one call.
 pub struct RowsAttention<'a> {
     /// Keys and values `[R, h, capacity, dh]`, contiguous f32; positions `0..len` are read.
+    /// With `keys_t` the keys are stored transposed, `[R, h, dh, capacity]`: the scores are
+    /// then fused chains over `dh` for all positions at once, without a horizontal sum per
+    /// position (the cross keys/values, transposed once per request).
     pub k: &'a Tensor,
     pub v: &'a Tensor,
+    pub keys_t: bool,
     pub len: usize,
     /// For each query row, its row of `k` / `v`.
     pub kv_row: &'a [usize],
@@ -58,12 +62,18 @@ fn contiguous<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 /// for queries `q` `[rows, 1, h * dh]` (scaled, contiguous) and per-head scales `c_attn`
 /// `[h]` (NormFormer's).
 pub fn attend_rows(q: &Tensor, a: &RowsAttention, c_attn: &Tensor) -> Result<Tensor> {
-    let (r_kv, h, cap, dh) = a.k.dims4()?;
-    if a.v.dims() != a.k.dims() {
+    let (r_kv, h, cap, dh) = a.v.dims4()?;
+    let k_dims = if a.keys_t {
+        [r_kv, h, dh, cap]
+    } else {
+        [r_kv, h, cap, dh]
+    };
+    if a.k.dims() != k_dims {
         candle_core::bail!(
-            "row attention: values {:?} vs keys {:?}",
+            "row attention: values {:?} vs keys {:?} (transposed: {})",
             a.v.dims(),
-            a.k.dims()
+            a.k.dims(),
+            a.keys_t
         );
     }
     let rows = a.kv_row.len();
@@ -132,7 +142,11 @@ pub fn attend_rows(q: &Tensor, a: &RowsAttention, c_attn: &Tensor) -> Result<Ten
     let task = |i: usize, dst: &mut [f32], scores: &mut Vec<f32>| {
         let (r, hh) = (i / h, i % h);
         let base = (a.kv_row[r] * h + hh) * cap * dh;
-        let keys = &kd[base..base + len * dh];
+        let keys = if a.keys_t {
+            Keys::Cols(&kd[base..base + cap * dh], cap)
+        } else {
+            Keys::Rows(&kd[base..base + len * dh])
+        };
         let vals = &vd[base..base + len * dh];
         let qrow = &qd[r * d + hh * dh..r * d + (hh + 1) * dh];
         scores.clear();
@@ -140,6 +154,8 @@ pub fn attend_rows(q: &Tensor, a: &RowsAttention, c_attn: &Tensor) -> Result<Ten
             Some(m) => bias_at(hh, j) + m,
             None => bias_at(hh, j),
         }));
+        // Room for the transposed keys' chains.
+        scores.resize(2 * len, 0.0);
         head(qrow, keys, vals, scores, dst, c_attn[hh]);
     };
     let work = rows * h * len * dh;
@@ -159,8 +175,16 @@ pub fn attend_rows(q: &Tensor, a: &RowsAttention, c_attn: &Tensor) -> Result<Ten
     Tensor::from_vec(out, (rows, 1, d), q.device())
 }
 
-/// One (row, head): `bias` holds the bias of each position on entry (overwritten).
-fn head(q: &[f32], keys: &[f32], vals: &[f32], bias: &mut [f32], dst: &mut [f32], c: f32) {
+/// One (row, head)'s keys: `len` rows of `dh`, or `dh` rows of `capacity` (transposed).
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    Rows(&'a [f32]),
+    Cols(&'a [f32], usize),
+}
+
+/// One (row, head): `bias` holds the bias of each position on entry, then as many zeros
+/// (scratch; overwritten).
+fn head(q: &[f32], keys: Keys, vals: &[f32], bias: &mut [f32], dst: &mut [f32], c: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
@@ -179,13 +203,13 @@ fn head(q: &[f32], keys: &[f32], vals: &[f32], bias: &mut [f32], dst: &mut [f32]
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn head_avx512(q: &[f32], k: &[f32], v: &[f32], s: &mut [f32], dst: &mut [f32], c: f32) {
+unsafe fn head_avx512(q: &[f32], k: Keys, v: &[f32], s: &mut [f32], dst: &mut [f32], c: f32) {
     head_body(q, k, v, s, dst, c)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(q: &[f32], k: &[f32], v: &[f32], s: &mut [f32], dst: &mut [f32], c: f32) {
+unsafe fn head_avx2(q: &[f32], k: Keys, v: &[f32], s: &mut [f32], dst: &mut [f32], c: f32) {
     head_body(q, k, v, s, dst, c)
 }
 
@@ -218,12 +242,30 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn head_body(q: &[f32], keys: &[f32], vals: &[f32], s: &mut [f32], dst: &mut [f32], c: f32) {
+fn head_body(q: &[f32], keys: Keys, vals: &[f32], s: &mut [f32], dst: &mut [f32], c: f32) {
     let dh = q.len();
+    let (s, chains) = s.split_at_mut(s.len() / 2);
     // Scores plus bias, then the softmax as `infer::bias_softmax` computes it.
+    match keys {
+        Keys::Rows(k) => {
+            for (j, v) in s.iter_mut().enumerate() {
+                *v += dot(q, &k[j * dh..(j + 1) * dh]);
+            }
+        }
+        Keys::Cols(k, cap) => {
+            let len = s.len();
+            for (i, &qi) in q.iter().enumerate() {
+                for (a, &x) in chains.iter_mut().zip(&k[i * cap..i * cap + len]) {
+                    *a = qi.mul_add(x, *a);
+                }
+            }
+            for (v, a) in s.iter_mut().zip(chains.iter()) {
+                *v += a;
+            }
+        }
+    }
     let mut max = f32::NEG_INFINITY;
-    for (j, v) in s.iter_mut().enumerate() {
-        *v += dot(q, &keys[j * dh..(j + 1) * dh]);
+    for v in s.iter() {
         max = max.max(*v);
     }
     let mut sum = 0f32;
@@ -329,6 +371,7 @@ mod tests {
         for (r_kv, h, cap, dh, len, kv_row, masked) in cases {
             let rows = kv_row.len();
             let k = Tensor::randn(0f32, 1.0, (r_kv, h, cap, dh), &dev).unwrap();
+            let kt = k.transpose(2, 3).unwrap().contiguous().unwrap();
             let v = Tensor::randn(0f32, 1.0, (r_kv, h, cap, dh), &dev).unwrap();
             let q = Tensor::randn(0f32, 0.5, (rows, 1, h * dh), &dev).unwrap();
             let tq = 3;
@@ -342,10 +385,11 @@ mod tests {
             }
             let mask = Tensor::from_vec(mv, (r_kv, 1, 1, len), &dev).unwrap();
             let mrows = kv_row.clone();
-            for t in 0..tq {
+            for (t, keys_t) in [(0, false), (1, true), (2, false), (2, true)] {
                 let a = RowsAttention {
-                    k: &k,
+                    k: if keys_t { &kt } else { &k },
                     v: &v,
+                    keys_t,
                     len,
                     kv_row: &kv_row,
                     bias: &bias,
@@ -354,7 +398,12 @@ mod tests {
                 };
                 let got = attend_rows(&q, &a, &c_attn).unwrap();
                 assert_eq!(got.dims(), &[rows, 1, h * dh]);
-                let err = max_abs_diff(&got, &reference(&q, &a, &c_attn)).unwrap();
+                let plain = RowsAttention {
+                    k: &k,
+                    keys_t: false,
+                    ..a
+                };
+                let err = max_abs_diff(&got, &reference(&q, &plain, &c_attn)).unwrap();
                 assert!(err < 2e-5, "{r_kv} {h} {cap} {dh} {len} {kv_row:?}: {err}");
                 // Same call, same bits (the threaded split does not change a sum).
                 let again = attend_rows(&q, &a, &c_attn).unwrap();
@@ -382,6 +431,7 @@ mod tests {
                 &RowsAttention {
                     k: &k,
                     v: &k,
+                    keys_t: false,
                     len,
                     kv_row,
                     bias,
