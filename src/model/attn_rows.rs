@@ -268,9 +268,12 @@ fn head_body(q: &[f32], keys: Keys, vals: &[f32], s: &mut [f32], dst: &mut [f32]
     for v in s.iter() {
         max = max.max(*v);
     }
-    let mut sum = 0f32;
     for v in s.iter_mut() {
-        *v = (*v - max).exp();
+        *v -= max;
+    }
+    super::expf::exp_in_place(s);
+    let mut sum = 0f32;
+    for v in s.iter() {
         sum += *v;
     }
     let inv = 1.0 / sum;

@@ -95,12 +95,10 @@ impl InplaceOp2 for BiasAct {
         par_rows(y, n, work, |_, part| {
             for row in part.chunks_exact_mut(n) {
                 for (v, b) in row.iter_mut().zip(bias) {
-                    let x = (*v + b) * scale;
-                    *v = if gelu {
-                        super::fused::gelu_scalar(x)
-                    } else {
-                        x
-                    };
+                    *v = (*v + b) * scale;
+                }
+                if gelu {
+                    super::fused::gelu_in_place(row);
                 }
             }
         });
@@ -160,9 +158,12 @@ impl InplaceOp2 for BiasSoftmax {
                     *v += bias[off + j * sn];
                     max = max.max(*v);
                 }
-                let mut sum = 0f32;
                 for v in row.iter_mut() {
-                    *v = (*v - max).exp();
+                    *v -= max;
+                }
+                super::expf::exp_in_place(row);
+                let mut sum = 0f32;
+                for v in row.iter() {
                     sum += *v;
                 }
                 let inv = 1.0 / sum;
@@ -206,7 +207,8 @@ pub fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     let data = &f32_slice(cpu, "log-softmax rows")?[a..a + rows * n];
     let row = |src: &[f32]| -> Vec<f32> {
         let max = src.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut out: Vec<f32> = src.iter().map(|&v| (v - max).exp()).collect();
+        let mut out: Vec<f32> = src.iter().map(|&v| v - max).collect();
+        super::expf::exp_in_place(&mut out);
         let mut sum = 0f32;
         // SAFETY: `out` holds `n` values.
         unsafe {

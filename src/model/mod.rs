@@ -7,6 +7,7 @@ pub mod attn_rows;
 pub mod config;
 pub mod conv;
 pub mod conv_kernel;
+pub mod expf;
 pub mod fused;
 pub mod infer;
 pub mod init;
