@@ -20,12 +20,14 @@ const LANES: usize = 16;
 /// Most rows the panel kernel takes; more go to gemm's packed kernel, which then
 /// does enough work per packed element.
 pub const MAX_ROWS: usize = 16;
+/// Deepest product the panels take: gemm computes one chain per output up to here.
+pub const MAX_DEPTH: usize = 512;
 
 /// Whether `rows` x `n` logits of depth `d` take the panels: where gemm would run its
 /// general kernel (2+ rows; up to 256 outputs it computes dot products another way) in
 /// one depth block (beyond 512 it may split the chain, by the machine's cache sizes).
 pub fn takes(rows: usize, n: usize, d: usize) -> bool {
-    (2..=MAX_ROWS).contains(&rows) && rows * n > 256 && d <= 512
+    (2..=MAX_ROWS).contains(&rows) && rows * n > 256 && d <= MAX_DEPTH
 }
 
 /// `E` `[n, d]` as panels `[ceil(n / 16)][d][16]`, the last one zero-padded.
