@@ -318,21 +318,13 @@ impl<'a> EncoderBiases<'a> {
     }
 
     pub fn image_image(&mut self, layer: usize) -> Result<&Tensor> {
-        if self.image_image[layer].is_none() {
-            let rel =
-                position::relative_bias(&self.model.encoder.image_rel_tables[layer], &self.img)?;
-            self.image_image[layer] = Some(self.ii.broadcast_add(&rel)?);
-        }
-        Ok(self.image_image[layer].as_ref().unwrap())
+        let table = &self.model.encoder.image_rel_tables[layer];
+        lazy_bias(&mut self.image_image[layer], &self.ii, table, &self.img)
     }
 
     pub fn text_text(&mut self, layer: usize) -> Result<&Tensor> {
-        if self.text_text[layer].is_none() {
-            let rel =
-                position::relative_bias(&self.model.encoder.token_rel_tables[layer], &self.tok)?;
-            self.text_text[layer] = Some(self.tt.broadcast_add(&rel)?);
-        }
-        Ok(self.text_text[layer].as_ref().unwrap())
+        let table = &self.model.encoder.token_rel_tables[layer];
+        lazy_bias(&mut self.text_text[layer], &self.tt, table, &self.tok)
     }
 
     /// Every block of `layer` (built with `cross`).
@@ -347,6 +339,19 @@ impl<'a> EncoderBiases<'a> {
             text_text: self.text_text(layer)?.clone(),
         })
     }
+}
+
+/// `slot`, filled on first use with `base` plus the relative bias of `table` over `buckets`.
+fn lazy_bias<'s>(
+    slot: &'s mut Option<Tensor>,
+    base: &Tensor,
+    table: &Tensor,
+    buckets: &Tensor,
+) -> Result<&'s Tensor> {
+    if slot.is_none() {
+        *slot = Some(base.broadcast_add(&position::relative_bias(table, buckets)?)?);
+    }
+    Ok(slot.as_ref().unwrap())
 }
 
 /// Decoder self-attention biases for positions 0..t, each layer's built the first time a
