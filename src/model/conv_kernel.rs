@@ -1,14 +1,19 @@
-//! The trunk's f32 convolution product on AVX-512, with gemm-f32's own `x4x6` microkernel
-//! (64 output channels x 6 pixels) driven here instead of through `gemm::gemm`:
-//! - the weight is packed once at load into the microkernel's 64-channel panels (`gemm`
-//!   repacked it on every call, once per thread);
+//! The trunk's f32 convolution product on AVX-512, on this file's microkernel (64 output
+//! channels x 6 pixels: 24 accumulators, the weight read as 4 vectors and each pixel's
+//! input broadcast per depth step), driven directly instead of through `gemm::gemm`:
+//! - the weight is packed once at load into 64-channel panels (`gemm` repacked it on every
+//!   call, once per thread);
 //! - the output is split into tiles of pixels (and, when they are too few for the threads,
 //!   of channels) and each tile's im2col, product and epilogue run on one thread while the
 //!   tile is in cache (`gemm` split each product, with a barrier per depth block, and left
-//!   the im2col and the epilogue to separate passes).
+//!   the im2col and the epilogue to separate passes);
+//! - per depth block, one panel's block (64 x `KC`) meets every pixel of the tile in turn,
+//!   and the last block's store adds the bias and applies the ReLU (no pass of its own).
 //!
-//! Each output is the same sum over depth blocks of `KC` whatever the tiling and thread
-//! count: the results do not depend on the number of threads.
+//! Each output is the same sum over depth blocks of `KC` (each block one fused multiply-add
+//! chain in depth order, added to the partial sum) whatever the tiling and thread count:
+//! the results do not depend on the number of threads. The sums are those gemm-f32's
+//! `x4x6` microkernel computed here before, bit for bit.
 
 use rayon::prelude::*;
 
@@ -16,10 +21,8 @@ use rayon::prelude::*;
 pub const MR: usize = 64;
 /// Pixels per microkernel call.
 const NR: usize = 6;
-/// Depth block: a panel's block (64 x KC) stays in L2 while the pixels stream past it.
+/// Depth block: a panel's block (64 x KC floats) is read once per pixel group.
 const KC: usize = 256;
-/// Panels per pass over a pixel tile: their blocks (8 x 64 KiB) share L2.
-const PANELS_PER_PASS: usize = 8;
 /// Largest pixel tile.
 const TILE_MAX: usize = 96;
 /// Smallest pixel tile before the channels are split too.
@@ -139,20 +142,19 @@ pub fn conv(
         return;
     }
     let threads = candle_core::utils::get_num_threads();
-    let (tile, chunk) = plan(rows, n, threads);
-    let (tiles, chunks) = (rows.div_ceil(tile), n.div_ceil(chunk));
+    let (tile_rows, chunk) = plan(rows, n, threads);
+    let (tiles, chunks) = (rows.div_ceil(tile_rows), n.div_ceil(chunk));
     let dst = SendPtr(out.as_mut_ptr());
     let task = |t: usize| {
-        let (r0, c0) = ((t / chunks) * tile, (t % chunks) * chunk);
-        let (m, cn) = (tile.min(rows - r0), chunk.min(n - c0));
+        let (r0, c0) = ((t / chunks) * tile_rows, (t % chunks) * chunk);
+        let (m, cn) = (tile_rows.min(rows - r0), chunk.min(n - c0));
         let run = |a: &[f32]| {
             // SAFETY: task t alone writes rows r0..r0+m, channels c0..c0+cn of `out`
             // (tiles and chunks partition it); `a` holds m rows of k floats; the panels
             // hold every channel below n.div_ceil(64) * 64 for all k; `available()` holds.
             unsafe {
                 let d = dst.get().add(r0 * n);
-                tile_product(w, a, m, d, n, c0, cn, read_dst);
-                tile_epilogue(d, n, m, c0, cn, bias, relu);
+                tile(w, a, m, d, n, c0, cn, read_dst, bias, relu);
             }
         };
         match &a {
@@ -175,68 +177,9 @@ pub fn conv(
     }
 }
 
-/// `dst[j][c0..c0 + cn] (+)= a[j] @ W[:, c0..c0 + cn]` for the `m` rows of `a` (stride k).
-///
-/// # Safety
-/// `dst` holds `m` rows of stride `ldd` with columns `c0..c0 + cn`; `c0` is a multiple of
-/// 64; `a` holds `m * w.k` floats; AVX-512F is available.
-#[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
-unsafe fn tile_product(
-    w: &Panels,
-    a: &[f32],
-    m: usize,
-    dst: *mut f32,
-    ldd: usize,
-    c0: usize,
-    cn: usize,
-    read_dst: bool,
-) {
-    use gemm_f32::microkernel::avx512f::f32::UKR;
-    let k = w.k;
-    debug_assert!(a.len() >= m * k && c0.is_multiple_of(MR));
-    let (p0, p1) = (c0 / MR, (c0 + cn).div_ceil(MR));
-    let mut k0 = 0;
-    while k0 < k {
-        let kc = KC.min(k - k0);
-        let alpha_status = if k0 == 0 && !read_dst { 0 } else { 1 };
-        for g in (p0..p1).step_by(PANELS_PER_PASS) {
-            for j in (0..m).step_by(NR) {
-                let nc = NR.min(m - j);
-                let rhs = a.as_ptr().add(j * k + k0);
-                for p in g..(g + PANELS_PER_PASS).min(p1) {
-                    let mc = MR.min(c0 + cn - p * MR);
-                    let lhs = w.data.as_ptr().add(p * k * MR + k0 * MR);
-                    UKR[mc.div_ceil(16) - 1][nc - 1](
-                        mc,
-                        nc,
-                        kc,
-                        dst.add(j * ldd + p * MR),
-                        lhs,
-                        rhs,
-                        ldd as isize, // dst_cs: next pixel
-                        1,            // dst_rs: next channel
-                        MR as isize,  // lhs_cs: next depth in the panel
-                        1,            // rhs_rs: next depth in the pixel's row
-                        k as isize,   // rhs_cs: next pixel
-                        1.0,
-                        1.0,
-                        alpha_status,
-                        false,
-                        false,
-                        false,
-                        std::ptr::null(),
-                    );
-                }
-            }
-        }
-        k0 += kc;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_product(
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
     _: &Panels,
     _: &[f32],
     _: usize,
@@ -245,34 +188,146 @@ unsafe fn tile_product(
     _: usize,
     _: usize,
     _: bool,
+    _: &[f32],
+    _: bool,
 ) {
     unreachable!("conv_kernel::available() is false off x86_64")
 }
 
-/// Bias and ReLU on the tile just written (still in cache).
-///
-/// # Safety
-/// As [`tile_product`]'s `dst`.
-unsafe fn tile_epilogue(
-    dst: *mut f32,
-    ldd: usize,
-    m: usize,
-    c0: usize,
-    cn: usize,
-    bias: &[f32],
-    relu: bool,
-) {
-    let bias = &bias[c0..c0 + cn];
-    for j in 0..m {
-        let row = std::slice::from_raw_parts_mut(dst.add(j * ldd + c0), cn);
-        if relu {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v = (*v + b).max(0.0);
+#[cfg(target_arch = "x86_64")]
+use x86::tile;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Panels, KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `acc = sum_k lhs[k] * rhs[j][k]` for `NP` pixels x `MV` vectors of 16 channels, then
+    /// `dst (+)= acc`, `+ bias`, ReLU, stored under the channel masks.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn ukr<const MV: usize, const NP: usize>(
+        kc: usize,
+        lhs: *const f32,
+        rhs: *const f32,
+        rs: usize,
+        dst: *mut f32,
+        ldd: usize,
+        masks: &[u16; 4],
+        add_dst: bool,
+        bias: *const f32,
+        relu: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); MV]; NP];
+        for kk in 0..kc {
+            let l = lhs.add(kk * MR);
+            let mut a = [_mm512_setzero_ps(); MV];
+            for (v, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(l.add(16 * v));
             }
-        } else {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*rhs.add(j * rs + kk));
+                for v in 0..MV {
+                    acc[v] = _mm512_fmadd_ps(a[v], b, acc[v]);
+                }
             }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for v in 0..MV {
+                let d = dst.wrapping_add(j * ldd + 16 * v);
+                let mut y = acc[v];
+                if add_dst {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(masks[v], d));
+                }
+                if !bias.is_null() {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(masks[v], bias.wrapping_add(16 * v)));
+                    if relu {
+                        y = _mm512_max_ps(y, _mm512_setzero_ps());
+                    }
+                }
+                _mm512_mask_storeu_ps(d, masks[v], y);
+            }
+        }
+    }
+
+    /// [`ukr`] for `nc` (1 to 6) pixels.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn ukr_n(
+        nc: usize,
+        kc: usize,
+        lhs: *const f32,
+        rhs: *const f32,
+        rs: usize,
+        dst: *mut f32,
+        ldd: usize,
+        masks: &[u16; 4],
+        add_dst: bool,
+        bias: *const f32,
+        relu: bool,
+    ) {
+        macro_rules! by_pixels {
+            ($($np:literal)*) => {
+                match nc {
+                    $($np => ukr::<4, $np>(kc, lhs, rhs, rs, dst, ldd, masks, add_dst, bias, relu),)*
+                    _ => unreachable!("{nc} pixels"),
+                }
+            };
+        }
+        by_pixels!(1 2 3 4 5 6)
+    }
+
+    /// `dst[j][c0..c0 + cn] (+)= a[j] @ W[:, c0..c0 + cn]` for the `m` rows of `a` (stride
+    /// k), then `+ bias` and ReLU if `relu`.
+    ///
+    /// # Safety
+    /// `dst` holds `m` rows of stride `ldd` with columns `c0..c0 + cn`, `c0 + cn <= ldd`;
+    /// `c0` is a multiple of 64; `a` holds `m * w.k` floats; `bias` holds `c0 + cn`;
+    /// AVX-512F is available.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        w: &Panels,
+        a: &[f32],
+        m: usize,
+        dst: *mut f32,
+        ldd: usize,
+        c0: usize,
+        cn: usize,
+        read_dst: bool,
+        bias: &[f32],
+        relu: bool,
+    ) {
+        let k = w.k;
+        debug_assert!(a.len() >= m * k && c0.is_multiple_of(MR) && bias.len() >= c0 + cn);
+        let (p0, p1, cend) = (c0 / MR, (c0 + cn).div_ceil(MR), c0 + cn);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            // The first block starts the sum (unless accumulating), the last one adds the
+            // bias and applies the ReLU.
+            let add_dst = k0 > 0 || read_dst;
+            let last = k0 + kc == k;
+            for p in p0..p1 {
+                let cb = p * MR;
+                let mut masks = [0u16; 4];
+                for (v, mask) in masks.iter_mut().enumerate() {
+                    let cnt = cend.saturating_sub(cb + 16 * v).min(16);
+                    *mask = ((1u32 << cnt) - 1) as u16;
+                }
+                let lhs = w.data.as_ptr().add(p * k * MR + k0 * MR);
+                let b = if last {
+                    bias.as_ptr().add(cb)
+                } else {
+                    std::ptr::null()
+                };
+                for j in (0..m).step_by(NR) {
+                    let nc = NR.min(m - j);
+                    let rhs = a.as_ptr().add(j * k + k0);
+                    let d = dst.add(j * ldd + cb);
+                    ukr_n(nc, kc, lhs, rhs, k, d, ldd, &masks, add_dst, b, relu);
+                }
+            }
+            k0 += kc;
         }
     }
 }
