@@ -126,7 +126,14 @@ impl PackedConv {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        Self::build(weight, bias, kernel, stride, padding, conv_kernel::available())
+        Self::build(
+            weight,
+            bias,
+            kernel,
+            stride,
+            padding,
+            conv_kernel::available(),
+        )
     }
 
     /// [`Self::new`] on the portable path (`gemm::gemm`), as on CPUs without AVX-512.
@@ -678,7 +685,10 @@ mod tests {
             let got = q.fused(&xn, acc, Some(conv.bias()), true).unwrap();
             let want = (&want + &res).unwrap().relu().unwrap();
             let err = max_diff(&got.into_nchw(&Device::Cpu).unwrap(), &want);
-            assert!(err < 0.02 * scale, "b{b} {ci}->{co} k{k} s{s} residual: {err}");
+            assert!(
+                err < 0.02 * scale,
+                "b{b} {ci}->{co} k{k} s{s} residual: {err}"
+            );
         }
     }
 

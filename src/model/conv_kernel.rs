@@ -97,22 +97,35 @@ impl SendPtr {
     }
 }
 
-/// How the output `[rows, n]` is cut: pixel tiles of `tile` rows, channel ranges of
-/// `chunk` channels (a multiple of 64).
+/// How the output `[rows, n]` is cut: `tiles` pixel ranges (see [`tile_rows`]) and channel
+/// ranges of `chunk` channels (a multiple of 64).
 fn plan(rows: usize, n: usize, threads: usize) -> (usize, usize) {
+    let groups = rows.div_ceil(NR);
+    let fewest = groups.div_ceil(TILE_MAX / NR).max(1);
     if threads <= 1 {
-        return (TILE_MAX.min(rows.next_multiple_of(NR)), n);
+        return (fewest, n);
     }
-    // At least four tasks per thread keep them balanced.
+    // At least four tasks per thread keep them balanced; a multiple of the threads, so
+    // that equal tiles split evenly (a short last tile left one thread a tile behind).
     let want = 4 * threads;
-    let tile = rows
-        .div_ceil(want)
-        .next_multiple_of(NR)
-        .clamp(TILE_MIN, TILE_MAX);
-    let tiles = rows.div_ceil(tile);
+    let tiles = want
+        .min(groups.div_ceil(TILE_MIN / NR))
+        .max(fewest)
+        .next_multiple_of(threads)
+        .min(groups)
+        .max(1);
     let panels = n.div_ceil(MR);
     let splits = want.div_ceil(tiles).clamp(1, panels);
-    (tile, panels.div_ceil(splits) * MR)
+    (tiles, panels.div_ceil(splits) * MR)
+}
+
+/// Rows of pixel tile `t` of `tiles`: whole groups of 6 pixels (the last one may be short),
+/// tiles within one group of each other in size.
+fn tile_rows(t: usize, tiles: usize, rows: usize) -> (usize, usize) {
+    let groups = rows.div_ceil(NR);
+    let r0 = (t * groups / tiles) * NR;
+    let r1 = ((t + 1) * groups / tiles * NR).min(rows);
+    (r0, r1)
 }
 
 /// The left operand `A` (`[rows, k]`, one row per output pixel).
@@ -142,12 +155,12 @@ pub fn conv(
         return;
     }
     let threads = candle_core::utils::get_num_threads();
-    let (tile_rows, chunk) = plan(rows, n, threads);
-    let (tiles, chunks) = (rows.div_ceil(tile_rows), n.div_ceil(chunk));
+    let (tiles, chunk) = plan(rows, n, threads);
+    let chunks = n.div_ceil(chunk);
     let dst = SendPtr(out.as_mut_ptr());
     let task = |t: usize| {
-        let (r0, c0) = ((t / chunks) * tile_rows, (t % chunks) * chunk);
-        let (m, cn) = (tile_rows.min(rows - r0), chunk.min(n - c0));
+        let ((r0, r1), c0) = (tile_rows(t / chunks, tiles, rows), (t % chunks) * chunk);
+        let (m, cn) = (r1 - r0, chunk.min(n - c0));
         let run = |a: &[f32]| {
             // SAFETY: task t alone writes rows r0..r0+m, channels c0..c0+cn of `out`
             // (tiles and chunks partition it); `a` holds m rows of k floats; the panels
@@ -240,7 +253,10 @@ mod x86 {
                     y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(masks[v], d));
                 }
                 if !bias.is_null() {
-                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(masks[v], bias.wrapping_add(16 * v)));
+                    y = _mm512_add_ps(
+                        y,
+                        _mm512_maskz_loadu_ps(masks[v], bias.wrapping_add(16 * v)),
+                    );
                     if relu {
                         y = _mm512_max_ps(y, _mm512_setzero_ps());
                     }
@@ -344,28 +360,40 @@ mod tests {
         }
     }
 
-    /// Tiles are whole microkernel calls (multiples of 6 pixels) within bounds, channel
-    /// chunks whole panels (all channels on one thread); with several threads there are at
-    /// least as many tasks as threads whenever the output has that many panels x tiles of
-    /// the smallest size.
+    /// Tiles partition the rows in whole microkernel calls (6 pixels; the last tile may end
+    /// short), no larger than the largest tile, within one call of each other; channel
+    /// chunks are whole panels (all channels on one thread); with several threads there are
+    /// at least as many tasks as threads whenever the output has that many panels x tiles
+    /// of the smallest size, and the tiles split evenly over the threads when there are
+    /// enough pixels.
     #[test]
     fn plans_partition_the_output() {
-        for rows in [1, 5, 6, 37, 256, 576, 4096, 16384] {
+        for rows in [1, 5, 6, 37, 256, 576, 1024, 4096, 16384] {
             for n in [5, 64, 130, 256, 1024] {
                 for threads in [1, 2, 3, 16] {
-                    let (tile, chunk) = plan(rows, n, threads);
-                    assert!(
-                        tile.is_multiple_of(NR)
-                            && tile > 0
-                            && (chunk.is_multiple_of(MR) || chunk == n)
-                    );
-                    assert!(chunk >= MR.min(n) && tile <= TILE_MAX);
-                    let tasks = rows.div_ceil(tile) * n.div_ceil(chunk);
+                    let (tiles, chunk) = plan(rows, n, threads);
+                    assert!(tiles > 0 && (chunk.is_multiple_of(MR) || chunk == n));
+                    assert!(chunk >= MR.min(n));
+                    let mut next = 0;
+                    let (mut small, mut large) = (usize::MAX, 0);
+                    for t in 0..tiles {
+                        let (r0, r1) = tile_rows(t, tiles, rows);
+                        assert!(r0 == next && r1 > r0 && r1 - r0 <= TILE_MAX, "{rows} {t}");
+                        assert!(r0.is_multiple_of(NR));
+                        let groups = (r1 - r0).div_ceil(NR);
+                        (small, large) = (small.min(groups), large.max(groups));
+                        next = r1;
+                    }
+                    assert!(next == rows && large - small <= 1, "{rows} {tiles}");
+                    let tasks = tiles * n.div_ceil(chunk);
                     let possible = rows.div_ceil(TILE_MIN) * n.div_ceil(MR);
                     assert!(
                         threads == 1 || tasks >= threads.min(possible),
                         "{rows} {n} {threads}"
                     );
+                    if threads > 1 && rows >= threads * TILE_MIN {
+                        assert!(tiles.is_multiple_of(threads), "{rows} {threads}: {tiles}");
+                    }
                 }
             }
         }

@@ -86,10 +86,15 @@ impl Kernel {
 
     /// The kernels this CPU supports, fastest first (the scalar one always).
     pub fn available() -> Vec<Kernel> {
-        [Kernel::Amx, Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Scalar]
-            .into_iter()
-            .filter(|k| k.supported())
-            .collect()
+        [
+            Kernel::Amx,
+            Kernel::Avx512Vnni,
+            Kernel::Avx2,
+            Kernel::Scalar,
+        ]
+        .into_iter()
+        .filter(|k| k.supported())
+        .collect()
     }
 
     /// Activations as u8 (`q + 128`) rather than i8.
