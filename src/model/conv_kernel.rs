@@ -215,82 +215,73 @@ mod x86 {
     use super::{Panels, KC, MR, NR};
     use std::arch::x86_64::*;
 
-    /// `acc = sum_k lhs[k] * rhs[j][k]` for `NP` pixels x `MV` vectors of 16 channels, then
-    /// `dst (+)= acc`, `+ bias`, ReLU, stored under the channel masks.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn ukr<const MV: usize, const NP: usize>(
+    /// One microkernel call: `kc` depth steps of a panel's block `lhs` (64 channels a step)
+    /// against pixels `rhs` (one row of `rs` floats each), into `dst` (rows `ldd` apart).
+    struct Call {
         kc: usize,
         lhs: *const f32,
         rhs: *const f32,
         rs: usize,
         dst: *mut f32,
         ldd: usize,
-        masks: &[u16; 4],
+        /// The channels of each 16-channel vector that exist.
+        masks: [u16; 4],
+        /// Add the partial sum already in `dst` (else start it).
         add_dst: bool,
+        /// Added last (then ReLU if `relu`); null before the last depth block.
         bias: *const f32,
         relu: bool,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); MV]; NP];
-        for kk in 0..kc {
-            let l = lhs.add(kk * MR);
-            let mut a = [_mm512_setzero_ps(); MV];
+    }
+
+    /// `acc = sum_k lhs[k] * rhs[j][k]` for `NP` pixels x 4 vectors of 16 channels, then
+    /// `dst (+)= acc`, `+ bias`, ReLU, stored under the channel masks.
+    #[inline(always)]
+    unsafe fn ukr<const NP: usize>(c: &Call) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; NP];
+        for kk in 0..c.kc {
+            let l = c.lhs.add(kk * MR);
+            let mut a = [_mm512_setzero_ps(); 4];
             for (v, a) in a.iter_mut().enumerate() {
                 *a = _mm512_loadu_ps(l.add(16 * v));
             }
             for (j, acc) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*rhs.add(j * rs + kk));
-                for v in 0..MV {
+                let b = _mm512_set1_ps(*c.rhs.add(j * c.rs + kk));
+                for v in 0..4 {
                     acc[v] = _mm512_fmadd_ps(a[v], b, acc[v]);
                 }
             }
         }
         for (j, acc) in acc.iter().enumerate() {
-            for v in 0..MV {
-                let d = dst.wrapping_add(j * ldd + 16 * v);
+            for (v, &mask) in c.masks.iter().enumerate() {
+                let d = c.dst.wrapping_add(j * c.ldd + 16 * v);
                 let mut y = acc[v];
-                if add_dst {
-                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(masks[v], d));
+                if c.add_dst {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, d));
                 }
-                if !bias.is_null() {
-                    y = _mm512_add_ps(
-                        y,
-                        _mm512_maskz_loadu_ps(masks[v], bias.wrapping_add(16 * v)),
-                    );
-                    if relu {
+                if !c.bias.is_null() {
+                    let b = _mm512_maskz_loadu_ps(mask, c.bias.wrapping_add(16 * v));
+                    y = _mm512_add_ps(y, b);
+                    if c.relu {
                         y = _mm512_max_ps(y, _mm512_setzero_ps());
                     }
                 }
-                _mm512_mask_storeu_ps(d, masks[v], y);
+                _mm512_mask_storeu_ps(d, mask, y);
             }
         }
     }
 
     /// [`ukr`] for `nc` (1 to 6) pixels.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    unsafe fn ukr_n(
-        nc: usize,
-        kc: usize,
-        lhs: *const f32,
-        rhs: *const f32,
-        rs: usize,
-        dst: *mut f32,
-        ldd: usize,
-        masks: &[u16; 4],
-        add_dst: bool,
-        bias: *const f32,
-        relu: bool,
-    ) {
-        macro_rules! by_pixels {
-            ($($np:literal)*) => {
-                match nc {
-                    $($np => ukr::<4, $np>(kc, lhs, rhs, rs, dst, ldd, masks, add_dst, bias, relu),)*
-                    _ => unreachable!("{nc} pixels"),
-                }
-            };
+    unsafe fn ukr_n(nc: usize, c: &Call) {
+        match nc {
+            1 => ukr::<1>(c),
+            2 => ukr::<2>(c),
+            3 => ukr::<3>(c),
+            4 => ukr::<4>(c),
+            5 => ukr::<5>(c),
+            6 => ukr::<6>(c),
+            _ => unreachable!("{nc} pixels"),
         }
-        by_pixels!(1 2 3 4 5 6)
     }
 
     /// `dst[j][c0..c0 + cn] (+)= a[j] @ W[:, c0..c0 + cn]` for the `m` rows of `a` (stride
@@ -337,10 +328,19 @@ mod x86 {
                     std::ptr::null()
                 };
                 for j in (0..m).step_by(NR) {
-                    let nc = NR.min(m - j);
-                    let rhs = a.as_ptr().add(j * k + k0);
-                    let d = dst.add(j * ldd + cb);
-                    ukr_n(nc, kc, lhs, rhs, k, d, ldd, &masks, add_dst, b, relu);
+                    let call = Call {
+                        kc,
+                        lhs,
+                        rhs: a.as_ptr().add(j * k + k0),
+                        rs: k,
+                        dst: dst.add(j * ldd + cb),
+                        ldd,
+                        masks,
+                        add_dst,
+                        bias: b,
+                        relu,
+                    };
+                    ukr_n(NR.min(m - j), &call);
                 }
             }
             k0 += kc;

@@ -638,29 +638,52 @@ mod x86 {
         }
         for v in 0..NV {
             let j0 = (p + v) * NR;
-            if j0 >= out.n {
+            let Some(cols) = columns(w, out, j0) else {
                 break;
-            }
-            let left = out.n - j0;
-            let mask: __mmask16 = if left >= NR {
-                0xffff
-            } else {
-                (1u16 << left) - 1
             };
-            let shift = _mm512_loadu_si512(w.shift.as_ptr().add(j0) as *const _);
-            let sw = _mm512_loadu_ps(w.scale.as_ptr().add(j0));
             for (i, acc) in acc.iter().enumerate() {
-                let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[v], shift));
-                let scale = _mm512_mul_ps(_mm512_set1_ps(rows.scale[r + i]), sw);
-                let d = out.dst.add((r + i) * out.n + j0);
-                let y = if out.read_dst {
-                    _mm512_fmadd_ps(s, scale, _mm512_maskz_loadu_ps(mask, d))
-                } else {
-                    _mm512_mul_ps(s, scale)
-                };
-                _mm512_mask_storeu_ps(d, mask, epilogue(y, out, j0, mask));
+                store(acc[v], rows.scale[r + i], cols, out, r + i, j0);
             }
         }
+    }
+
+    /// The 16 columns from `j0`: store mask, zero-point corrections and weight scales
+    /// (None past the last column).
+    #[inline(always)]
+    unsafe fn columns(w: &QMatrix, out: Out, j0: usize) -> Option<(__mmask16, __m512i, __m512)> {
+        if j0 >= out.n {
+            return None;
+        }
+        let left = out.n - j0;
+        let mask: __mmask16 = if left >= NR {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        };
+        let shift = _mm512_loadu_si512(w.shift.as_ptr().add(j0) as *const _);
+        Some((mask, shift, _mm512_loadu_ps(w.scale.as_ptr().add(j0))))
+    }
+
+    /// One row's 16 sums scaled (`sa` the row's scale) and stored at `row`, `j0`: onto
+    /// `dst` when accumulating, then the epilogue.
+    #[inline(always)]
+    unsafe fn store(
+        acc: __m512i,
+        sa: f32,
+        (mask, shift, sw): (__mmask16, __m512i, __m512),
+        out: Out,
+        row: usize,
+        j0: usize,
+    ) {
+        let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
+        let scale = _mm512_mul_ps(_mm512_set1_ps(sa), sw);
+        let d = out.dst.add(row * out.n + j0);
+        let y = if out.read_dst {
+            _mm512_fmadd_ps(s, scale, _mm512_maskz_loadu_ps(mask, d))
+        } else {
+            _mm512_mul_ps(s, scale)
+        };
+        _mm512_mask_storeu_ps(d, mask, epilogue(y, out, j0, mask));
     }
 
     /// Whether the AMX tile unit runs int8 products here: the CPU has AMX-TILE and
@@ -807,17 +830,9 @@ mod x86 {
                 );
                 for v in 0..1 + two as usize {
                     let j0 = (p + v) * NR;
-                    if j0 >= out.n {
+                    let Some(cols) = columns(w, out, j0) else {
                         break;
-                    }
-                    let left = out.n - j0;
-                    let mask: __mmask16 = if left >= NR {
-                        0xffff
-                    } else {
-                        (1u16 << left) - 1
                     };
-                    let shift = _mm512_loadu_si512(w.shift.as_ptr().add(j0) as *const _);
-                    let sw = _mm512_loadu_ps(w.scale.as_ptr().add(j0));
                     for half in 0..2 {
                         let tile = &sums.0[(2 * v + half) * 256..][..256];
                         for i in 0..16 {
@@ -826,15 +841,7 @@ mod x86 {
                                 break;
                             }
                             let acc = _mm512_loadu_si512(tile.as_ptr().add(16 * i) as *const _);
-                            let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
-                            let scale = _mm512_mul_ps(_mm512_set1_ps(rows.scale[row]), sw);
-                            let d = out.dst.add(row * out.n + j0);
-                            let y = if out.read_dst {
-                                _mm512_fmadd_ps(s, scale, _mm512_maskz_loadu_ps(mask, d))
-                            } else {
-                                _mm512_mul_ps(s, scale)
-                            };
-                            _mm512_mask_storeu_ps(d, mask, epilogue(y, out, j0, mask));
+                            store(acc, rows.scale[row], cols, out, row, j0);
                         }
                     }
                 }
