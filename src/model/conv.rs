@@ -126,6 +126,36 @@ impl PackedConv {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        Self::build(
+            weight,
+            bias,
+            kernel,
+            stride,
+            padding,
+            conv_kernel::available(),
+        )
+    }
+
+    /// [`Self::new`] on the portable path (`gemm::gemm`), as on CPUs without AVX-512.
+    #[cfg(test)]
+    fn portable(
+        weight: &Tensor,
+        bias: &Tensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Self::build(weight, bias, kernel, stride, padding, false)
+    }
+
+    fn build(
+        weight: &Tensor,
+        bias: &Tensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        packed_kernel: bool,
+    ) -> Result<Self> {
         let (c_out, c_in) = (weight.dim(0)?, weight.dim(1)?);
         if weight.elem_count() != c_out * c_in * kernel * kernel || stride == 0 || kernel == 0 {
             candle_core::bail!(
@@ -145,7 +175,7 @@ impl PackedConv {
             candle_core::bail!("packed conv: bias has {} entries for {c_out}", bias.len());
         }
         let k = kernel * kernel * c_in;
-        let (weight, panels) = if conv_kernel::available() {
+        let (weight, panels) = if packed_kernel {
             (Vec::new(), Some(Panels::pack(&w, k, c_out)))
         } else {
             (w, None)
@@ -184,10 +214,22 @@ impl PackedConv {
         }
     }
 
-    /// `dst [m, c_out] (+)= a [m, k] @ weight`, in int8 when the convolution has it.
-    fn gemm(&self, dst: &mut [f32], read_dst: bool, a: &[f32], m: usize, k: usize) {
+    /// `dst [m, c_out] (+)= a [m, k] @ weight`, in int8 (then `epi` in its stores) when the
+    /// convolution has it.
+    fn gemm(
+        &self,
+        dst: &mut [f32],
+        read_dst: bool,
+        a: &[f32],
+        m: usize,
+        k: usize,
+        epi: super::quant::Epilogue,
+    ) {
         match &self.int8 {
-            Some(q) => super::quant::matmul(super::quant::Kernel::detect(), a, m, q, dst, read_dst),
+            Some(q) => {
+                let kernel = super::quant::Kernel::detect();
+                super::quant::matmul_fused(kernel, a, m, q, dst, read_dst, epi)
+            }
             None => gemm_rows(dst, read_dst, a, &self.weight_rows(), m, k, self.c_out),
         }
     }
@@ -230,8 +272,21 @@ impl PackedConv {
                 );
             }
         }
-        let (Some(panels), None) = (&self.panels, &self.int8) else {
-            let mut y = self.product_gemm(x, acc)?;
+        if self.int8.is_some() {
+            // The bias and ReLU in the int8 kernels' stores.
+            let zeros;
+            let bias = match bias {
+                Some(b) => Some(b),
+                None if relu => {
+                    zeros = vec![0.0; self.c_out];
+                    Some(&zeros[..])
+                }
+                None => None,
+            };
+            return self.product_gemm(x, acc, bias.map(|b| (b, relu)));
+        }
+        let Some(panels) = &self.panels else {
+            let mut y = self.product_gemm(x, acc, None)?;
             if bias.is_some() || relu {
                 epilogue(&mut y.data, &[bias.unwrap_or(&vec![0.0; self.c_out])], relu);
             }
@@ -297,20 +352,26 @@ impl PackedConv {
         Ok((rows, (oh, ow), out, read_dst))
     }
 
-    /// The product through `gemm::gemm` or int8 (CPUs without AVX-512, `--precision int8`).
-    fn product_gemm(&self, x: &Nhwc, acc: Option<Nhwc>) -> Result<Nhwc> {
+    /// The product through `gemm::gemm` or int8 (CPUs without AVX-512, `--precision int8`);
+    /// `epi` (int8 only) in the stores.
+    fn product_gemm(
+        &self,
+        x: &Nhwc,
+        acc: Option<Nhwc>,
+        epi: super::quant::Epilogue,
+    ) -> Result<Nhwc> {
         let (rows, (oh, ow), mut out, read_dst) = self.output(x, acc)?;
         let n = self.c_out;
         let dst = &mut out.data;
         let k = self.kernel * self.kernel * self.c_in;
         if self.is_pointwise() {
-            self.gemm(dst, read_dst, &x.data, rows, k);
+            self.gemm(dst, read_dst, &x.data, rows, k, epi);
         } else if let Some(q) = &self.int8 {
             // int8: each im2col row is gathered into a scratch row and quantized at once
             // (no f32 im2col matrix written and read back).
             let gather = |r: usize, row: &mut [f32]| self.im2col(x, oh, ow, r, 1, row);
             let kernel = super::quant::Kernel::detect();
-            super::quant::matmul_gather(kernel, rows, q, dst, read_dst, &gather);
+            super::quant::matmul_gather(kernel, rows, q, dst, read_dst, &gather, epi);
         } else {
             // im2col in blocks of output pixels, each followed by its GEMM.
             let block = (IM2COL_FLOATS / k).clamp(1, rows);
@@ -325,6 +386,7 @@ impl PackedConv {
                     &cols[..m * k],
                     m,
                     k,
+                    epi,
                 );
                 r0 += m;
             }
@@ -514,12 +576,23 @@ mod tests {
             (1, 33, 17, 3, 4, 1, 1, 0),
             // Large enough for the threaded im2col.
             (2, 16, 8, 41, 39, 3, 1, 1),
+            // Several panels (a partial last one) and depth blocks, pixel tiles with a
+            // remainder.
+            (3, 20, 130, 13, 11, 3, 1, 1),
+            (1, 300, 200, 12, 13, 1, 1, 0),
+            (2, 64, 128, 15, 16, 3, 2, 1),
+            (1, 3, 64, 37, 29, 7, 2, 3),
         ];
-        for &(b, ci, co, h, w, k, s, p) in &cases {
+        for (i, &(b, ci, co, h, w, k, s, p)) in cases.iter().enumerate() {
             let x = randn(&[b, ci, h, w], &mut rng);
             let wt = randn(&[co, ci, k, k], &mut rng);
             let bias = randn(&[co], &mut rng);
-            let conv = PackedConv::new(&wt, &bias, k, s, p).unwrap();
+            // Every other case on the portable path (CPUs without AVX-512).
+            let conv = if i % 2 == 1 {
+                PackedConv::portable(&wt, &bias, k, s, p).unwrap()
+            } else {
+                PackedConv::new(&wt, &bias, k, s, p).unwrap()
+            };
             let reference = x
                 .conv2d(&wt, p, s, 1, 1)
                 .unwrap()
@@ -528,15 +601,18 @@ mod tests {
             let (oh, ow) = (reference.dim(2).unwrap(), reference.dim(3).unwrap());
             assert_eq!((conv.out_side(h), conv.out_side(w)), (oh, ow));
             let xn = Nhwc::from_nchw(&x).unwrap();
-            let what = format!("b{b} c{ci}->{co} {h}x{w} k{k} s{s} p{p}");
+            let what = format!("b{b} c{ci}->{co} {h}x{w} k{k} s{s} p{p} case {i}");
             // Plain, and with the ReLU fused.
             let got = conv
                 .forward(&xn, false)
                 .unwrap()
                 .into_nchw(&Device::Cpu)
                 .unwrap();
+            // f32 rounding of sums over the depth (a wrong tap or channel is off by O(1)).
+            let tol = 1e-4 * (k * k * ci) as f32 / 64.0;
+            let tol = tol.max(1e-4);
             assert!(
-                max_diff(&got, &reference) < 1e-4,
+                max_diff(&got, &reference) < tol,
                 "{what}: {}",
                 max_diff(&got, &reference)
             );
@@ -546,7 +622,7 @@ mod tests {
                 .into_nchw(&Device::Cpu)
                 .unwrap();
             let want = reference.relu().unwrap();
-            assert!(max_diff(&got, &want) < 1e-4, "{what} relu");
+            assert!(max_diff(&got, &want) < tol, "{what} relu");
             // Accumulated onto a residual, bias and ReLU after the sum.
             let res = randn(&[b, co, oh, ow], &mut rng);
             let mut y = conv
@@ -555,7 +631,7 @@ mod tests {
             epilogue(&mut y.data, &[conv.bias()], true);
             let got = y.into_nchw(&Device::Cpu).unwrap();
             let want = (&reference + &res).unwrap().relu().unwrap();
-            assert!(max_diff(&got, &want) < 1e-4, "{what} residual");
+            assert!(max_diff(&got, &want) < tol, "{what} residual");
         }
     }
 
@@ -598,6 +674,20 @@ mod tests {
             assert!(
                 err < 0.02 * scale,
                 "b{b} {ci}->{co} k{k} s{s}: {err} of {scale}"
+            );
+            // ReLU, and a residual with the bias and ReLU after the sum, in the int8 stores.
+            let q = conv.to_int8();
+            let got = q.forward(&xn, true).unwrap().into_nchw(&Device::Cpu);
+            let err = max_diff(&got.unwrap(), &want.relu().unwrap());
+            assert!(err < 0.02 * scale, "b{b} {ci}->{co} k{k} s{s} relu: {err}");
+            let res = randn(want.dims(), &mut rng);
+            let acc = Some(Nhwc::from_nchw(&res).unwrap());
+            let got = q.fused(&xn, acc, Some(conv.bias()), true).unwrap();
+            let want = (&want + &res).unwrap().relu().unwrap();
+            let err = max_diff(&got.into_nchw(&Device::Cpu).unwrap(), &want);
+            assert!(
+                err < 0.02 * scale,
+                "b{b} {ci}->{co} k{k} s{s} residual: {err}"
             );
         }
     }

@@ -1,14 +1,19 @@
-//! The trunk's f32 convolution product on AVX-512, with gemm-f32's own `x4x6` microkernel
-//! (64 output channels x 6 pixels) driven here instead of through `gemm::gemm`:
-//! - the weight is packed once at load into the microkernel's 64-channel panels (`gemm`
-//!   repacked it on every call, once per thread);
+//! The trunk's f32 convolution product on AVX-512, on this file's microkernel (64 output
+//! channels x 6 pixels: 24 accumulators, the weight read as 4 vectors and each pixel's
+//! input broadcast per depth step), driven directly instead of through `gemm::gemm`:
+//! - the weight is packed once at load into 64-channel panels (`gemm` repacked it on every
+//!   call, once per thread);
 //! - the output is split into tiles of pixels (and, when they are too few for the threads,
 //!   of channels) and each tile's im2col, product and epilogue run on one thread while the
 //!   tile is in cache (`gemm` split each product, with a barrier per depth block, and left
-//!   the im2col and the epilogue to separate passes).
+//!   the im2col and the epilogue to separate passes);
+//! - per depth block, one panel's block (64 x `KC`) meets every pixel of the tile in turn,
+//!   and the last block's store adds the bias and applies the ReLU (no pass of its own).
 //!
-//! Each output is the same sum over depth blocks of `KC` whatever the tiling and thread
-//! count: the results do not depend on the number of threads.
+//! Each output is the same sum over depth blocks of `KC` (each block one fused multiply-add
+//! chain in depth order, added to the partial sum) whatever the tiling and thread count:
+//! the results do not depend on the number of threads. The sums are those gemm-f32's
+//! `x4x6` microkernel computed here before, bit for bit.
 
 use rayon::prelude::*;
 
@@ -16,10 +21,8 @@ use rayon::prelude::*;
 pub const MR: usize = 64;
 /// Pixels per microkernel call.
 const NR: usize = 6;
-/// Depth block: a panel's block (64 x KC) stays in L2 while the pixels stream past it.
+/// Depth block: a panel's block (64 x KC floats) is read once per pixel group.
 const KC: usize = 256;
-/// Panels per pass over a pixel tile: their blocks (8 x 64 KiB) share L2.
-const PANELS_PER_PASS: usize = 8;
 /// Largest pixel tile.
 const TILE_MAX: usize = 96;
 /// Smallest pixel tile before the channels are split too.
@@ -94,22 +97,35 @@ impl SendPtr {
     }
 }
 
-/// How the output `[rows, n]` is cut: pixel tiles of `tile` rows, channel ranges of
-/// `chunk` channels (a multiple of 64).
+/// How the output `[rows, n]` is cut: `tiles` pixel ranges (see [`tile_rows`]) and channel
+/// ranges of `chunk` channels (a multiple of 64).
 fn plan(rows: usize, n: usize, threads: usize) -> (usize, usize) {
+    let groups = rows.div_ceil(NR);
+    let fewest = groups.div_ceil(TILE_MAX / NR).max(1);
     if threads <= 1 {
-        return (TILE_MAX.min(rows.next_multiple_of(NR)), n);
+        return (fewest, n);
     }
-    // At least four tasks per thread keep them balanced.
+    // At least four tasks per thread keep them balanced; a multiple of the threads, so
+    // that equal tiles split evenly (a short last tile left one thread a tile behind).
     let want = 4 * threads;
-    let tile = rows
-        .div_ceil(want)
-        .next_multiple_of(NR)
-        .clamp(TILE_MIN, TILE_MAX);
-    let tiles = rows.div_ceil(tile);
+    let tiles = want
+        .min(groups.div_ceil(TILE_MIN / NR))
+        .max(fewest)
+        .next_multiple_of(threads)
+        .min(groups)
+        .max(1);
     let panels = n.div_ceil(MR);
     let splits = want.div_ceil(tiles).clamp(1, panels);
-    (tile, panels.div_ceil(splits) * MR)
+    (tiles, panels.div_ceil(splits) * MR)
+}
+
+/// Rows of pixel tile `t` of `tiles`: whole groups of 6 pixels (the last one may be short),
+/// tiles within one group of each other in size.
+fn tile_rows(t: usize, tiles: usize, rows: usize) -> (usize, usize) {
+    let groups = rows.div_ceil(NR);
+    let r0 = (t * groups / tiles) * NR;
+    let r1 = ((t + 1) * groups / tiles * NR).min(rows);
+    (r0, r1)
 }
 
 /// The left operand `A` (`[rows, k]`, one row per output pixel).
@@ -139,20 +155,19 @@ pub fn conv(
         return;
     }
     let threads = candle_core::utils::get_num_threads();
-    let (tile, chunk) = plan(rows, n, threads);
-    let (tiles, chunks) = (rows.div_ceil(tile), n.div_ceil(chunk));
+    let (tiles, chunk) = plan(rows, n, threads);
+    let chunks = n.div_ceil(chunk);
     let dst = SendPtr(out.as_mut_ptr());
     let task = |t: usize| {
-        let (r0, c0) = ((t / chunks) * tile, (t % chunks) * chunk);
-        let (m, cn) = (tile.min(rows - r0), chunk.min(n - c0));
+        let ((r0, r1), c0) = (tile_rows(t / chunks, tiles, rows), (t % chunks) * chunk);
+        let (m, cn) = (r1 - r0, chunk.min(n - c0));
         let run = |a: &[f32]| {
             // SAFETY: task t alone writes rows r0..r0+m, channels c0..c0+cn of `out`
             // (tiles and chunks partition it); `a` holds m rows of k floats; the panels
             // hold every channel below n.div_ceil(64) * 64 for all k; `available()` holds.
             unsafe {
                 let d = dst.get().add(r0 * n);
-                tile_product(w, a, m, d, n, c0, cn, read_dst);
-                tile_epilogue(d, n, m, c0, cn, bias, relu);
+                tile(w, a, m, d, n, c0, cn, read_dst, bias, relu);
             }
         };
         match &a {
@@ -175,68 +190,9 @@ pub fn conv(
     }
 }
 
-/// `dst[j][c0..c0 + cn] (+)= a[j] @ W[:, c0..c0 + cn]` for the `m` rows of `a` (stride k).
-///
-/// # Safety
-/// `dst` holds `m` rows of stride `ldd` with columns `c0..c0 + cn`; `c0` is a multiple of
-/// 64; `a` holds `m * w.k` floats; AVX-512F is available.
-#[allow(clippy::too_many_arguments)]
-#[cfg(target_arch = "x86_64")]
-unsafe fn tile_product(
-    w: &Panels,
-    a: &[f32],
-    m: usize,
-    dst: *mut f32,
-    ldd: usize,
-    c0: usize,
-    cn: usize,
-    read_dst: bool,
-) {
-    use gemm_f32::microkernel::avx512f::f32::UKR;
-    let k = w.k;
-    debug_assert!(a.len() >= m * k && c0.is_multiple_of(MR));
-    let (p0, p1) = (c0 / MR, (c0 + cn).div_ceil(MR));
-    let mut k0 = 0;
-    while k0 < k {
-        let kc = KC.min(k - k0);
-        let alpha_status = if k0 == 0 && !read_dst { 0 } else { 1 };
-        for g in (p0..p1).step_by(PANELS_PER_PASS) {
-            for j in (0..m).step_by(NR) {
-                let nc = NR.min(m - j);
-                let rhs = a.as_ptr().add(j * k + k0);
-                for p in g..(g + PANELS_PER_PASS).min(p1) {
-                    let mc = MR.min(c0 + cn - p * MR);
-                    let lhs = w.data.as_ptr().add(p * k * MR + k0 * MR);
-                    UKR[mc.div_ceil(16) - 1][nc - 1](
-                        mc,
-                        nc,
-                        kc,
-                        dst.add(j * ldd + p * MR),
-                        lhs,
-                        rhs,
-                        ldd as isize, // dst_cs: next pixel
-                        1,            // dst_rs: next channel
-                        MR as isize,  // lhs_cs: next depth in the panel
-                        1,            // rhs_rs: next depth in the pixel's row
-                        k as isize,   // rhs_cs: next pixel
-                        1.0,
-                        1.0,
-                        alpha_status,
-                        false,
-                        false,
-                        false,
-                        std::ptr::null(),
-                    );
-                }
-            }
-        }
-        k0 += kc;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_product(
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
     _: &Panels,
     _: &[f32],
     _: usize,
@@ -245,34 +201,149 @@ unsafe fn tile_product(
     _: usize,
     _: usize,
     _: bool,
+    _: &[f32],
+    _: bool,
 ) {
     unreachable!("conv_kernel::available() is false off x86_64")
 }
 
-/// Bias and ReLU on the tile just written (still in cache).
-///
-/// # Safety
-/// As [`tile_product`]'s `dst`.
-unsafe fn tile_epilogue(
-    dst: *mut f32,
-    ldd: usize,
-    m: usize,
-    c0: usize,
-    cn: usize,
-    bias: &[f32],
-    relu: bool,
-) {
-    let bias = &bias[c0..c0 + cn];
-    for j in 0..m {
-        let row = std::slice::from_raw_parts_mut(dst.add(j * ldd + c0), cn);
-        if relu {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v = (*v + b).max(0.0);
+#[cfg(target_arch = "x86_64")]
+use x86::tile;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Panels, KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// One microkernel call: `kc` depth steps of a panel's block `lhs` (64 channels a step)
+    /// against pixels `rhs` (one row of `rs` floats each), into `dst` (rows `ldd` apart).
+    struct Call {
+        kc: usize,
+        lhs: *const f32,
+        rhs: *const f32,
+        rs: usize,
+        dst: *mut f32,
+        ldd: usize,
+        /// The channels of each 16-channel vector that exist.
+        masks: [u16; 4],
+        /// Add the partial sum already in `dst` (else start it).
+        add_dst: bool,
+        /// Added last (then ReLU if `relu`); null before the last depth block.
+        bias: *const f32,
+        relu: bool,
+    }
+
+    /// `acc = sum_k lhs[k] * rhs[j][k]` for `NP` pixels x 4 vectors of 16 channels, then
+    /// `dst (+)= acc`, `+ bias`, ReLU, stored under the channel masks.
+    #[inline(always)]
+    unsafe fn ukr<const NP: usize>(c: &Call) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; NP];
+        for kk in 0..c.kc {
+            let l = c.lhs.add(kk * MR);
+            let mut a = [_mm512_setzero_ps(); 4];
+            for (v, a) in a.iter_mut().enumerate() {
+                *a = _mm512_loadu_ps(l.add(16 * v));
             }
-        } else {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*c.rhs.add(j * c.rs + kk));
+                for v in 0..4 {
+                    acc[v] = _mm512_fmadd_ps(a[v], b, acc[v]);
+                }
             }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (v, &mask) in c.masks.iter().enumerate() {
+                let d = c.dst.wrapping_add(j * c.ldd + 16 * v);
+                let mut y = acc[v];
+                if c.add_dst {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, d));
+                }
+                if !c.bias.is_null() {
+                    let b = _mm512_maskz_loadu_ps(mask, c.bias.wrapping_add(16 * v));
+                    y = _mm512_add_ps(y, b);
+                    if c.relu {
+                        y = _mm512_max_ps(y, _mm512_setzero_ps());
+                    }
+                }
+                _mm512_mask_storeu_ps(d, mask, y);
+            }
+        }
+    }
+
+    /// [`ukr`] for `nc` (1 to 6) pixels.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn ukr_n(nc: usize, c: &Call) {
+        match nc {
+            1 => ukr::<1>(c),
+            2 => ukr::<2>(c),
+            3 => ukr::<3>(c),
+            4 => ukr::<4>(c),
+            5 => ukr::<5>(c),
+            6 => ukr::<6>(c),
+            _ => unreachable!("{nc} pixels"),
+        }
+    }
+
+    /// `dst[j][c0..c0 + cn] (+)= a[j] @ W[:, c0..c0 + cn]` for the `m` rows of `a` (stride
+    /// k), then `+ bias` and ReLU if `relu`.
+    ///
+    /// # Safety
+    /// `dst` holds `m` rows of stride `ldd` with columns `c0..c0 + cn`, `c0 + cn <= ldd`;
+    /// `c0` is a multiple of 64; `a` holds `m * w.k` floats; `bias` holds `c0 + cn`;
+    /// AVX-512F is available.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        w: &Panels,
+        a: &[f32],
+        m: usize,
+        dst: *mut f32,
+        ldd: usize,
+        c0: usize,
+        cn: usize,
+        read_dst: bool,
+        bias: &[f32],
+        relu: bool,
+    ) {
+        let k = w.k;
+        debug_assert!(a.len() >= m * k && c0.is_multiple_of(MR) && bias.len() >= c0 + cn);
+        let (p0, p1, cend) = (c0 / MR, (c0 + cn).div_ceil(MR), c0 + cn);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            // The first block starts the sum (unless accumulating), the last one adds the
+            // bias and applies the ReLU.
+            let add_dst = k0 > 0 || read_dst;
+            let last = k0 + kc == k;
+            for p in p0..p1 {
+                let cb = p * MR;
+                let mut masks = [0u16; 4];
+                for (v, mask) in masks.iter_mut().enumerate() {
+                    let cnt = cend.saturating_sub(cb + 16 * v).min(16);
+                    *mask = ((1u32 << cnt) - 1) as u16;
+                }
+                let lhs = w.data.as_ptr().add(p * k * MR + k0 * MR);
+                let b = if last {
+                    bias.as_ptr().add(cb)
+                } else {
+                    std::ptr::null()
+                };
+                for j in (0..m).step_by(NR) {
+                    let call = Call {
+                        kc,
+                        lhs,
+                        rhs: a.as_ptr().add(j * k + k0),
+                        rs: k,
+                        dst: dst.add(j * ldd + cb),
+                        ldd,
+                        masks,
+                        add_dst,
+                        bias: b,
+                        relu,
+                    };
+                    ukr_n(NR.min(m - j), &call);
+                }
+            }
+            k0 += kc;
         }
     }
 }
@@ -289,28 +360,40 @@ mod tests {
         }
     }
 
-    /// Tiles are whole microkernel calls (multiples of 6 pixels) within bounds, channel
-    /// chunks whole panels (all channels on one thread); with several threads there are at
-    /// least as many tasks as threads whenever the output has that many panels x tiles of
-    /// the smallest size.
+    /// Tiles partition the rows in whole microkernel calls (6 pixels; the last tile may end
+    /// short), no larger than the largest tile, within one call of each other; channel
+    /// chunks are whole panels (all channels on one thread); with several threads there are
+    /// at least as many tasks as threads whenever the output has that many panels x tiles
+    /// of the smallest size, and the tiles split evenly over the threads when there are
+    /// enough pixels.
     #[test]
     fn plans_partition_the_output() {
-        for rows in [1, 5, 6, 37, 256, 576, 4096, 16384] {
+        for rows in [1, 5, 6, 37, 256, 576, 1024, 4096, 16384] {
             for n in [5, 64, 130, 256, 1024] {
                 for threads in [1, 2, 3, 16] {
-                    let (tile, chunk) = plan(rows, n, threads);
-                    assert!(
-                        tile.is_multiple_of(NR)
-                            && tile > 0
-                            && (chunk.is_multiple_of(MR) || chunk == n)
-                    );
-                    assert!(chunk >= MR.min(n) && tile <= TILE_MAX);
-                    let tasks = rows.div_ceil(tile) * n.div_ceil(chunk);
+                    let (tiles, chunk) = plan(rows, n, threads);
+                    assert!(tiles > 0 && (chunk.is_multiple_of(MR) || chunk == n));
+                    assert!(chunk >= MR.min(n));
+                    let mut next = 0;
+                    let (mut small, mut large) = (usize::MAX, 0);
+                    for t in 0..tiles {
+                        let (r0, r1) = tile_rows(t, tiles, rows);
+                        assert!(r0 == next && r1 > r0 && r1 - r0 <= TILE_MAX, "{rows} {t}");
+                        assert!(r0.is_multiple_of(NR));
+                        let groups = (r1 - r0).div_ceil(NR);
+                        (small, large) = (small.min(groups), large.max(groups));
+                        next = r1;
+                    }
+                    assert!(next == rows && large - small <= 1, "{rows} {tiles}");
+                    let tasks = tiles * n.div_ceil(chunk);
                     let possible = rows.div_ceil(TILE_MIN) * n.div_ceil(MR);
                     assert!(
                         threads == 1 || tasks >= threads.min(possible),
                         "{rows} {n} {threads}"
                     );
+                    if threads > 1 && rows >= threads * TILE_MIN {
+                        assert!(tiles.is_multiple_of(threads), "{rows} {threads}: {tiles}");
+                    }
                 }
             }
         }

@@ -5,6 +5,10 @@
 //! rounding of the two operands.
 //!
 //! Kernels, picked at run time by CPU feature ([`Kernel::detect`]):
+//! - `Amx`: the AMX tile unit's `tdpbusd` (u8 x i8, a 16 x 16 block of i32 sums per
+//!   instruction, 64 bytes of depth), on the same shifted activations and packed weight as
+//!   `Avx512Vnni` (its tiles read the packed panels as they are); products of fewer than
+//!   [`AMX_MIN_ROWS`] rows take the VNNI kernel instead.
 //! - `Avx512Vnni`: `vpdpbusd` (u8 x i8, four products per i32 lane). Activations are
 //!   shifted to u8 (`q + 128`) and `128 * sum_k w` is subtracted per column afterwards.
 //! - `Avx2`: `vpmaddubsw` on `|a|` and `sign(a) * w` (no i16 saturation: both <= 127),
@@ -24,17 +28,20 @@ const NR: usize = 16;
 const MC: usize = 64;
 /// Elements below which the product runs on one thread.
 const PAR_WORK: usize = 1 << 16;
+/// Fewest rows for the AMX kernel (its tiles are 16 rows; it runs two at once).
+pub const AMX_MIN_ROWS: usize = 32;
 
 /// Which int8 kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
+    Amx,
     Avx512Vnni,
     Avx2,
     Scalar,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU supports; `MUE_INT8_KERNEL=scalar|avx2|avx512vnni`
+    /// The fastest kernel this CPU supports; `MUE_INT8_KERNEL=scalar|avx2|avx512vnni|amx`
     /// picks a slower one (a faster one than the CPU has is refused: falls back to detection).
     pub fn detect() -> Kernel {
         static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
@@ -45,6 +52,7 @@ impl Kernel {
                     "scalar" => Some(Kernel::Scalar),
                     "avx2" => Some(Kernel::Avx2),
                     "avx512vnni" => Some(Kernel::Avx512Vnni),
+                    "amx" => Some(Kernel::Amx),
                     _ => None,
                 });
             match forced {
@@ -69,6 +77,8 @@ impl Kernel {
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx => Kernel::Avx512Vnni.supported() && x86::amx_usable(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -76,15 +86,30 @@ impl Kernel {
 
     /// The kernels this CPU supports, fastest first (the scalar one always).
     pub fn available() -> Vec<Kernel> {
-        [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Scalar]
-            .into_iter()
-            .filter(|k| k.supported())
-            .collect()
+        [
+            Kernel::Amx,
+            Kernel::Avx512Vnni,
+            Kernel::Avx2,
+            Kernel::Scalar,
+        ]
+        .into_iter()
+        .filter(|k| k.supported())
+        .collect()
     }
 
     /// Activations as u8 (`q + 128`) rather than i8.
     fn shifted(self) -> bool {
-        self == Kernel::Avx512Vnni
+        matches!(self, Kernel::Avx512Vnni | Kernel::Amx)
+    }
+
+    /// Bytes per quantized activation row for a weight of `kp` (padded) depth: AMX reads
+    /// whole 64-byte tile columns, so its rows are padded with zeros to a multiple of 64.
+    fn row_stride(self, kp: usize) -> usize {
+        if self == Kernel::Amx {
+            kp.next_multiple_of(64)
+        } else {
+            kp
+        }
     }
 }
 
@@ -119,7 +144,9 @@ impl QMatrix {
     fn build(n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> Self {
         let kp = k.div_ceil(4) * 4;
         let panels = n.div_ceil(NR);
-        let mut packed = vec![0i8; panels * kp * NR];
+        // One tile (1 KiB) of slack after the last panel: the AMX kernel's last depth tile
+        // may read past it (against zero activations).
+        let mut packed = vec![0i8; panels * kp * NR + 1024];
         let mut scale = vec![0f32; panels * NR];
         let mut shift = vec![0i32; panels * NR];
         for j in 0..n {
@@ -168,17 +195,20 @@ impl QMatrix {
     }
 }
 
-/// Activations of `m` rows quantized per row, rows padded to `kp` bytes.
+/// Activations of `m` rows quantized per row, rows `stride` bytes apart (depth padded to
+/// `kp` with the zero point, then with zeros to `stride`).
 #[derive(Default)]
 struct QRows {
     bytes: Vec<u8>,
     scale: Vec<f32>,
+    stride: usize,
 }
 
 thread_local! {
     /// Reused quantized-activation buffers (one per calling thread).
-    static ROWS: std::cell::RefCell<QRows> =
-        const { std::cell::RefCell::new(QRows { bytes: Vec::new(), scale: Vec::new() }) };
+    static ROWS: std::cell::RefCell<QRows> = const {
+        std::cell::RefCell::new(QRows { bytes: Vec::new(), scale: Vec::new(), stride: 0 })
+    };
 }
 
 /// Quantizes one row `a [k]` into `out [kp]` (i8 bits, or u8 `q + 128` when `shifted`);
@@ -227,19 +257,31 @@ enum Src<'a> {
 const QUANT_CHUNK: usize = 16;
 
 fn quantize_rows(src: Src, m: usize, k: usize, kp: usize, kernel: Kernel, rows: &mut QRows) {
-    // Whole blocks of rows, so that the kernels may read a full tile past `m`.
-    let mp = m.div_ceil(8) * 8;
-    rows.bytes.clear();
-    rows.bytes.resize(mp * kp, 0);
-    rows.scale.clear();
-    rows.scale.resize(mp, 0.0);
+    // Whole blocks of rows, so that the kernels may read a full tile past `m` (AMX: two
+    // tiles of 16).
+    let mp = if kernel == Kernel::Amx {
+        m.div_ceil(2 * 16) * 2 * 16
+    } else {
+        m.div_ceil(8) * 8
+    };
+    let ks = kernel.row_stride(kp);
+    rows.stride = ks;
+    // Not cleared: rows past `m` are never stored (a row's sums depend on that row alone),
+    // and each row below `m` is written in full here (zeroing the buffer was 4% of the
+    // int8 trunk's profile).
+    if rows.bytes.len() < mp * ks {
+        rows.bytes.resize(mp * ks, 0);
+    }
+    if rows.scale.len() < mp {
+        rows.scale.resize(mp, 0.0);
+    }
     let shifted = kernel.shifted();
     #[cfg(target_arch = "x86_64")]
     let avx2 = kernel != Kernel::Scalar && is_x86_feature_detected!("avx2");
     let row = |a: &[f32], out: &mut [u8]| -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::Avx512Vnni {
-            // SAFETY: the VNNI kernel is only picked with AVX-512 F and BW present.
+        if kernel.shifted() {
+            // SAFETY: the VNNI and AMX kernels are only picked with AVX-512 F and BW present.
             return unsafe { x86::quantize_row_avx512(a, out, shifted) };
         }
         #[cfg(target_arch = "x86_64")]
@@ -251,7 +293,7 @@ fn quantize_rows(src: Src, m: usize, k: usize, kp: usize, kernel: Kernel, rows: 
     };
     let work = |(c, (out, scales)): (usize, (&mut [u8], &mut [f32]))| {
         let mut buf = Vec::new();
-        for (i, (o, s)) in out.chunks_exact_mut(kp).zip(scales).enumerate() {
+        for (i, (o, s)) in out.chunks_exact_mut(ks).zip(scales).enumerate() {
             let r = c * QUANT_CHUNK + i;
             let a = match src {
                 Src::Rows(x) => &x[r * k..(r + 1) * k],
@@ -261,31 +303,35 @@ fn quantize_rows(src: Src, m: usize, k: usize, kp: usize, kernel: Kernel, rows: 
                     &buf[..]
                 }
             };
-            *s = row(a, o);
+            *s = row(a, &mut o[..kp]);
+            o[kp..].fill(0);
         }
     };
-    let (bytes, scales) = (&mut rows.bytes[..m * kp], &mut rows.scale[..m]);
+    let (bytes, scales) = (&mut rows.bytes[..m * ks], &mut rows.scale[..m]);
     if m * k >= PAR_WORK && candle_core::utils::get_num_threads() > 1 {
         bytes
-            .par_chunks_mut(QUANT_CHUNK * kp)
+            .par_chunks_mut(QUANT_CHUNK * ks)
             .zip(scales.par_chunks_mut(QUANT_CHUNK))
             .enumerate()
             .for_each(work);
     } else {
         bytes
-            .chunks_mut(QUANT_CHUNK * kp)
+            .chunks_mut(QUANT_CHUNK * ks)
             .zip(scales.chunks_mut(QUANT_CHUNK))
             .enumerate()
             .for_each(work);
     }
 }
 
-/// Where one tile writes: `dst` rows of `n` floats.
+/// Where one tile writes: `dst` rows of `n` floats; then `+ bias[j]` (when not null) and
+/// ReLU if `relu`.
 #[derive(Clone, Copy)]
 struct Out {
     dst: *mut f32,
     n: usize,
     read_dst: bool,
+    bias: *const f32,
+    relu: bool,
 }
 // SAFETY: tiles write disjoint parts of `dst` (distinct rows or column panels).
 unsafe impl Send for Out {}
@@ -294,10 +340,28 @@ unsafe impl Sync for Out {}
 /// `dst [m, n] (+)= x [m, k] W^T`, `W` the int8 weight. `x` is quantized per row here.
 pub fn matmul(kernel: Kernel, x: &[f32], m: usize, w: &QMatrix, dst: &mut [f32], read_dst: bool) {
     assert_eq!(x.len(), m * w.k, "int8 matmul: sizes");
-    product(kernel, Src::Rows(x), m, w, dst, read_dst);
+    product(kernel, Src::Rows(x), m, w, dst, read_dst, None);
 }
 
-/// [`matmul`] with row `r` of `x` written by `gather(r, row)` (`row` holds `k` floats).
+/// A per-column bias added after the product (and the accumulated `dst`), then ReLU if
+/// the flag is set: in the kernels' stores, not a pass of its own.
+pub type Epilogue<'a> = Option<(&'a [f32], bool)>;
+
+/// [`matmul`] followed by `epi`.
+pub fn matmul_fused(
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    w: &QMatrix,
+    dst: &mut [f32],
+    read_dst: bool,
+    epi: Epilogue,
+) {
+    assert_eq!(x.len(), m * w.k, "int8 matmul: sizes");
+    product(kernel, Src::Rows(x), m, w, dst, read_dst, epi);
+}
+
+/// [`matmul_fused`] with row `r` of `x` written by `gather(r, row)` (`row` holds `k` floats).
 pub fn matmul_gather(
     kernel: Kernel,
     m: usize,
@@ -305,13 +369,25 @@ pub fn matmul_gather(
     dst: &mut [f32],
     read_dst: bool,
     gather: &(dyn Fn(usize, &mut [f32]) + Sync),
+    epi: Epilogue,
 ) {
-    product(kernel, Src::Gather(gather), m, w, dst, read_dst);
+    product(kernel, Src::Gather(gather), m, w, dst, read_dst, epi);
 }
 
-fn product(kernel: Kernel, x: Src, m: usize, w: &QMatrix, dst: &mut [f32], read_dst: bool) {
+fn product(
+    kernel: Kernel,
+    x: Src,
+    m: usize,
+    w: &QMatrix,
+    dst: &mut [f32],
+    read_dst: bool,
+    epi: Epilogue,
+) {
     let (n, k) = (w.n, w.k);
     assert!(dst.len() == m * n, "int8 matmul: sizes");
+    if let Some((bias, _)) = epi {
+        assert_eq!(bias.len(), n, "int8 matmul: bias size");
+    }
     assert!(
         kernel.supported(),
         "int8 kernel {kernel:?} not supported here"
@@ -319,6 +395,12 @@ fn product(kernel: Kernel, x: Src, m: usize, w: &QMatrix, dst: &mut [f32], read_
     if m == 0 || n == 0 {
         return;
     }
+    // AMX's tiles are 16 rows: few rows (decoding) take the VNNI kernel (the same sums).
+    let kernel = if kernel == Kernel::Amx && m < AMX_MIN_ROWS {
+        Kernel::Avx512Vnni
+    } else {
+        kernel
+    };
     // Taken out of the thread-local, not borrowed: while it waits for rayon this thread
     // may run another request's product.
     let mut rows = ROWS.with(|r| std::mem::take(&mut *r.borrow_mut()));
@@ -328,6 +410,8 @@ fn product(kernel: Kernel, x: Src, m: usize, w: &QMatrix, dst: &mut [f32], read_
             dst: dst.as_mut_ptr(),
             n,
             read_dst,
+            bias: epi.map_or(std::ptr::null(), |(b, _)| b.as_ptr()),
+            relu: epi.is_some_and(|(_, relu)| relu),
         };
         let panels = n.div_ceil(NR);
         let row_blocks = m.div_ceil(MC);
@@ -370,6 +454,14 @@ fn block(
     p0: usize,
     p1: usize,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx {
+        // SAFETY: AMX is usable (`product` asserts `supported`); the rows buffer holds
+        // whole pairs of 16-row tiles of `stride` bytes past r1 and the panels one tile
+        // of slack (see `quantize_rows`, `QMatrix::build`).
+        unsafe { x86::block_amx(rows, w, out, r0, r1, p0, p1) };
+        return;
+    }
     let mut p = p0;
     while p < p1 {
         let nv = (p1 - p).min(3);
@@ -437,10 +529,10 @@ fn tile(
 
 /// i32 sums of rows `r..r + mr` with panel `p` into `acc [8][16]`.
 fn tile_scalar(rows: &QRows, w: &QMatrix, r: usize, mr: usize, p: usize, acc: &mut [i32]) {
-    let kp = w.kp;
+    let (kp, ks) = (w.kp, rows.stride);
     let panel = &w.packed[p * kp * NR..(p + 1) * kp * NR];
     for i in 0..mr {
-        let a = &rows.bytes[(r + i) * kp..(r + i + 1) * kp];
+        let a = &rows.bytes[(r + i) * ks..(r + i) * ks + kp];
         let acc = &mut acc[i * NR..(i + 1) * NR];
         for (k4, wq) in panel.chunks_exact(4 * NR).enumerate() {
             let a4 = &a[4 * k4..4 * k4 + 4];
@@ -477,15 +569,23 @@ fn store_scalar(
                     break;
                 }
                 let s = acc[v * 8 * NR + i * NR + c] as f32;
-                // SAFETY: row r + i < m and column j < n: inside dst, and this tile's alone.
+                // SAFETY: row r + i < m and column j < n: inside dst, and this tile's alone;
+                // a bias holds n floats.
                 unsafe {
                     let d = out.dst.add((r + i) * out.n + j);
                     let scale = sa * w.scale[j];
-                    *d = if out.read_dst {
+                    let mut y = if out.read_dst {
                         s.mul_add(scale, *d)
                     } else {
                         s * scale
                     };
+                    if !out.bias.is_null() {
+                        y += *out.bias.add(j);
+                        if out.relu {
+                            y = y.max(0.0);
+                        }
+                    }
+                    *d = y;
                 }
             }
         }
@@ -497,6 +597,20 @@ mod x86 {
     use super::{Out, QMatrix, QRows, NR};
     use std::arch::x86_64::*;
 
+    /// `y + bias[j0..j0 + 16]` and ReLU as `out` asks (the scalar store's arithmetic).
+    #[inline(always)]
+    unsafe fn epilogue(y: __m512, out: Out, j0: usize, mask: __mmask16) -> __m512 {
+        if out.bias.is_null() {
+            return y;
+        }
+        let y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, out.bias.add(j0)));
+        if out.relu {
+            _mm512_max_ps(y, _mm512_setzero_ps())
+        } else {
+            y
+        }
+    }
+
     /// `MR` rows x `NV` panels with `vpdpbusd`, scaled and stored (masked at the last column).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
     pub unsafe fn tile_vnni<const MR: usize, const NV: usize>(
@@ -506,8 +620,8 @@ mod x86 {
         r: usize,
         p: usize,
     ) {
-        let kp = w.kp;
-        let a = rows.bytes.as_ptr().add(r * kp);
+        let (kp, ks) = (w.kp, rows.stride);
+        let a = rows.bytes.as_ptr().add(r * ks);
         let b = w.packed.as_ptr().add(p * kp * NR);
         let mut acc = [[_mm512_setzero_si512(); NV]; MR];
         for k4 in 0..kp / 4 {
@@ -516,7 +630,7 @@ mod x86 {
                 *x = _mm512_loadu_si512(b.add(v * kp * NR + k4 * 4 * NR) as *const _);
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_epi32((a.add(i * kp + 4 * k4) as *const i32).read_unaligned());
+                let av = _mm512_set1_epi32((a.add(i * ks + 4 * k4) as *const i32).read_unaligned());
                 for v in 0..NV {
                     acc[v] = _mm512_dpbusd_epi32(acc[v], av, wv[v]);
                 }
@@ -524,29 +638,218 @@ mod x86 {
         }
         for v in 0..NV {
             let j0 = (p + v) * NR;
-            if j0 >= out.n {
+            let Some(cols) = columns(w, out, j0) else {
                 break;
-            }
-            let left = out.n - j0;
-            let mask: __mmask16 = if left >= NR {
-                0xffff
-            } else {
-                (1u16 << left) - 1
             };
-            let shift = _mm512_loadu_si512(w.shift.as_ptr().add(j0) as *const _);
-            let sw = _mm512_loadu_ps(w.scale.as_ptr().add(j0));
             for (i, acc) in acc.iter().enumerate() {
-                let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[v], shift));
-                let scale = _mm512_mul_ps(_mm512_set1_ps(rows.scale[r + i]), sw);
-                let d = out.dst.add((r + i) * out.n + j0);
-                let y = if out.read_dst {
-                    _mm512_fmadd_ps(s, scale, _mm512_maskz_loadu_ps(mask, d))
-                } else {
-                    _mm512_mul_ps(s, scale)
-                };
-                _mm512_mask_storeu_ps(d, mask, y);
+                store(acc[v], rows.scale[r + i], cols, out, r + i, j0);
             }
         }
+    }
+
+    /// The 16 columns from `j0`: store mask, zero-point corrections and weight scales
+    /// (None past the last column).
+    #[inline(always)]
+    unsafe fn columns(w: &QMatrix, out: Out, j0: usize) -> Option<(__mmask16, __m512i, __m512)> {
+        if j0 >= out.n {
+            return None;
+        }
+        let left = out.n - j0;
+        let mask: __mmask16 = if left >= NR {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        };
+        let shift = _mm512_loadu_si512(w.shift.as_ptr().add(j0) as *const _);
+        Some((mask, shift, _mm512_loadu_ps(w.scale.as_ptr().add(j0))))
+    }
+
+    /// One row's 16 sums scaled (`sa` the row's scale) and stored at `row`, `j0`: onto
+    /// `dst` when accumulating, then the epilogue.
+    #[inline(always)]
+    unsafe fn store(
+        acc: __m512i,
+        sa: f32,
+        (mask, shift, sw): (__mmask16, __m512i, __m512),
+        out: Out,
+        row: usize,
+        j0: usize,
+    ) {
+        let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, shift));
+        let scale = _mm512_mul_ps(_mm512_set1_ps(sa), sw);
+        let d = out.dst.add(row * out.n + j0);
+        let y = if out.read_dst {
+            _mm512_fmadd_ps(s, scale, _mm512_maskz_loadu_ps(mask, d))
+        } else {
+            _mm512_mul_ps(s, scale)
+        };
+        _mm512_mask_storeu_ps(d, mask, epilogue(y, out, j0, mask));
+    }
+
+    /// Whether the AMX tile unit runs int8 products here: the CPU has AMX-TILE and
+    /// AMX-INT8, the OS saves the tile state (XCR0 bits 17 and 18), and Linux grants this
+    /// process the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`; asked once).
+    pub fn amx_usable() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            // SAFETY: cpuid leaf 7 exists on every x86_64 CPU that has AVX-512 (checked by
+            // the caller first); xgetbv only after cpuid reports OSXSAVE.
+            unsafe {
+                let leaf7 = __cpuid_count(7, 0);
+                let (tile, int8) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 25) & 1 == 1);
+                let osxsave = (__cpuid(1).ecx >> 27) & 1 == 1;
+                if !(tile && int8 && osxsave) || (_xgetbv(0) >> 17) & 3 != 3 {
+                    return false;
+                }
+                request_tile_data()
+            }
+        })
+    }
+
+    /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: Linux refuses AMX
+    /// instructions (SIGILL) to a process that has not asked for the tile state.
+    #[cfg(target_os = "linux")]
+    unsafe fn request_tile_data() -> bool {
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+        ret == 0
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    unsafe fn request_tile_data() -> bool {
+        false
+    }
+
+    /// Tile palette 1: tmm0-3 accumulators (16 rows of 16 i32), tmm4-5 activation tiles
+    /// (16 rows of 64 bytes), tmm6-7 weight tiles (16 rows of 4-byte groups for 16 columns).
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    const TILE_CONFIG: TileConfig = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row
+            c[48 + t] = 16; // rows
+            t += 1;
+        }
+        TileConfig(c)
+    };
+
+    #[repr(C, align(64))]
+    struct Sums([i32; 4 * 256]);
+
+    /// Rows `r0..r1` x panels `p0..p1` on AMX: pairs of 16-row tiles x pairs of panels,
+    /// the whole depth in 64-byte tiles, then scaled and stored as [`tile_vnni`] does.
+    ///
+    /// # Safety
+    /// AMX usable ([`amx_usable`]) with AVX-512 F/BW; `rows` quantized for `Kernel::Amx`
+    /// (row stride a multiple of 64, zero past `kp`, whole pairs of tiles past `r1`); `w`'s
+    /// panels followed by a tile of slack; `out` as in [`super::block`].
+    #[target_feature(enable = "avx512f,avx512bw,fma")]
+    pub unsafe fn block_amx(
+        rows: &QRows,
+        w: &QMatrix,
+        out: Out,
+        r0: usize,
+        r1: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        use std::arch::asm;
+        let (kp, ks) = (w.kp, rows.stride);
+        debug_assert!(ks.is_multiple_of(64) && ks >= kp);
+        let depth_tiles = kp.div_ceil(64);
+        let mut sums = Sums([0; 4 * 256]);
+        asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
+        let mut p = p0;
+        while p < p1 {
+            let two = p + 1 < p1;
+            let b0 = w.packed.as_ptr().add(p * kp * NR);
+            let b1 = b0.add(kp * NR);
+            let mut r = r0;
+            while r < r1 {
+                let a0 = rows.bytes.as_ptr().add(r * ks);
+                let a1 = a0.add(16 * ks);
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nomem, nostack)
+                );
+                for t in 0..depth_tiles {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {ks}*1]",
+                        "tileloadd tmm5, [{a1} + {ks}*1]",
+                        "tileloadd tmm6, [{b0} + {s64}*1]",
+                        "tdpbusd tmm0, tmm4, tmm6",
+                        "tdpbusd tmm1, tmm5, tmm6",
+                        a0 = in(reg) a0.add(64 * t),
+                        a1 = in(reg) a1.add(64 * t),
+                        b0 = in(reg) b0.add(1024 * t),
+                        ks = in(reg) ks,
+                        s64 = in(reg) 64usize,
+                        options(nostack, readonly)
+                    );
+                    if two {
+                        asm!(
+                            "tileloadd tmm7, [{b1} + {s64}*1]",
+                            "tdpbusd tmm2, tmm4, tmm7",
+                            "tdpbusd tmm3, tmm5, tmm7",
+                            b1 = in(reg) b1.add(1024 * t),
+                            s64 = in(reg) 64usize,
+                            options(nostack, readonly)
+                        );
+                    }
+                }
+                let c = sums.0.as_mut_ptr();
+                asm!(
+                    "tilestored [{c0} + {s64}*1], tmm0",
+                    "tilestored [{c1} + {s64}*1], tmm1",
+                    "tilestored [{c2} + {s64}*1], tmm2",
+                    "tilestored [{c3} + {s64}*1], tmm3",
+                    c0 = in(reg) c,
+                    c1 = in(reg) c.add(256),
+                    c2 = in(reg) c.add(512),
+                    c3 = in(reg) c.add(768),
+                    s64 = in(reg) 64usize,
+                    options(nostack)
+                );
+                for v in 0..1 + two as usize {
+                    let j0 = (p + v) * NR;
+                    let Some(cols) = columns(w, out, j0) else {
+                        break;
+                    };
+                    for half in 0..2 {
+                        let tile = &sums.0[(2 * v + half) * 256..][..256];
+                        for i in 0..16 {
+                            let row = r + 16 * half + i;
+                            if row >= r1 {
+                                break;
+                            }
+                            let acc = _mm512_loadu_si512(tile.as_ptr().add(16 * i) as *const _);
+                            store(acc, rows.scale[row], cols, out, row, j0);
+                        }
+                    }
+                }
+                r += 32;
+            }
+            p += 1 + two as usize;
+        }
+        asm!("tilerelease", options(nomem, nostack));
     }
 
     /// [`super::quantize_row_body`] in AVX-512 (same arithmetic: `vcvtps2dq` rounds ties
@@ -590,11 +893,11 @@ mod x86 {
         p: usize,
         acc: &mut [i32],
     ) {
-        let kp = w.kp;
+        let (kp, ks) = (w.kp, rows.stride);
         let b = w.packed.as_ptr().add(p * kp * NR);
         let ones = _mm256_set1_epi16(1);
         for i in 0..mr {
-            let a = rows.bytes.as_ptr().add((r + i) * kp);
+            let a = rows.bytes.as_ptr().add((r + i) * ks);
             let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
             for k4 in 0..kp / 4 {
                 let av = _mm256_set1_epi32((a.add(4 * k4) as *const i32).read_unaligned());
@@ -652,6 +955,7 @@ mod tests {
             (3, 16, 64),
             (7, 33, 130),
             (9, 48, 256),
+            (33, 31, 64),
             (70, 50, 147),
             (130, 97, 515),
         ] {
@@ -697,10 +1001,18 @@ mod tests {
                         "{kernel:?} acc"
                     );
                 }
+                // Bias and ReLU in the stores: the same bits as after them.
+                let bias = rand_vec(n, &mut rng);
+                let mut fused = res.clone();
+                matmul_fused(kernel, &x, m, &q, &mut fused, true, Some((&bias, true)));
+                for t in 0..m * n {
+                    let want = (acc[t] + bias[t % n]).max(0.0);
+                    assert!(fused[t] == want, "{kernel:?} fused epilogue at {t}");
+                }
                 // Rows gathered one at a time (the convolutions' path): the same bits.
                 let mut g = vec![0f32; m * n];
                 let gather = |r: usize, row: &mut [f32]| row.copy_from_slice(&x[r * k..][..k]);
-                matmul_gather(kernel, m, &q, &mut g, false, &gather);
+                matmul_gather(kernel, m, &q, &mut g, false, &gather, None);
                 assert!(g == y, "{kernel:?} gathered rows differ");
                 match &first {
                     None => first = Some(y),
