@@ -39,6 +39,8 @@ for P in $PRECISIONS; do
   "$MUE" bench --model "$MUE_DIR" --batch "$BATCH" --iters "$ITERS" --steps "$STEPS" --threads "$THREADS" \
     --precision "$P"
 done
-"$MUE" bench --model "$MUE_DIR" --batch "$BATCH" --iters "$ITERS" --steps "$STEPS" --threads "$THREADS" \
-  --reference-kernels
+if [ "${REFERENCE:-1}" = 1 ]; then # REFERENCE=0 skips the composed-ops run
+  "$MUE" bench --model "$MUE_DIR" --batch "$BATCH" --iters "$ITERS" --steps "$STEPS" \
+    --threads "$THREADS" --reference-kernels
+fi
 uptime
