@@ -653,14 +653,17 @@ async fn infer(st: Shared, task: Task, req: Request) -> Result<Json<Value>, ApiE
         tokio::time::timeout_at(deadline.into(), rx).await
     };
     let done = match waited {
-        Err(_) => {
+        Ok(Ok(d)) => d,
+        Ok(Err(_)) if Instant::now() < deadline => {
+            return Err(ApiError::internal("worker dropped the request"))
+        }
+        // Timed out; or the worker dropped the job as expired before this timer fired.
+        _ => {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("request timed out after {} ms", st.cfg.timeout.as_millis()),
             ))
         }
-        Ok(Err(_)) => return Err(ApiError::internal("worker dropped the request")),
-        Ok(Ok(d)) => d,
     };
     let out = done.output.map_err(ApiError::internal)?;
     let dec = policy.decoder.tau();

@@ -440,6 +440,8 @@ pub fn worker(ctx: WorkerCtx) {
                 metrics.observe_macs(task, cost.macs_executed, cost.macs_full);
             }
             let queue_ms = started.duration_since(job.enqueued).as_secs_f64() * 1e3;
+            // The slot frees before the answer: a client holding its answer sees it free.
+            drop(job.ticket);
             let _ = job.reply.send(JobDone {
                 output,
                 queue_ms,
