@@ -268,15 +268,7 @@ fn head_body(q: &[f32], keys: Keys, vals: &[f32], s: &mut [f32], dst: &mut [f32]
     for v in s.iter() {
         max = max.max(*v);
     }
-    for v in s.iter_mut() {
-        *v -= max;
-    }
-    super::expf::exp_in_place(s);
-    let mut sum = 0f32;
-    for v in s.iter() {
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
+    let inv = super::infer::exp_shifted(s, max);
     dst.fill(0.0);
     for (j, &p) in s.iter().enumerate() {
         let p = p * inv;

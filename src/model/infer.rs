@@ -158,15 +158,7 @@ impl InplaceOp2 for BiasSoftmax {
                     *v += bias[off + j * sn];
                     max = max.max(*v);
                 }
-                for v in row.iter_mut() {
-                    *v -= max;
-                }
-                super::expf::exp_in_place(row);
-                let mut sum = 0f32;
-                for v in row.iter() {
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
+                let inv = exp_shifted(row, max);
                 for v in row.iter_mut() {
                     *v *= inv;
                 }
@@ -174,6 +166,20 @@ impl InplaceOp2 for BiasSoftmax {
         });
         Ok(())
     }
+}
+
+/// `row = exp(row - max)` in place; returns `1 / sum(row)`, summed in order. The softmax
+/// of both attention paths (their probabilities are `row * inv`).
+pub(super) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+    for v in row.iter_mut() {
+        *v -= max;
+    }
+    super::expf::exp_in_place(row);
+    let mut sum = 0f32;
+    for v in row.iter() {
+        sum += *v;
+    }
+    1.0 / sum
 }
 
 /// `softmax(scores + bias)` over the last dimension, in place on fresh `scores`.
