@@ -249,7 +249,61 @@ fn deep_chains(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f32; LA
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn deep_avx512(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f32; LANES]]) {
-    deep_body(panel, x, m, d, acc)
+    deep_walk(panel, x, m, d, acc, |block, xs, k0, c| match c.len() {
+        // SAFETY: AVX-512 F is present (the caller's target feature).
+        1 => unsafe { deep_block_avx512::<1>(block, xs, d, k0, c) },
+        2 => unsafe { deep_block_avx512::<2>(block, xs, d, k0, c) },
+        3 => unsafe { deep_block_avx512::<3>(block, xs, d, k0, c) },
+        _ => unsafe { deep_block_avx512::<4>(block, xs, d, k0, c) },
+    })
+}
+
+/// [`deep_block`] with AVX-512 intrinsics (the compiler vectorizes the portable form
+/// across rows, with gathers): the same fused operations in the same order, so the same
+/// bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn deep_block_avx512<const R: usize>(
+    block: &[f32],
+    xs: &[f32],
+    d: usize,
+    k0: usize,
+    ch: &mut [[[f32; LANES]; 2]],
+) {
+    use std::arch::x86_64::*;
+    assert!(ch.len() >= R && xs.len() >= R * d && k0 + block.len() / LANES <= d);
+    let mut a0 = [_mm512_setzero_ps(); R];
+    let mut a1 = [_mm512_setzero_ps(); R];
+    for i in 0..R {
+        a0[i] = _mm512_loadu_ps(ch[i][0].as_ptr());
+        a1[i] = _mm512_loadu_ps(ch[i][1].as_ptr());
+    }
+    let kk = block.len() / LANES;
+    let (e, x) = (block.as_ptr(), xs.as_ptr());
+    // SAFETY (the pointer reads): `j < kk / 2` keeps `2j + 1 < kk` inside the block and
+    // `k0 + 2j + 1 < d` inside each row (asserted above).
+    for j in 0..kk / 2 {
+        let e0 = _mm512_loadu_ps(e.add(2 * j * LANES));
+        let e1 = _mm512_loadu_ps(e.add((2 * j + 1) * LANES));
+        let k = k0 + 2 * j;
+        for i in 0..R {
+            let x0 = _mm512_set1_ps(*x.add(i * d + k));
+            let x1 = _mm512_set1_ps(*x.add(i * d + k + 1));
+            a0[i] = _mm512_fmadd_ps(e0, x0, a0[i]);
+            a1[i] = _mm512_fmadd_ps(e1, x1, a1[i]);
+        }
+    }
+    if kk % 2 == 1 {
+        let e0 = _mm512_loadu_ps(e.add((kk - 1) * LANES));
+        let k = k0 + kk - 1;
+        for i in 0..R {
+            a0[i] = _mm512_fmadd_ps(e0, _mm512_set1_ps(*x.add(i * d + k)), a0[i]);
+        }
+    }
+    for i in 0..R {
+        _mm512_storeu_ps(ch[i][0].as_mut_ptr(), a0[i]);
+        _mm512_storeu_ps(ch[i][1].as_mut_ptr(), a1[i]);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -260,23 +314,35 @@ unsafe fn deep_avx2(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f3
 
 #[inline(always)]
 fn deep_body(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f32; LANES]]) {
+    deep_walk(panel, x, m, d, acc, |block, xs, k0, c| match c.len() {
+        1 => deep_block::<1>(block, xs, d, k0, c),
+        2 => deep_block::<2>(block, xs, d, k0, c),
+        3 => deep_block::<3>(block, xs, d, k0, c),
+        _ => deep_block::<4>(block, xs, d, k0, c),
+    })
+}
+
+/// The depth blocks and row groups of [`deep_chains`]: `block(depth slice, rows' x, k0,
+/// rows' chains)` for each, then the two chains summed into `acc`.
+#[inline(always)]
+fn deep_walk(
+    panel: &[f32],
+    x: &[f32],
+    m: usize,
+    d: usize,
+    acc: &mut [[f32; LANES]],
+    mut block: impl FnMut(&[f32], &[f32], usize, &mut [[[f32; LANES]; 2]]),
+) {
     // The two chains of every row, carried across the depth blocks.
     let mut ch = [[[0f32; LANES]; 2]; MAX_ROWS];
     let mut k0 = 0;
     while k0 < d {
         let k1 = (k0 + DEEP_BLOCK).min(d);
-        let block = &panel[k0 * LANES..k1 * LANES];
+        let slice = &panel[k0 * LANES..k1 * LANES];
         let mut r0 = 0;
         while r0 < m {
             let r = (m - r0).min(DEEP_ROWS);
-            let c = &mut ch[r0..r0 + r];
-            let xs = &x[r0 * d..(r0 + r) * d];
-            match r {
-                1 => deep_block::<1>(block, xs, d, k0, c),
-                2 => deep_block::<2>(block, xs, d, k0, c),
-                3 => deep_block::<3>(block, xs, d, k0, c),
-                _ => deep_block::<4>(block, xs, d, k0, c),
-            }
+            block(slice, &x[r0 * d..(r0 + r) * d], k0, &mut ch[r0..r0 + r]);
             r0 += r;
         }
         k0 = k1;
@@ -525,7 +591,9 @@ mod tests {
             let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
             let x = Tensor::randn(0f32, 1.0, (m, d), &dev).unwrap();
             let p = VocabPanels::from_tensor(&e).unwrap();
-            let got = few_rows(&p, &x).unwrap().expect("1..16 deep rows take the panels");
+            let got = few_rows(&p, &x)
+                .unwrap()
+                .expect("1..16 deep rows take the panels");
             assert_eq!(got.dims(), &[m, n]);
             let y = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let ev = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -544,6 +612,20 @@ mod tests {
                 let diff = crate::model::max_abs_diff(&one, &got.narrow(0, r, 1).unwrap());
                 assert_eq!(diff.unwrap(), 0.0, "{n}x{d}, row {r} of {m}");
             }
+        }
+        // The portable form (machines without AVX-512) against the dispatched one.
+        for (n, d, m) in [(16, 515, 5), (16, 1031, 16), (16, 768, 1)] {
+            let e: Vec<f32> = (0..n * d)
+                .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+                .collect();
+            let x: Vec<f32> = (0..m * d)
+                .map(|i| ((i * 104729) % 997) as f32 / 400.0 - 1.2)
+                .collect();
+            let p = VocabPanels::new(&e, n, d).unwrap();
+            let (mut a, mut b) = ([[0f32; LANES]; MAX_ROWS], [[1f32; LANES]; MAX_ROWS]);
+            deep_chains(&p.data, &x, m, d, &mut a[..m]);
+            deep_body(&p.data, &x, m, d, &mut b[..m]);
+            assert_eq!(a[..m], b[..m], "{d}, {m} rows");
         }
         // 17 rows: gemm's.
         let p = VocabPanels::from_tensor(&Tensor::ones((8, 600), DType::F32, &dev).unwrap());
