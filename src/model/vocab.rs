@@ -263,6 +263,7 @@ unsafe fn deep_avx512(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[
 /// bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // rows index two register arrays and `x` in lockstep
 unsafe fn deep_block_avx512<const R: usize>(
     block: &[f32],
     xs: &[f32],
@@ -458,6 +459,15 @@ mod tests {
             .unwrap()
     }
 
+    /// A random `[n, d]` matrix, `m` random rows of `d`, and the matrix's panels.
+    fn random_case(n: usize, d: usize, m: usize) -> (Tensor, Tensor, VocabPanels) {
+        let dev = Device::Cpu;
+        let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, d), &dev).unwrap();
+        let p = VocabPanels::from_tensor(&e).unwrap();
+        (e, x, p)
+    }
+
     fn fma_cpu() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -471,7 +481,6 @@ mod tests {
 
     #[test]
     fn panels_match_gemm_on_random_shapes() {
-        let dev = Device::Cpu;
         // (vocabulary, d, rows): odd sizes, a last panel of 1..15 rows, 2..16 rows.
         let cases = [
             (1, 1, 2),
@@ -483,9 +492,7 @@ mod tests {
             (59, 77, 5),
         ];
         for (n, d, m) in cases {
-            let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (m, d), &dev).unwrap();
-            let p = VocabPanels::from_tensor(&e).unwrap();
+            let (e, x, p) = random_case(n, d, m);
             let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut y = vec![f32::NAN; m * n];
             p.product(&xv, m, &mut y).unwrap();
@@ -588,9 +595,7 @@ mod tests {
             (31, 600, 13),
         ];
         for (n, d, m) in cases {
-            let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (m, d), &dev).unwrap();
-            let p = VocabPanels::from_tensor(&e).unwrap();
+            let (e, x, p) = random_case(n, d, m);
             let got = few_rows(&p, &x)
                 .unwrap()
                 .expect("1..16 deep rows take the panels");
