@@ -59,17 +59,15 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     }
     if precision == Precision::F32 {
         if model.device.is_cpu() {
-            // The decoder's dense layers too (a decoding step multiplies a few rows), those
-            // whose depth the panels take (OFA-Tiny's fc2 and all of OFA-Base keep gemm).
+            // The decoder's dense layers too (a decoding step multiplies a few rows): up to
+            // depth 512 with gemm's bits, deeper (OFA-Tiny's fc2, all of OFA-Base) in the
+            // panels' own order, one row included (`vocab::takes`).
             for l in &mut model.decoder.layers {
                 let mut linears = vec![&mut l.fc1, &mut l.fc2];
                 for a in [&mut l.self_attn, &mut l.cross_attn] {
                     linears.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj]);
                 }
                 for lin in linears {
-                    if lin.weight.dim(1)? > super::vocab::MAX_DEPTH {
-                        continue;
-                    }
                     lin.panels = Some(Arc::new(super::vocab::VocabPanels::from_tensor(
                         &lin.weight,
                     )?));

@@ -7,11 +7,18 @@
 //! either way. [`VocabPanels`] packs `E` once, at load, into panels of 16 vocabulary rows
 //! laid out `[d][16]`, so a step streams it once with every lane busy.
 //!
-//! Same values as gemm: each logit is one fused multiply-add chain over `d` in order,
-//! starting from zero, which is what gemm's kernel computes for these shapes while `d`
-//! fits one depth block (`d <= 512`: OFA-Tiny, -Medium and the shipped model; wider models
-//! keep gemm). One row keeps gemm's matrix-vector path (another summation order), split
+//! Same values as gemm up to `d <= 512` ([`MAX_DEPTH`]: OFA-Tiny, -Medium and the shipped
+//! model): each logit is one fused multiply-add chain over `d` in order, starting from
+//! zero, which is what gemm's kernel computes for these shapes while `d` fits one depth
+//! block. There one row keeps gemm's matrix-vector path (another summation order), split
 //! over the threads by vocabulary rows.
+//!
+//! Deeper products (OFA-Base's d 768, every model's `fc2` of depth ffn > 512) have no gemm
+//! bits to keep (gemm splits the chain by the machine's cache sizes), so the panels take
+//! them at 1..16 rows too, in their own order ([`deep_chains`]): two fused chains per
+//! output, even and odd `k`, summed at the end, with the depth walked in blocks that keep
+//! a panel's slice in L1 across the rows. The order depends on `d` alone (not on the row
+//! count, the thread count or the CPU), so a row's outputs are the same at any batch.
 
 use candle_core::{Result, Tensor};
 
@@ -23,11 +30,19 @@ pub const MAX_ROWS: usize = 16;
 /// Deepest product the panels take: gemm computes one chain per output up to here.
 pub const MAX_DEPTH: usize = 512;
 
-/// Whether `rows` x `n` logits of depth `d` take the panels: where gemm would run its
-/// general kernel (2+ rows; up to 256 outputs it computes dot products another way) in
-/// one depth block (beyond 512 it may split the chain, by the machine's cache sizes).
+/// Depth block of [`deep_chains`] (even): 128 x 16 floats of a panel (8 KiB) stay in L1
+/// while every row group reads them.
+const DEEP_BLOCK: usize = 128;
+
+/// Whether `rows` x `n` logits of depth `d` take the panels. Up to [`MAX_DEPTH`]: where
+/// gemm would run its general kernel (2+ rows; up to 256 outputs it computes dot products
+/// another way) in one depth block, so that the bits are gemm's. Deeper: 1..16 rows.
 pub fn takes(rows: usize, n: usize, d: usize) -> bool {
-    (2..=MAX_ROWS).contains(&rows) && rows * n > 256 && d <= MAX_DEPTH
+    if d > MAX_DEPTH {
+        (1..=MAX_ROWS).contains(&rows)
+    } else {
+        (2..=MAX_ROWS).contains(&rows) && rows * n > 256
+    }
 }
 
 /// `E` `[n, d]` as panels `[ceil(n / 16)][d][16]`, the last one zero-padded.
@@ -110,6 +125,14 @@ impl VocabPanels {
         for p in ps {
             let panel = &self.data[p * d * LANES..(p + 1) * d * LANES];
             let cols = LANES.min(n - p * LANES);
+            if d > MAX_DEPTH {
+                deep_chains(panel, x, m, d, &mut acc[..m]);
+                for (i, a) in acc[..m].iter().enumerate() {
+                    let dst = out.0.add(i * n + p * LANES);
+                    std::ptr::copy_nonoverlapping(a.as_ptr(), dst, cols);
+                }
+                continue;
+            }
             // Groups of at most 8 rows: 8 accumulators and the panel's registers fit.
             let mut r0 = 0;
             while r0 < m {
@@ -198,11 +221,182 @@ unsafe fn chains_avx2<const R: usize>(
     chains_body::<R>(panel, xs, d, acc)
 }
 
+/// Rows per group of [`deep_chains`]: 4 rows x 2 chains x 16 lanes, 8 AVX-512 registers.
+const DEEP_ROWS: usize = 4;
+
+/// `acc[i][l] = sum_k panel[k][l] * x[i][k]` for all `m <= 16` rows of `x` (`[m, d]`):
+/// per output two fused chains, over even and over odd `k` (from zero, in `k` order), then
+/// their sum. The depth is walked in blocks of [`DEEP_BLOCK`], each block read by every
+/// group of [`DEEP_ROWS`] rows while it is in L1; the chains carry across blocks, so the
+/// blocking and the grouping leave the order (and the bits) as defined.
+fn deep_chains(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f32; LANES]]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            unsafe { deep_avx512(panel, x, m, d, acc) };
+            return;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            unsafe { deep_avx2(panel, x, m, d, acc) };
+            return;
+        }
+    }
+    deep_body(panel, x, m, d, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn deep_avx512(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f32; LANES]]) {
+    deep_walk(panel, x, m, d, acc, |block, xs, k0, c| match c.len() {
+        // SAFETY: AVX-512 F is present (the caller's target feature).
+        1 => unsafe { deep_block_avx512::<1>(block, xs, d, k0, c) },
+        2 => unsafe { deep_block_avx512::<2>(block, xs, d, k0, c) },
+        3 => unsafe { deep_block_avx512::<3>(block, xs, d, k0, c) },
+        _ => unsafe { deep_block_avx512::<4>(block, xs, d, k0, c) },
+    })
+}
+
+/// [`deep_block`] with AVX-512 intrinsics (the compiler vectorizes the portable form
+/// across rows, with gathers): the same fused operations in the same order, so the same
+/// bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // rows index two register arrays and `x` in lockstep
+unsafe fn deep_block_avx512<const R: usize>(
+    block: &[f32],
+    xs: &[f32],
+    d: usize,
+    k0: usize,
+    ch: &mut [[[f32; LANES]; 2]],
+) {
+    use std::arch::x86_64::*;
+    assert!(ch.len() >= R && xs.len() >= R * d && k0 + block.len() / LANES <= d);
+    let mut a0 = [_mm512_setzero_ps(); R];
+    let mut a1 = [_mm512_setzero_ps(); R];
+    for i in 0..R {
+        a0[i] = _mm512_loadu_ps(ch[i][0].as_ptr());
+        a1[i] = _mm512_loadu_ps(ch[i][1].as_ptr());
+    }
+    let kk = block.len() / LANES;
+    let (e, x) = (block.as_ptr(), xs.as_ptr());
+    // SAFETY (the pointer reads): `j < kk / 2` keeps `2j + 1 < kk` inside the block and
+    // `k0 + 2j + 1 < d` inside each row (asserted above).
+    for j in 0..kk / 2 {
+        let e0 = _mm512_loadu_ps(e.add(2 * j * LANES));
+        let e1 = _mm512_loadu_ps(e.add((2 * j + 1) * LANES));
+        let k = k0 + 2 * j;
+        for i in 0..R {
+            let x0 = _mm512_set1_ps(*x.add(i * d + k));
+            let x1 = _mm512_set1_ps(*x.add(i * d + k + 1));
+            a0[i] = _mm512_fmadd_ps(e0, x0, a0[i]);
+            a1[i] = _mm512_fmadd_ps(e1, x1, a1[i]);
+        }
+    }
+    if kk % 2 == 1 {
+        let e0 = _mm512_loadu_ps(e.add((kk - 1) * LANES));
+        let k = k0 + kk - 1;
+        for i in 0..R {
+            a0[i] = _mm512_fmadd_ps(e0, _mm512_set1_ps(*x.add(i * d + k)), a0[i]);
+        }
+    }
+    for i in 0..R {
+        _mm512_storeu_ps(ch[i][0].as_mut_ptr(), a0[i]);
+        _mm512_storeu_ps(ch[i][1].as_mut_ptr(), a1[i]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn deep_avx2(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f32; LANES]]) {
+    deep_body(panel, x, m, d, acc)
+}
+
+#[inline(always)]
+fn deep_body(panel: &[f32], x: &[f32], m: usize, d: usize, acc: &mut [[f32; LANES]]) {
+    deep_walk(panel, x, m, d, acc, |block, xs, k0, c| match c.len() {
+        1 => deep_block::<1>(block, xs, d, k0, c),
+        2 => deep_block::<2>(block, xs, d, k0, c),
+        3 => deep_block::<3>(block, xs, d, k0, c),
+        _ => deep_block::<4>(block, xs, d, k0, c),
+    })
+}
+
+/// The depth blocks and row groups of [`deep_chains`]: `block(depth slice, rows' x, k0,
+/// rows' chains)` for each, then the two chains summed into `acc`.
+#[inline(always)]
+fn deep_walk(
+    panel: &[f32],
+    x: &[f32],
+    m: usize,
+    d: usize,
+    acc: &mut [[f32; LANES]],
+    mut block: impl FnMut(&[f32], &[f32], usize, &mut [[[f32; LANES]; 2]]),
+) {
+    // The two chains of every row, carried across the depth blocks.
+    let mut ch = [[[0f32; LANES]; 2]; MAX_ROWS];
+    let mut k0 = 0;
+    while k0 < d {
+        let k1 = (k0 + DEEP_BLOCK).min(d);
+        let slice = &panel[k0 * LANES..k1 * LANES];
+        let mut r0 = 0;
+        while r0 < m {
+            let r = (m - r0).min(DEEP_ROWS);
+            block(slice, &x[r0 * d..(r0 + r) * d], k0, &mut ch[r0..r0 + r]);
+            r0 += r;
+        }
+        k0 = k1;
+    }
+    for (a, c) in acc.iter_mut().zip(&ch[..m]) {
+        for (l, v) in a.iter_mut().enumerate() {
+            *v = c[0][l] + c[1][l];
+        }
+    }
+}
+
+/// Depth `k0..k0 + block.len() / 16` (`k0` even) of `R` rows into their chains.
+#[inline(always)]
+fn deep_block<const R: usize>(
+    block: &[f32],
+    xs: &[f32],
+    d: usize,
+    k0: usize,
+    ch: &mut [[[f32; LANES]; 2]],
+) {
+    let mut a = [[[0f32; LANES]; 2]; R];
+    a.copy_from_slice(&ch[..R]);
+    let mut pairs = block.chunks_exact(2 * LANES);
+    for (j, e) in (&mut pairs).enumerate() {
+        let k = k0 + 2 * j;
+        let (e0, e1) = e.split_at(LANES);
+        for (i, ai) in a.iter_mut().enumerate() {
+            let (x0, x1) = (xs[i * d + k], xs[i * d + k + 1]);
+            for l in 0..LANES {
+                ai[0][l] = e0[l].mul_add(x0, ai[0][l]);
+                ai[1][l] = e1[l].mul_add(x1, ai[1][l]);
+            }
+        }
+    }
+    // An odd depth's last `k` (even): chain 0.
+    let tail = pairs.remainder();
+    if !tail.is_empty() {
+        let k = k0 + block.len() / LANES - 1;
+        for (i, ai) in a.iter_mut().enumerate() {
+            let xv = xs[i * d + k];
+            for (v, &el) in ai[0].iter_mut().zip(tail) {
+                *v = el.mul_add(xv, *v);
+            }
+        }
+    }
+    ch[..R].copy_from_slice(&a);
+}
+
 /// `x [..., d] E^T` through the panels when `x` has a few rows ([`takes`]), f32 on the CPU
 /// outside gradient graphs, else `None` (the caller multiplies with gemm). The decoder's
 /// dense layers use it too, `E` being a weight `[out, in]`: gemm repacked the weight on
 /// every call with 2..16 rows (a decoding step at batch 8), and its kernel computes the
-/// same chains while `in <= 512`.
+/// same chains while `in <= 512`; deeper weights stream once per call at 1..16 rows.
 pub fn few_rows(p: &VocabPanels, x: &Tensor) -> Result<Option<Tensor>> {
     let dims = x.dims();
     let d = *dims.last().unwrap_or(&0);
@@ -253,7 +447,7 @@ pub fn single_row(e: &Tensor, x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// The composed reference: candle's `E x^T` (gemm), as `[m, n]`.
     fn reference(e: &Tensor, x: &Tensor) -> Tensor {
@@ -263,6 +457,15 @@ mod tests {
             .unwrap()
             .contiguous()
             .unwrap()
+    }
+
+    /// A random `[n, d]` matrix, `m` random rows of `d`, and the matrix's panels.
+    fn random_case(n: usize, d: usize, m: usize) -> (Tensor, Tensor, VocabPanels) {
+        let dev = Device::Cpu;
+        let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, d), &dev).unwrap();
+        let p = VocabPanels::from_tensor(&e).unwrap();
+        (e, x, p)
     }
 
     fn fma_cpu() -> bool {
@@ -278,7 +481,6 @@ mod tests {
 
     #[test]
     fn panels_match_gemm_on_random_shapes() {
-        let dev = Device::Cpu;
         // (vocabulary, d, rows): odd sizes, a last panel of 1..15 rows, 2..16 rows.
         let cases = [
             (1, 1, 2),
@@ -290,9 +492,7 @@ mod tests {
             (59, 77, 5),
         ];
         for (n, d, m) in cases {
-            let e = Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap();
-            let x = Tensor::randn(0f32, 1.0, (m, d), &dev).unwrap();
-            let p = VocabPanels::from_tensor(&e).unwrap();
+            let (e, x, p) = random_case(n, d, m);
             let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut y = vec![f32::NAN; m * n];
             p.product(&xv, m, &mut y).unwrap();
@@ -364,6 +564,78 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
             assert!(few_rows(&p, &x).unwrap().is_none(), "{shape:?}");
         }
+    }
+
+    /// The deep order's definition for one output: chains over even and odd `k`, summed.
+    fn deep_reference(e: &[f32], x: &[f32], d: usize) -> f32 {
+        let (mut c0, mut c1) = (0f32, 0f32);
+        for k in 0..d {
+            if k % 2 == 0 {
+                c0 = e[k].mul_add(x[k], c0);
+            } else {
+                c1 = e[k].mul_add(x[k], c1);
+            }
+        }
+        c0 + c1
+    }
+
+    #[test]
+    fn deep_panels_match_their_definition_and_gemm() {
+        let dev = Device::Cpu;
+        // (outputs, depth > 512, rows): odd depths (a last `k` alone), depths across several
+        // blocks and not a multiple of one, a last panel of 1..15 columns, 1..16 rows.
+        let cases = [
+            (1, 513, 1),
+            (17, 515, 1),
+            (33, 768, 2),
+            (100, 769, 3),
+            (257, 1031, 5),
+            (768, 768, 8),
+            (59, 3072, 16),
+            (31, 600, 13),
+        ];
+        for (n, d, m) in cases {
+            let (e, x, p) = random_case(n, d, m);
+            let got = few_rows(&p, &x)
+                .unwrap()
+                .expect("1..16 deep rows take the panels");
+            assert_eq!(got.dims(), &[m, n]);
+            let y = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ev = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (i, &g) in y.iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let want = deep_reference(&ev[c * d..(c + 1) * d], &xv[r * d..(r + 1) * d], d);
+                assert_eq!(g.to_bits(), want.to_bits(), "{n}x{d}, {m} rows, [{r}, {c}]");
+            }
+            // The composed product (gemm): another order, within rounding.
+            let err = crate::model::max_abs_diff(&got, &reference(&e, &x)).unwrap();
+            assert!(err <= 1e-5 * d as f32, "{n}x{d}, {m} rows: {err}");
+            // A row's outputs do not depend on the rows beside it (batch size).
+            for r in [0, m - 1] {
+                let one = few_rows(&p, &x.narrow(0, r, 1).unwrap()).unwrap().unwrap();
+                let diff = crate::model::max_abs_diff(&one, &got.narrow(0, r, 1).unwrap());
+                assert_eq!(diff.unwrap(), 0.0, "{n}x{d}, row {r} of {m}");
+            }
+        }
+        // The portable form (machines without AVX-512) against the dispatched one.
+        for (n, d, m) in [(16, 515, 5), (16, 1031, 16), (16, 768, 1)] {
+            let e: Vec<f32> = (0..n * d)
+                .map(|i| ((i * 7919) % 1013) as f32 / 500.0 - 1.0)
+                .collect();
+            let x: Vec<f32> = (0..m * d)
+                .map(|i| ((i * 104729) % 997) as f32 / 400.0 - 1.2)
+                .collect();
+            let p = VocabPanels::new(&e, n, d).unwrap();
+            let (mut a, mut b) = ([[0f32; LANES]; MAX_ROWS], [[1f32; LANES]; MAX_ROWS]);
+            deep_chains(&p.data, &x, m, d, &mut a[..m]);
+            deep_body(&p.data, &x, m, d, &mut b[..m]);
+            assert_eq!(a[..m], b[..m], "{d}, {m} rows");
+        }
+        // 17 rows: gemm's.
+        let p = VocabPanels::from_tensor(&Tensor::ones((8, 600), DType::F32, &dev).unwrap());
+        let x = Tensor::ones((17, 600), DType::F32, &dev).unwrap();
+        assert!(few_rows(&p.unwrap(), &x).unwrap().is_none());
     }
 
     #[test]
