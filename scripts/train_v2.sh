@@ -24,6 +24,10 @@ RUNS=${RUNS:-runs/v2}
 SESSION_SECS=${SESSION_SECS:-9000}
 STEPS_SCALE=${STEPS_SCALE:-1}
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
+# Data-parallel shards per batch (`mue train --shards`). Unset: each run keeps the count it
+# recorded (fresh runs 2; a run started before shards existed, 1). SHARDS=2 also moves such
+# a run to 2 shards when it resumes: the same loss up to float rounding.
+SHARDS=${SHARDS:-}
 
 # Steps that fit 2.5 h at the estimated idle speed (see the header).
 BASE_STEPS=${BASE_STEPS:-8500}          # paper recipe (decomposed, layer-wise loss)
@@ -41,6 +45,7 @@ scale() { python3 -c "print(max(1, int($1 * $STEPS_SCALE)))"; }
 COMMON=(--data "$DATA" --batch-size 32 --dropout 0 --captions-per-image 2 --patch 16
   --image-size 128 --branch-init zero-encoder --eval-examples 300 --checkpoint-every 250
   --time-budget-secs "$SESSION_SECS")
+[ -n "$SHARDS" ] && COMMON+=(--shards "$SHARDS")
 
 finished() { # out steps
   [ -f "$1/train_state.json" ] && python3 - "$1/train_state.json" "$2" <<'PY'
