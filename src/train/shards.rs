@@ -10,9 +10,8 @@
 //! row). The result depends on the number of shards, never on the number of threads: the
 //! shards, the ops inside them and the order of the sums are the same on any count.
 
-use super::data::{active_rows, make_shard, Dataset};
-use super::loss::LossKind;
-use super::train_loop::batch_loss_at;
+use super::data::{active_rows, make_shard, Batch, Dataset};
+use super::loss::{task_loss, LossKind, LossOutput};
 use crate::model::layers::{seed_dropout, Mode};
 use crate::model::threads::SerialOps;
 use crate::model::Model;
@@ -56,6 +55,30 @@ pub struct StepGrads {
     pub grads: GradStore,
     /// Encoder text + decoder tokens in the batch.
     pub n_tokens: usize,
+}
+
+/// Forward pass of a batch and its task loss.
+pub fn batch_loss(model: &Model, batch: &Batch, kind: LossKind, mode: Mode) -> Result<LossOutput> {
+    batch_loss_at(model, batch, kind, mode, None)
+}
+
+/// [`batch_loss`] with the image stream stopped after `image_depth` encoder layers.
+pub fn batch_loss_at(
+    model: &Model,
+    batch: &Batch,
+    kind: LossKind,
+    mode: Mode,
+    image_depth: Option<usize>,
+) -> Result<LossOutput> {
+    let enc = model.encode_to_image_depth(
+        &batch.images,
+        &batch.enc_ids,
+        &batch.enc_padding,
+        image_depth,
+        mode,
+    )?;
+    let hidden = model.decode(&batch.dec_ids, Some(&batch.dec_padding), &enc, mode)?;
+    Ok(task_loss(model, &hidden, &batch.targets, kind, mode)?)
 }
 
 /// Contiguous ranges of a `batch`-row batch split into `shards` parts whose sizes differ

@@ -1,9 +1,9 @@
 //! The training loop: multi-task batches, layer-wise loss, AdamW, checkpoints, resume,
 //! periodic validation.
 
-use super::data::{self, batch_indices, Batch, Dataset, RawSplit};
+use super::data::{self, batch_indices, Dataset, RawSplit};
 use super::eval::{entail_accuracy_dir, evaluate, EvalResult};
-use super::loss::{task_loss, LossKind, LossOutput};
+use super::loss::LossKind;
 use super::optim::{lr_at, AdamW, AdamWParams};
 use super::shards::{check_shards, step_gradients, StepPlan, DEFAULT_SHARDS};
 use crate::data::preprocess::resize_bicubic_pil;
@@ -250,30 +250,6 @@ pub struct TrainReport {
     pub valid_ve_accuracy: Option<f64>,
     pub test_ve_accuracy: Option<f64>,
     pub stopped_by_time_budget: bool,
-}
-
-/// Forward pass of a batch and its task loss.
-pub fn batch_loss(model: &Model, batch: &Batch, kind: LossKind, mode: Mode) -> Result<LossOutput> {
-    batch_loss_at(model, batch, kind, mode, None)
-}
-
-/// [`batch_loss`] with the image stream stopped after `image_depth` encoder layers.
-pub fn batch_loss_at(
-    model: &Model,
-    batch: &Batch,
-    kind: LossKind,
-    mode: Mode,
-    image_depth: Option<usize>,
-) -> Result<LossOutput> {
-    let enc = model.encode_to_image_depth(
-        &batch.images,
-        &batch.enc_ids,
-        &batch.enc_padding,
-        image_depth,
-        mode,
-    )?;
-    let hidden = model.decode(&batch.dec_ids, Some(&batch.dec_padding), &enc, mode)?;
-    Ok(task_loss(model, &hidden, &batch.targets, kind, mode)?)
 }
 
 /// Image-stream depth of training step `step` under `--image-exit-sampling p`: `None` (full
