@@ -17,6 +17,15 @@
 # ~2x faster than the shared one) applied to the loaded medians (6-7 s) would give about
 # a third of these counts: STEPS_SCALE=0.35 runs that, and rerunning continues a run
 # that hit SESSION_SECS, so a slower machine costs sessions, not a wrong schedule.
+#
+# Data-parallel shards (README, Measured, "Data-parallel shards, v2 step"): fresh runs
+# split each batch into 2 shards, one per core (`--shards`, default 2). Step times of the
+# base recipe (this script's command, stopped after 20 steps; median s/step), on a
+# loaded machine only so far (2026-12-03, load average 2.3-4.4, another session's PyTorch
+# benchmark beside): shards 2 / 2 threads 2.53, shards 1 / 2 threads 2.63, shards 2 / 1
+# thread 2.09, shards 1 / 1 thread 3.06 (before shards: 2.35 s at 1 thread, 2.1 s at 2,
+# idle). A step with 2 shards costs ~2.8 CPU-seconds, ~1.4 s on two idle cores
+# (estimate); the step counts below are not changed.
 set -euo pipefail
 MUE=${MUE:-target/release/mue}
 DATA=${DATA:-data/bench2}
