@@ -17,6 +17,15 @@
 # ~2x faster than the shared one) applied to the loaded medians (6-7 s) would give about
 # a third of these counts: STEPS_SCALE=0.35 runs that, and rerunning continues a run
 # that hit SESSION_SECS, so a slower machine costs sessions, not a wrong schedule.
+#
+# Data-parallel shards (README, Measured, "Data-parallel shards, v2 step"): fresh runs
+# split each batch into 2 shards, one per core (`--shards`, default 2). Step times of the
+# base recipe (this script's command, stopped after 20 steps; median s/step), on a
+# loaded machine only so far (2026-12-03, load average 2.3-4.4, another session's PyTorch
+# benchmark beside): shards 2 / 2 threads 2.53, shards 1 / 2 threads 2.63, shards 2 / 1
+# thread 2.09, shards 1 / 1 thread 3.06 (before shards: 2.35 s at 1 thread, 2.1 s at 2,
+# idle). A step with 2 shards costs ~2.8 CPU-seconds, ~1.4 s on two idle cores
+# (estimate); the step counts below are not changed.
 set -euo pipefail
 MUE=${MUE:-target/release/mue}
 DATA=${DATA:-data/bench2}
@@ -24,6 +33,10 @@ RUNS=${RUNS:-runs/v2}
 SESSION_SECS=${SESSION_SECS:-9000}
 STEPS_SCALE=${STEPS_SCALE:-1}
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2}
+# Data-parallel shards per batch (`mue train --shards`). Unset: each run keeps the count it
+# recorded (fresh runs 2; a run started before shards existed, 1). SHARDS=2 also moves such
+# a run to 2 shards when it resumes: the same loss up to float rounding.
+SHARDS=${SHARDS:-}
 
 # Steps that fit 2.5 h at the estimated idle speed (see the header).
 BASE_STEPS=${BASE_STEPS:-8500}          # paper recipe (decomposed, layer-wise loss)
@@ -41,6 +54,7 @@ scale() { python3 -c "print(max(1, int($1 * $STEPS_SCALE)))"; }
 COMMON=(--data "$DATA" --batch-size 32 --dropout 0 --captions-per-image 2 --patch 16
   --image-size 128 --branch-init zero-encoder --eval-examples 300 --checkpoint-every 250
   --time-budget-secs "$SESSION_SECS")
+[ -n "$SHARDS" ] && COMMON+=(--shards "$SHARDS")
 
 finished() { # out steps
   [ -f "$1/train_state.json" ] && python3 - "$1/train_state.json" "$2" <<'PY'

@@ -9,7 +9,7 @@ use mue::model::{BranchInit, Config, EncoderMode, ImageEmbedder, Model};
 use mue::task::Task;
 use mue::train::data::{batch_indices, make_batch, Batch, Dataset, Example};
 use mue::train::{
-    batch_loss, layer_loss, lr_at, task_loss, AdamW, AdamWParams, LossKind, TrainOptions,
+    batch_loss, layer_loss, lr_at, task_loss, AdamW, AdamWParams, LossKind, StepPlan, TrainOptions,
 };
 
 const TRAIN: Mode = Mode::train(0.0);
@@ -892,4 +892,157 @@ fn a_fresh_model_with_a_resnet_trunk_trains_from_the_command_line() {
     o.stem = vec![8];
     let e = mue::train::train(&o).unwrap_err().to_string();
     assert!(e.contains("--resnet and --stem"), "{e}");
+}
+
+/// One step's gradients of the 4-example batch of [`dataset`] as `plan` says.
+fn step(model: &Model, plan: &StepPlan) -> mue::train::StepGrads {
+    mue::train::step_gradients(model, &dataset(), &[0, 1, 2, 3], plan, &Device::Cpu).unwrap()
+}
+
+fn plan(model: &Model, shards: usize, threads: usize, mode: Mode) -> StepPlan {
+    StepPlan {
+        shards,
+        threads,
+        kind: LossKind::LayerWise,
+        mode,
+        image_depth: None,
+        dropout_seed: 11,
+        pad_id: model.cfg.pad_id,
+        vocab_size: model.cfg.vocab_size,
+        caption_smoothing: 0.1,
+    }
+}
+
+/// The gradient of every variable, in name order, as host vectors (None: no gradient).
+fn grad_values(varmap: &VarMap, grads: &candle_core::backprop::GradStore) -> Vec<Option<Vec<f32>>> {
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            grads
+                .get(data[n].as_tensor())
+                .map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn sharded_steps_give_the_whole_batch_loss_and_gradients() {
+    let (model, varmap) = tiny();
+    // Shard 1 equals the unsharded forward and backward pass, bit for bit.
+    let whole = step(&model, &plan(&model, 1, 2, TRAIN));
+    let b = batch(&model, 0.1);
+    let direct = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
+    assert_eq!(whole.loss, scalar(&direct.total));
+    assert_eq!(
+        grad_values(&varmap, &whole.grads),
+        grad_values(&varmap, &direct.total.backward().unwrap())
+    );
+    let reference = grad_values(&varmap, &whole.grads);
+    // 2 shards (2 + 2 rows) and 3 (2 + 1 + 1), each padded to its own longest row: the
+    // same loss and gradients up to float rounding (stated tolerance: 1e-5 of the loss,
+    // 1e-4 of each variable's largest gradient entry, plus 1e-8).
+    for shards in [2, 3] {
+        let s = step(&model, &plan(&model, shards, 2, TRAIN));
+        assert!(
+            (s.loss - whole.loss).abs() <= 1e-5 * whole.loss.abs(),
+            "{shards} shards: loss {} vs {}",
+            s.loss,
+            whole.loss
+        );
+        for (a, c) in s.per_layer.iter().zip(&whole.per_layer) {
+            assert!((a - c).abs() <= 1e-5 * c.abs(), "layer loss {a} vs {c}");
+        }
+        assert_eq!(s.n_tokens, whole.n_tokens);
+        let got = grad_values(&varmap, &s.grads);
+        for (g, r) in got.iter().zip(&reference) {
+            // Every parameter still gets a gradient, and not an all-zero one.
+            let (g, r) = (g.as_ref().expect("a gradient"), r.as_ref().unwrap());
+            assert!(g.iter().any(|&x| x != 0.0));
+            let scale = r.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = g.iter().zip(r).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale + 1e-8,
+                "{shards} shards: gradient differs by {diff} (max {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn sharded_steps_give_the_same_bits_on_one_and_two_threads() {
+    let (model, varmap) = tiny();
+    // Dropout on and the image stream stopped early: masks and depths are per shard and step.
+    let mut p = plan(&model, 2, 1, Mode::train(0.2));
+    p.image_depth = Some(1);
+    for shards in [2, 3] {
+        p.shards = shards;
+        p.threads = 1;
+        let one = step(&model, &p);
+        p.threads = 2;
+        let two = step(&model, &p);
+        assert_eq!(one.loss.to_bits(), two.loss.to_bits(), "{shards} shards");
+        assert_eq!(one.per_layer, two.per_layer);
+        let (g1, g2) = (
+            grad_values(&varmap, &one.grads),
+            grad_values(&varmap, &two.grads),
+        );
+        assert!(
+            g1 == g2,
+            "{shards} shards: gradients differ across thread counts"
+        );
+        // Another dropout seed draws other masks.
+        p.dropout_seed += 1;
+        assert_ne!(step(&model, &p).loss, two.loss);
+        p.dropout_seed -= 1;
+    }
+    // Bad shard counts are errors, not panics.
+    for shards in [0, 5] {
+        p.shards = shards;
+        let e = mue::train::step_gradients(&model, &dataset(), &[0, 1, 2, 3], &p, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--shards"), "{e}");
+    }
+}
+
+#[test]
+fn a_resumed_run_keeps_its_shard_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_benchmark(tmp.path());
+    let full_dir = tmp.path().join("full");
+    let mut o = tiny_options(&data, &full_dir);
+    o.shards = Some(3);
+    let full = mue::train::train(&o).unwrap();
+    assert_eq!(mue::train::load_state(&full_dir).unwrap().shards, Some(3));
+
+    let part = tmp.path().join("part");
+    let mut o = tiny_options(&data, &part);
+    o.shards = Some(3);
+    o.checkpoint_every = 2;
+    o.stop_at = Some(2);
+    mue::train::train(&o).unwrap();
+    // Resumed without a shard count: the recorded one, so the very same steps.
+    o.shards = None;
+    o.stop_at = None;
+    o.resume = true;
+    let r = mue::train::train(&o).unwrap();
+    assert_eq!((r.start_step, r.end_step), (2, 3));
+    assert_eq!(r.losses[0], full.losses[2]);
+    let st = mue::train::load_state(&part).unwrap();
+    assert_eq!(st.shards, Some(3));
+    // A fresh run defaults to 2 shards; a run recorded before shards had one.
+    assert_eq!(mue::train::run_shards(&tiny_options(&data, &part), None), 2);
+    let old = r#"{"step":3,"total_steps":3,"seed":0,"batch_size":4,"loss":"layer-wise","examples_seen":12,"optimizer_state":true}"#;
+    let old: mue::train::TrainState = serde_json::from_str(old).unwrap();
+    assert_eq!(old.shards, None);
+    assert_eq!(mue::train::run_shards(&o, Some(&old)), 1);
+    // More shards than rows is refused before any work.
+    let mut bad = tiny_options(&data, &tmp.path().join("bad"));
+    bad.shards = Some(5);
+    let e = mue::train::train(&bad).unwrap_err().to_string();
+    assert!(e.contains("more than the batch size"), "{e}");
 }

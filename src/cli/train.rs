@@ -1,7 +1,7 @@
 //! `mue train`: fine-tune a model with the layer-wise loss on the benchmark.
 
 use crate::model::BranchInit;
-use crate::train::{train, LossKind, TrainOptions};
+use crate::train::{run_shards, train, LossKind, TrainOptions};
 use anyhow::Result;
 use clap::builder::PossibleValue;
 use std::path::PathBuf;
@@ -137,6 +137,13 @@ pub struct TrainArgs {
     /// instead of patches, e.g. to size an OFA-like model with random weights.
     #[arg(long, value_parser = parse_resnet)]
     pub resnet: Option<[usize; 3]>,
+    /// Split each batch into N shards, each run on its own thread (up to RAYON_NUM_THREADS)
+    /// with single-threaded ops, gradients summed before one optimiser step: the same loss
+    /// up to float rounding, the same bits on any thread count. Default: the count recorded
+    /// by the run when resuming (1 for runs from before shards), else 2. 1 is the unsharded
+    /// step, each op threaded by candle.
+    #[arg(long)]
+    pub shards: Option<usize>,
     /// Stop (and checkpoint) after this many seconds.
     #[arg(long)]
     pub time_budget_secs: Option<f64>,
@@ -183,6 +190,7 @@ impl TrainArgs {
         o.image_exit_sampling = self.image_exit_sampling;
         o.freeze_image_trunk = self.freeze_image_trunk;
         o.resnet = self.resnet;
+        o.shards = self.shards;
         o.time_budget_secs = self.time_budget_secs;
         o.stop_at = self.stop_at;
         o.final_eval = self.final_eval;
@@ -197,7 +205,18 @@ fn parse_resnet(s: &str) -> std::result::Result<[usize; 3], String> {
 }
 
 pub fn main(args: TrainArgs) -> Result<()> {
-    let report = train(&args.options())?;
+    let opts = args.options();
+    // Shards bring their own threads: candle's barrier pool (sized on first use) would only
+    // make them queue on its lock. Its ops give the same bits without it.
+    let state = if opts.resume {
+        crate::train::load_state(&opts.out_dir).ok()
+    } else {
+        None
+    };
+    if run_shards(&opts, state.as_ref()) > 1 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let report = train(&opts)?;
     let last: Vec<f32> = report.losses.iter().rev().take(20).copied().collect();
     let mean = last.iter().sum::<f32>() / last.len().max(1) as f32;
     println!(

@@ -27,6 +27,43 @@ fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
+/// Rows whose statistics [`rows_stats`] interleaves.
+const STAT_ROWS: usize = 8;
+
+/// [`row_stats`] of every `d`-wide row of `x`, bit for bit: each row's sums still run from
+/// its first element to its last (from -0.0, as `Iterator::sum` starts), but the sums of
+/// `STAT_ROWS` rows advance together, so the latency of one row's chain of adds hides
+/// behind the others' (a lone row's sum is one serial chain).
+fn rows_stats(x: &[f32], d: usize, eps: f32) -> Vec<(f32, f32)> {
+    let n = d as f32;
+    let mut out = Vec::with_capacity(x.len() / d);
+    let mut blocks = x.chunks_exact(STAT_ROWS * d);
+    for block in blocks.by_ref() {
+        let mut sum = [-0.0f32; STAT_ROWS];
+        for i in 0..d {
+            for (r, s) in sum.iter_mut().enumerate() {
+                *s += block[r * d + i];
+            }
+        }
+        let mean = sum.map(|s| s / n);
+        let mut sq = [-0.0f32; STAT_ROWS];
+        for i in 0..d {
+            for (r, s) in sq.iter_mut().enumerate() {
+                let v = block[r * d + i];
+                *s += (v - mean[r]) * (v - mean[r]);
+            }
+        }
+        out.extend((0..STAT_ROWS).map(|r| (mean[r], 1.0 / (sq[r] / n + eps).sqrt())));
+    }
+    out.extend(
+        blocks
+            .remainder()
+            .chunks_exact(d)
+            .map(|r| row_stats(r, eps)),
+    );
+    out
+}
+
 /// The layer-norm kernels as one candle op: the forward pass (inputs x, weight, bias) or,
 /// with `backward`, its gradients (inputs x, weight, output gradient).
 struct LayerNormOp {
@@ -100,12 +137,14 @@ fn layer_norm_fwd(
     if d == 0 || b.len() != d || lx.dims().last() != Some(&d) {
         candle_core::bail!("layer norm: weight/bias do not match the last dimension");
     }
-    let mut y = vec![0f32; x.len()];
-    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let (mean, rstd) = row_stats(xr, eps);
-        for i in 0..d {
-            yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-        }
+    let mut y = Vec::with_capacity(x.len());
+    for (xr, (mean, rstd)) in x.chunks_exact(d).zip(rows_stats(x, d, eps)) {
+        y.extend(
+            xr.iter()
+                .zip(w)
+                .zip(b)
+                .map(|((&x, &w), &b)| (x - mean) * rstd * w + b),
+        );
     }
     Ok((CpuStorage::F32(y), lx.shape().clone()))
 }
@@ -119,12 +158,12 @@ fn layer_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Result<(CpuStora
     let (dw, db) = rest.split_at_mut(d);
     let mut xhat = vec![0f32; d];
     let mut gw = vec![0f32; d];
-    for ((xr, gr), dxr) in x
+    for (((xr, gr), dxr), (mean, rstd)) in x
         .chunks_exact(d)
         .zip(g.chunks_exact(d))
         .zip(dx.chunks_exact_mut(d))
+        .zip(rows_stats(x, d, eps))
     {
-        let (mean, rstd) = row_stats(xr, eps);
         let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
         for i in 0..d {
             xhat[i] = (xr[i] - mean) * rstd;
@@ -268,6 +307,32 @@ mod tests {
     use crate::model::max_abs_diff;
     use candle_core::{DType, Device, Var};
     use candle_nn::{VarBuilder, VarMap};
+
+    #[test]
+    fn interleaved_row_statistics_are_row_stats_bit_for_bit() {
+        for d in [1, 3, 16, 128] {
+            for rows in [0, 1, 7, 8, 9, 17, 24] {
+                let mut x: Vec<f32> = (0..rows * d)
+                    .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.0173 + (i % 5) as f32 * 1e3)
+                    .collect();
+                // An all -0.0 row and an all-equal row (variance 0).
+                if rows > 2 {
+                    x[..d].fill(-0.0);
+                    x[d..2 * d].fill(2.5);
+                }
+                let got = rows_stats(&x, d, 1e-5);
+                let want: Vec<(f32, f32)> = x.chunks_exact(d).map(|r| row_stats(r, 1e-5)).collect();
+                assert_eq!(got.len(), rows);
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(
+                        (g.0.to_bits(), g.1.to_bits()),
+                        (w.0.to_bits(), w.1.to_bits()),
+                        "d {d}, {rows} rows"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn gelu_in_place_is_gelu_scalar_bit_for_bit() {

@@ -307,6 +307,38 @@ pub fn make_batch(
     caption_smoothing: f32,
     device: &Device,
 ) -> Result<Batch> {
+    make_shard(
+        ds,
+        indices,
+        None,
+        pad_id,
+        vocab_size,
+        caption_smoothing,
+        device,
+    )
+}
+
+/// Examples of `indices` that have at least one target position: the row count that
+/// weighs a batch's loss ([`Targets::part_of_batch`]).
+pub fn active_rows(ds: &Dataset, indices: &[usize]) -> usize {
+    indices
+        .iter()
+        .filter(|&&i| ds.examples[i].targets.iter().any(|t| t.is_some()))
+        .count()
+}
+
+/// [`make_batch`] of a shard `indices` of a batch with `batch_active` rows with targets
+/// ([`active_rows`] of the whole batch; `None`: the shard is the batch). The shard is
+/// padded to its own longest row.
+pub fn make_shard(
+    ds: &Dataset,
+    indices: &[usize],
+    batch_active: Option<usize>,
+    pad_id: u32,
+    vocab_size: usize,
+    caption_smoothing: f32,
+    device: &Device,
+) -> Result<Batch> {
     if indices.is_empty() {
         bail!("empty batch");
     }
@@ -343,7 +375,7 @@ pub fn make_batch(
         enc_padding,
         dec_ids: Tensor::from_vec(dec_ids, (b, ld), device)?,
         dec_padding,
-        targets: Targets::new(&rows, &smoothing, vocab_size, device)?,
+        targets: Targets::part_of_batch(&rows, &smoothing, vocab_size, batch_active, device)?,
         n_tokens,
     })
 }

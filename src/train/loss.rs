@@ -37,6 +37,20 @@ impl Targets {
         vocab_size: usize,
         device: &Device,
     ) -> Result<Self> {
+        Self::part_of_batch(rows, smoothing, vocab_size, None, device)
+    }
+
+    /// [`Targets::new`] for `rows` that are one shard of a larger batch with
+    /// `batch_active` rows with targets (`None`: `rows` are the whole batch): rows are
+    /// weighted `1 / (count * batch_active)`, so the losses of a batch's shards sum to the
+    /// loss of the whole batch.
+    pub fn part_of_batch(
+        rows: &[Vec<Option<u32>>],
+        smoothing: &[f32],
+        vocab_size: usize,
+        batch_active: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
         if rows.len() != smoothing.len() {
             candle_core::bail!(
                 "{} target rows but {} smoothings",
@@ -58,6 +72,13 @@ impl Targets {
         if active == 0 {
             candle_core::bail!("batch has no target positions");
         }
+        let active = match batch_active {
+            Some(n) if n < active => candle_core::bail!(
+                "a shard has {active} rows with targets, more than its batch's {n}"
+            ),
+            Some(n) => n,
+            None => active,
+        };
         let (mut pos, mut tok, mut cn, mut cs) = (vec![], vec![], vec![], vec![]);
         for (i, (row, &eps)) in rows.iter().zip(smoothing).enumerate() {
             let count = row.iter().filter(|x| x.is_some()).count();

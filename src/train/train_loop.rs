@@ -1,10 +1,11 @@
 //! The training loop: multi-task batches, layer-wise loss, AdamW, checkpoints, resume,
 //! periodic validation.
 
-use super::data::{self, batch_indices, make_batch, Batch, Dataset, RawSplit};
+use super::data::{self, batch_indices, Dataset, RawSplit};
 use super::eval::{entail_accuracy_dir, evaluate, EvalResult};
-use super::loss::{task_loss, LossKind, LossOutput};
+use super::loss::LossKind;
 use super::optim::{lr_at, AdamW, AdamWParams};
+use super::shards::{check_shards, step_gradients, StepPlan, DEFAULT_SHARDS};
 use crate::data::preprocess::resize_bicubic_pil;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::layers::Mode;
@@ -91,6 +92,14 @@ pub struct TrainOptions {
     /// Image trunk of a fresh model: OFA's ResNet with these bottlenecks per stage (see
     /// [`crate::model::resnet::blocks_for`]) instead of patches or the conv stem.
     pub resnet: Option<[usize; 3]>,
+    /// Shards each batch is split into, run on their own threads and summed before the
+    /// optimiser step ([`super::shards`]); part of the run (recorded in `train_state.json`).
+    /// None: the recorded count when resuming (1 for runs recorded before shards existed),
+    /// else [`DEFAULT_SHARDS`]. 1 is the unsharded step.
+    pub shards: Option<usize>,
+    /// Threads the shards run on (None: candle's thread count, `RAYON_NUM_THREADS`).
+    /// Results do not depend on it.
+    pub threads: Option<usize>,
     /// Stop early (with a checkpoint) after this many seconds.
     pub time_budget_secs: Option<f64>,
     /// Stop (with a checkpoint) once this step is reached, keeping the schedule of `steps`
@@ -143,6 +152,8 @@ impl TrainOptions {
             image_exit_sampling: 0.0,
             freeze_image_trunk: false,
             resnet: None,
+            shards: None,
+            threads: None,
             time_budget_secs: None,
             stop_at: None,
             final_eval: false,
@@ -213,6 +224,9 @@ pub struct TrainState {
     /// `--freeze-image-trunk` of the run; None in files written before it was recorded.
     #[serde(default)]
     pub freeze_image_trunk: Option<bool>,
+    /// `--shards` of the run; None in files written before shards existed (one shard).
+    #[serde(default)]
+    pub shards: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,30 +250,6 @@ pub struct TrainReport {
     pub valid_ve_accuracy: Option<f64>,
     pub test_ve_accuracy: Option<f64>,
     pub stopped_by_time_budget: bool,
-}
-
-/// Forward pass of a batch and its task loss.
-pub fn batch_loss(model: &Model, batch: &Batch, kind: LossKind, mode: Mode) -> Result<LossOutput> {
-    batch_loss_at(model, batch, kind, mode, None)
-}
-
-/// [`batch_loss`] with the image stream stopped after `image_depth` encoder layers.
-pub fn batch_loss_at(
-    model: &Model,
-    batch: &Batch,
-    kind: LossKind,
-    mode: Mode,
-    image_depth: Option<usize>,
-) -> Result<LossOutput> {
-    let enc = model.encode_to_image_depth(
-        &batch.images,
-        &batch.enc_ids,
-        &batch.enc_padding,
-        image_depth,
-        mode,
-    )?;
-    let hidden = model.decode(&batch.dec_ids, Some(&batch.dec_padding), &enc, mode)?;
-    Ok(task_loss(model, &hidden, &batch.targets, kind, mode)?)
 }
 
 /// Image-stream depth of training step `step` under `--image-exit-sampling p`: `None` (full
@@ -355,6 +345,7 @@ pub fn bind_image_trunk(model: &mut Model, varmap: &VarMap, frozen: bool) -> Res
 
 fn save_checkpoint(
     opts: &TrainOptions,
+    shards: usize,
     cfg: &Config,
     varmap: &VarMap,
     tok: &Tokenizer,
@@ -382,10 +373,21 @@ fn save_checkpoint(
         image_exit_sampling: Some(opts.image_exit_sampling),
         init: opts.init.clone(),
         freeze_image_trunk: Some(opts.freeze_image_trunk),
+        shards: Some(shards),
     };
     std::fs::write(&state_path, serde_json::to_string_pretty(&state)? + "\n")
         .with_context(|| format!("cannot write {}", state_path.display()))?;
     Ok(())
+}
+
+/// Shard count of a run: `opts.shards`, else the one recorded in `state` when resuming (1
+/// for runs recorded before shards existed), else [`DEFAULT_SHARDS`].
+pub fn run_shards(opts: &TrainOptions, state: Option<&TrainState>) -> usize {
+    match (opts.shards, state) {
+        (Some(n), _) => n,
+        (None, Some(s)) => s.shards.unwrap_or(1),
+        (None, None) => DEFAULT_SHARDS,
+    }
 }
 
 /// Read `train_state.json` of a model directory.
@@ -504,6 +506,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     } else {
         None
     };
+    let shards = run_shards(opts, state.as_ref());
+    check_shards(shards, opts.batch_size)?;
+    if let Some(recorded) = state.as_ref().and_then(|s| s.shards) {
+        if recorded != shards {
+            tracing::warn!(
+                recorded,
+                shards,
+                "resuming with another shard count: same loss, other float rounding"
+            );
+        }
+    }
+    let threads = opts
+        .threads
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+        .clamp(1, shards);
     let (cfg, tok) = if state.is_some() {
         let cfg = Config::load(&opts.out_dir.join("config.json"))?;
         let tok = Tokenizer::from_file(opts.out_dir.join("tokenizer.json"))?;
@@ -580,6 +597,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         skipped = ds.skipped,
         params = n_params,
         start_step,
+        shards,
+        threads,
         "training"
     );
 
@@ -615,30 +634,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             }
         }
         let ts = Instant::now();
-        crate::model::layers::seed_dropout(
-            opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64,
-        );
         let idx = batch_indices(ds.examples.len(), opts.seed, opts.batch_size, step);
-        let batch = make_batch(
-            &ds,
-            &idx,
-            cfg.pad_id,
-            cfg.vocab_size,
-            opts.caption_smoothing,
-            &device,
-        )?;
         let image_depth = sampled_image_depth(
             opts.image_exit_sampling,
             cfg.encoder_layers,
             opts.seed,
             step,
         );
-        let out = batch_loss_at(&model, &batch, opts.loss, mode, image_depth)?;
-        let loss = out.total.to_scalar::<f32>()?;
+        let plan = StepPlan {
+            shards,
+            threads,
+            kind: opts.loss,
+            mode,
+            image_depth,
+            dropout_seed: opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64,
+            pad_id: cfg.pad_id,
+            vocab_size: cfg.vocab_size,
+            caption_smoothing: opts.caption_smoothing,
+        };
+        let out = step_gradients(&model, &ds, &idx, &plan, &device)?;
+        let loss = out.loss;
         if !loss.is_finite() {
             bail!("loss is not finite at step {step}");
         }
-        let grads = out.total.backward()?;
+        let grads = out.grads;
         let lr = lr_at(step, opts.steps, opts.warmup_frac, opts.lr);
         let st = opt.step(&grads, lr, Some(opts.clip_norm))?;
         if rebind_each_step {
@@ -646,14 +665,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         step += 1;
         let dt = ts.elapsed().as_secs_f64();
-        tokens += batch.n_tokens;
+        tokens += out.n_tokens;
         compute_secs += dt;
         losses.push(loss);
-        let per_layer: Vec<f32> = out
-            .per_layer
-            .iter()
-            .map(|t| t.to_scalar::<f32>())
-            .collect::<candle_core::Result<_>>()?;
+        let per_layer = out.per_layer;
         writeln!(
             log,
             "{}",
@@ -676,11 +691,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             evals.push(EvalPoint { step, result: r });
         }
         if opts.checkpoint_every > 0 && step % opts.checkpoint_every == 0 && step < opts.steps {
-            save_checkpoint(opts, &cfg, &varmap, &tok, &opt, step)?;
+            save_checkpoint(opts, shards, &cfg, &varmap, &tok, &opt, step)?;
         }
     }
     pb.finish_and_clear();
-    save_checkpoint(opts, &cfg, &varmap, &tok, &opt, step)?;
+    save_checkpoint(opts, shards, &cfg, &varmap, &tok, &opt, step)?;
     let r = evaluate(&model, &tok, &valid_raw, opts.eval_examples)?;
     writeln!(log, "{}", serde_json::json!({"step": step, "eval": &r}))?;
     evals.push(EvalPoint { step, result: r });
