@@ -467,6 +467,16 @@ fn bench_prints_one_line_per_workload_and_batch() {
     assert!(!ok && err.contains("unknown workload \"bogus\""), "{err}");
     let (ok, _, err) = mue(&["bench", "--model", m, "--batch", "0"]);
     assert!(!ok && err.contains("at least 1"), "{err}");
+    let (ok, _, err) = mue(&[
+        "bench",
+        "--model",
+        m,
+        "--steps",
+        "1",
+        "--workloads",
+        "caption",
+    ]);
+    assert!(!ok && err.contains("--steps must be at least 2"), "{err}");
     let (ok, _, err) = mue(&["bench", "--model", "/nonexistent/model"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
 }

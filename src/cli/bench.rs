@@ -154,6 +154,9 @@ pub fn run_workload(
             })?
         }
         "caption" => {
+            if steps < 2 {
+                bail!("--steps must be at least 2 for the caption workload (its last step is the forced end of sequence)");
+            }
             // min_len = max_len = steps - 1: `steps` decoder steps, the last one forced to EOS.
             let search = SearchConfig {
                 beam: 1,
