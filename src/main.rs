@@ -89,6 +89,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let command = Cli::parse().command;
+    mue::model::memory::keep_freed_buffers();
     // `mue bench` sets the count from --threads itself.
     if !matches!(command, Command::Bench(_)) {
         mue::model::threads::fix_thread_count();

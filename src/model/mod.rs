@@ -12,6 +12,7 @@ pub mod fused;
 pub mod infer;
 pub mod init;
 pub mod layers;
+pub mod memory;
 pub mod ofa;
 pub mod pool;
 pub mod position;
