@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use mue::exit::{ExitPolicy, FullDepth, StaticDepth};
 use mue::generate::{self, Input, KvFill, SearchConfig};
 use mue::model::{Config, EncoderMode, Model};
-use std::time::Instant;
+mod common;
 
 fn inputs(cfg: &Config, n: usize) -> Vec<Input> {
     (0..n)
@@ -23,21 +23,17 @@ fn inputs(cfg: &Config, n: usize) -> Vec<Input> {
         .collect()
 }
 
-/// Median wall time (ms) of `f` over `iters` runs after one warm-up, and its MACs.
+/// Median wall time (ms) of `f` over `iters` runs after warm-ups, and its MACs.
 fn time<F: FnMut() -> (u64, u64)>(iters: usize, mut f: F) -> (f64, u64, u64) {
     let (ex, full) = f();
-    let mut t: Vec<f64> = (0..iters)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    (t[t.len() / 2], ex, full)
+    let (_, median) = common::time(iters, || {
+        f();
+    });
+    (median, ex, full)
 }
 
 fn main() {
+    mue::model::memory::keep_freed_buffers();
     let iters: usize = std::env::var("MUE_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -12,24 +12,11 @@ use mue::model::layers::Linear;
 use mue::model::quant::QMatrix;
 use mue::model::vocab::VocabPanels;
 use std::sync::Arc;
-use std::time::Instant;
-
-/// Minimum and median milliseconds of `f` over `iters` calls after two warm-ups.
-fn time(iters: usize, mut f: impl FnMut()) -> (f64, f64) {
-    f();
-    f();
-    let mut t: Vec<f64> = (0..iters)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    (t[0], t[t.len() / 2])
-}
+mod common;
+use common::time;
 
 fn main() {
+    mue::model::memory::keep_freed_buffers();
     let iters: usize = std::env::var("MUE_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())

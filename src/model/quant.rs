@@ -24,6 +24,16 @@ use rayon::prelude::*;
 
 /// Columns per weight panel (one 512-bit vector of i32).
 const NR: usize = 16;
+
+/// `x.round_ties_even()` for |x| <= 2^22 (quantized values are within 128; a zero may lose
+/// its sign, which the integer conversion drops anyway), in two adds:
+/// at 1.5 * 2^23 the f32 grid is the integers, so the add rounds to nearest, ties to even.
+/// The standard function is a libm call on the baseline x86-64 target (no SSE4.1).
+#[inline(always)]
+fn round_ties_even(x: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (x + SHIFT) - SHIFT
+}
 /// Rows per block: the quantized activations of a block stay in cache across all panels.
 const MC: usize = 64;
 /// Elements below which the product runs on one thread.
@@ -141,7 +151,7 @@ impl QMatrix {
         Self::build(n, k, |j, i| w[i * n + j])
     }
 
-    fn build(n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+    fn build(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let kp = k.div_ceil(4) * 4;
         let panels = n.div_ceil(NR);
         // One tile (1 KiB) of slack after the last panel: the AMX kernel's last depth tile
@@ -149,20 +159,27 @@ impl QMatrix {
         let mut packed = vec![0i8; panels * kp * NR + 1024];
         let mut scale = vec![0f32; panels * NR];
         let mut shift = vec![0i32; panels * NR];
-        for j in 0..n {
-            let max = (0..k).map(|i| at(j, i).abs()).fold(0f32, f32::max);
-            let s = max / 127.0;
-            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-            scale[j] = s;
-            let (p, c) = (j / NR, j % NR);
-            let mut sum = 0i32;
-            for i in 0..k {
-                let q = (at(j, i) * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-                packed[p * kp * NR + (i / 4) * NR * 4 + c * 4 + i % 4] = q;
-                sum += q as i32;
-            }
-            shift[j] = 128 * sum;
-        }
+        // One panel per task: the same bits at any thread count (each row is computed alone).
+        packed[..panels * kp * NR]
+            .par_chunks_mut(kp * NR)
+            .zip(scale.par_chunks_mut(NR))
+            .zip(shift.par_chunks_mut(NR))
+            .enumerate()
+            .for_each(|(p, ((panel, scale), shift))| {
+                for c in 0..NR.min(n - p * NR) {
+                    let j = p * NR + c;
+                    let max = (0..k).map(|i| at(j, i).abs()).fold(0f32, f32::max);
+                    let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+                    scale[c] = max / 127.0;
+                    let mut sum = 0i32;
+                    for i in 0..k {
+                        let q = round_ties_even(at(j, i) * inv).clamp(-127.0, 127.0) as i8;
+                        panel[(i / 4) * NR * 4 + c * 4 + i % 4] = q;
+                        sum += q as i32;
+                    }
+                    shift[c] = 128 * sum;
+                }
+            });
         Self {
             packed,
             scale,
@@ -231,7 +248,7 @@ fn quantize_row_body(a: &[f32], out: &mut [u8], shifted: bool) -> f32 {
     let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
     let bias = if shifted { 128i32 } else { 0 };
     for (o, v) in out.iter_mut().zip(a) {
-        let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
+        let q = round_ties_even(v * inv).clamp(-127.0, 127.0) as i32;
         *o = (q + bias) as u8;
     }
     out[a.len()..].fill(bias as u8);
@@ -594,7 +611,7 @@ fn store_scalar(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Out, QMatrix, QRows, NR};
+    use super::{round_ties_even, Out, QMatrix, QRows, NR};
     use std::arch::x86_64::*;
 
     /// `y + bias[j0..j0 + 16]` and ReLU as `out` asks (the scalar store's arithmetic).
@@ -876,7 +893,7 @@ mod x86 {
             _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut _, _mm512_cvtepi32_epi8(q));
         }
         for (o, v) in out[full..].iter_mut().zip(&a[full..]) {
-            let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
+            let q = round_ties_even(v * inv).clamp(-127.0, 127.0) as i32;
             *o = (q + bias) as u8;
         }
         out[n..].fill(bias as u8);
@@ -921,6 +938,24 @@ mod x86 {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn two_add_rounding_is_round_ties_even() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let ties = (-300..300).map(|i| i as f32 + 0.5);
+        let near = (-300..300).flat_map(|i| {
+            let x = i as f32 + 0.5;
+            [x.next_up(), x.next_down(), i as f32]
+        });
+        let random = (0..100_000).map(|_| rng.random_range(-130.0f32..130.0));
+        let special = [0.0, -0.0, 1e-30, -1e-30, 4194304.0, -4194303.5];
+        for x in ties.chain(near).chain(random).chain(special) {
+            // The sign of a zero may differ (-0.5 gives +0): equal as the integer stored.
+            assert_eq!(round_ties_even(x) as i32, x.round_ties_even() as i32, "{x}");
+            assert_eq!(round_ties_even(x), x.round_ties_even(), "{x}");
+        }
+        assert!(round_ties_even(f32::NAN).is_nan());
+    }
 
     fn rand_vec(n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
