@@ -1010,6 +1010,49 @@ fn sharded_steps_give_the_same_bits_on_one_and_two_threads() {
 }
 
 #[test]
+fn a_shard_without_targets_adds_nothing() {
+    let (model, varmap) = tiny();
+    // Examples 0 and 1 (the first of two shards) lose their targets.
+    let mut ds = dataset();
+    for e in &mut ds.examples[..2] {
+        e.targets.iter_mut().for_each(|t| *t = None);
+    }
+    let run = |ds: &Dataset, shards| {
+        mue::train::step_gradients(
+            &model,
+            ds,
+            &[0, 1, 2, 3],
+            &plan(&model, shards, 2, TRAIN),
+            &Device::Cpu,
+        )
+    };
+    let (one, two) = (run(&ds, 1).unwrap(), run(&ds, 2).unwrap());
+    assert!(one.loss > 0.0 && (two.loss - one.loss).abs() <= 1e-5 * one.loss);
+    assert_eq!(two.n_tokens, one.n_tokens);
+    let (g1, g2) = (
+        grad_values(&varmap, &one.grads),
+        grad_values(&varmap, &two.grads),
+    );
+    for (a, b) in g1.iter().zip(&g2) {
+        let (Some(a), Some(b)) = (a, b) else {
+            assert_eq!(a.is_some(), b.is_some());
+            continue;
+        };
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-4 * scale + 1e-8, "gradient differs by {diff}");
+    }
+    // A batch without any target is an error, sharded or not.
+    for e in &mut ds.examples {
+        e.targets.iter_mut().for_each(|t| *t = None);
+    }
+    for shards in [1, 2] {
+        let e = run(&ds, shards).err().unwrap().to_string();
+        assert!(e.contains("no target positions"), "{shards}: {e}");
+    }
+}
+
+#[test]
 fn a_resumed_run_keeps_its_shard_count() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tiny_benchmark(tmp.path());

@@ -327,6 +327,14 @@ pub fn active_rows(ds: &Dataset, indices: &[usize]) -> usize {
         .count()
 }
 
+/// Encoder text + decoder tokens of the examples `indices`.
+pub fn n_tokens(ds: &Dataset, indices: &[usize]) -> usize {
+    indices
+        .iter()
+        .map(|&i| ds.examples[i].enc_ids.len() + ds.examples[i].dec_ids.len())
+        .sum()
+}
+
 /// [`make_batch`] of a shard `indices` of a batch with `batch_active` rows with targets
 /// ([`active_rows`] of the whole batch; `None`: the shard is the batch). The shard is
 /// padded to its own longest row.
@@ -368,7 +376,7 @@ pub fn make_shard(
             Task::Entail => 0.0,
         })
         .collect();
-    let n_tokens = exs.iter().map(|e| e.enc_ids.len() + e.dec_ids.len()).sum();
+    let n_tokens = n_tokens(ds, indices);
     Ok(Batch {
         images,
         enc_ids: Tensor::from_vec(enc_ids, (b, le), device)?,

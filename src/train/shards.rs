@@ -10,7 +10,7 @@
 //! row). The result depends on the number of shards, never on the number of threads: the
 //! shards, the ops inside them and the order of the sums are the same on any count.
 
-use super::data::{active_rows, make_shard, Batch, Dataset};
+use super::data::{active_rows, make_shard, n_tokens, Batch, Dataset};
 use super::loss::{task_loss, LossKind, LossOutput};
 use crate::model::layers::{seed_dropout, Mode};
 use crate::model::threads::SerialOps;
@@ -169,17 +169,24 @@ pub fn step_gradients(
     let ranges = shard_ranges(idx.len(), plan.shards);
     let threads = plan.threads.clamp(1, plan.shards);
     let _serial = SerialOps::enter();
-    // Thread `w` runs shards w, w + threads, ...; the calling thread is thread 0.
-    let work = |w: usize| -> Vec<(usize, Result<StepGrads>)> {
+    // Thread `w` runs shards w, w + threads, ...; the calling thread is thread 0. A shard
+    // without target rows adds nothing to the loss or the gradients: it is not run.
+    let work = |w: usize| -> Vec<(usize, Result<Option<StepGrads>>)> {
         (w..plan.shards)
             .step_by(threads)
             .map(|k| {
                 let part = &idx[ranges[k].clone()];
-                (k, run_shard(model, ds, part, active, k, plan, device))
+                if active_rows(ds, part) == 0 {
+                    return (k, Ok(None));
+                }
+                (
+                    k,
+                    run_shard(model, ds, part, active, k, plan, device).map(Some),
+                )
             })
             .collect()
     };
-    let mut outs: Vec<Option<Result<StepGrads>>> = (0..plan.shards).map(|_| None).collect();
+    let mut outs: Vec<Option<Result<Option<StepGrads>>>> = (0..plan.shards).map(|_| None).collect();
     std::thread::scope(|s| -> Result<()> {
         let handles = (1..threads)
             .map(|w| {
@@ -204,7 +211,9 @@ pub fn step_gradients(
     })?;
     let mut total: Option<StepGrads> = None;
     for o in outs {
-        let s = o.expect("every shard is run by one thread")?;
+        let Some(s) = o.expect("every shard is run by one thread")? else {
+            continue;
+        };
         match total.as_mut() {
             None => total = Some(s),
             Some(t) => {
@@ -213,11 +222,14 @@ pub fn step_gradients(
                     *a += b;
                 }
                 t.grads.extend(s.grads)?;
-                t.n_tokens += s.n_tokens;
             }
         }
     }
-    Ok(total.expect("at least two shards"))
+    let Some(mut total) = total else {
+        bail!("batch has no target positions");
+    };
+    total.n_tokens = n_tokens(ds, idx);
+    Ok(total)
 }
 
 #[cfg(test)]
