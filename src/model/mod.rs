@@ -350,7 +350,7 @@ fn lazy_bias<'s>(
     buckets: &Tensor,
 ) -> Result<&'s Tensor> {
     if slot.is_none() {
-        *slot = Some(base.broadcast_add(&position::relative_bias(table, buckets)?)?);
+        *slot = Some(position::add_relative_bias(base, table, buckets)?);
     }
     Ok(slot.as_ref().unwrap())
 }
@@ -394,9 +394,7 @@ impl<'a> DecoderSelfBiases<'a> {
     pub fn layer(&mut self, layer: usize) -> Result<&Tensor> {
         if self.layers[layer].is_none() {
             let table = &self.model.decoder.token_rel_tables[layer];
-            let b = self
-                .abs
-                .broadcast_add(&position::relative_bias(table, &self.tok)?)?;
+            let b = position::add_relative_bias(&self.abs, table, &self.tok)?;
             self.layers[layer] = Some(b);
         }
         Ok(self.layers[layer].as_ref().unwrap())
