@@ -250,6 +250,13 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()
 }
 
+/// `[b, n, h*dh]` viewed as heads `[b, h, n, dh]` without a copy (strided): what
+/// [`super::attn_block`] reads in place.
+pub fn head_view(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    x.reshape((b, n, heads, d / heads))?.transpose(1, 2)
+}
+
 /// Multi-head attention with additive biases and NormFormer per-head scaling (`c_attn`).
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -307,8 +314,16 @@ impl Attention {
         self.out_proj.forward(&out)
     }
 
+    /// Whether inference attention of `q` against `nk` keys goes through the block kernel
+    /// ([`super::attn_block`]; long key sequences only, see its `MIN_KEYS`).
+    pub fn fuses_block(q: &Tensor, nk: usize, mode: Mode) -> bool {
+        !mode.train && super::attn_block::takes(q, nk)
+    }
+
     /// softmax(q k^T + bias) v, head-scaled and projected: `[b, nq, d]`.
-    /// `bias` broadcasts to `[b, h, nq, nk]` and carries masks too.
+    /// `bias` broadcasts to `[b, h, nq, nk]` and carries masks too. At inference with long
+    /// key sequences ([`Attention::fuses_block`]) one fused kernel, which also reads
+    /// strided head views ([`head_view`]); else the composed ops on contiguous heads.
     pub fn attend(
         &self,
         q: &Tensor,
@@ -317,6 +332,10 @@ impl Attention {
         bias: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        if Self::fuses_block(q, k.dim(2)?, mode) {
+            let out = super::attn_block::attend_block(q, k, v, bias, &self.c_attn)?;
+            return self.out_proj.forward(&out);
+        }
         let (b, h, nq, dh) = q.dims4()?;
         let mut scores = q.matmul(&k.t()?)?;
         let probs = if !mode.train && super::infer::fuses_inference(&scores) {
@@ -402,14 +421,22 @@ impl EncoderLayer {
         mode: Mode,
     ) -> Result<Tensor> {
         let hq = self.self_attn_layer_norm.forward(x_q, mode)?;
-        let q = self.self_attn.query(&hq, mode)?;
-        let (k, v) = match x_kv {
-            None => self.self_attn.key_value(&hq, mode)?,
-            Some(kv) => self
-                .self_attn
-                .key_value(&self.self_attn_layer_norm.forward(kv, mode)?, mode)?,
+        let hkv = match x_kv {
+            None => hq.clone(),
+            Some(kv) => self.self_attn_layer_norm.forward(kv, mode)?,
         };
-        let a = self.self_attn.attend(&q, &k, &v, bias, mode)?;
+        let att = &self.self_attn;
+        let a = if Attention::fuses_block(&hq, hkv.dim(1)?, mode) {
+            // The block kernel reads the projections' outputs in place: no head splits.
+            let q = head_view(&att.query_rows(&hq, mode)?, att.heads)?;
+            let k = head_view(&att.k_proj.forward(&hkv)?, att.heads)?;
+            let v = head_view(&att.v_proj.forward(&hkv)?, att.heads)?;
+            att.attend(&q, &k, &v, bias, mode)?
+        } else {
+            let q = att.query(&hq, mode)?;
+            let (k, v) = att.key_value(&hkv, mode)?;
+            att.attend(&q, &k, &v, bias, mode)?
+        };
         let a = mode.dropout(&self.self_attn_mid_layer_norm.forward(&a, mode)?)?;
         let x = (x_q + a)?;
         let h = ffn(

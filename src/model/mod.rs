@@ -3,6 +3,7 @@
 //! Structs hold weights only; they are immutable and can be shared across threads.
 //! Per-request state (exit decisions, key/value caches) lives in `crate::generate`.
 
+pub mod attn_block;
 pub mod attn_rows;
 pub mod config;
 pub mod conv;
