@@ -8,8 +8,8 @@
 //! once more in the product with the values, then scales and transposes the result (a
 //! copy). Here a task computes the scores of [`BLOCK`] rows against all keys into a
 //! scratch block that stays in L2 (`gemm` on slices, no threads of its own), adds the bias
-//! (`[b|1, h|1, nq, nk]`, any strides; masks ride in it), takes the softmax as
-//! `infer::bias_softmax` does and multiplies the unnormalised exponentials by the values
+//! (`[b|1, h|1, nq, nk]`, any strides; masks ride in it), takes the softmax (lane-parallel
+//! maximum and sum, `infer`'s `exp`) and multiplies the unnormalised exponentials by the values
 //! into the output, then scales each row by `1 / sum * c_attn`. Queries, keys and values
 //! are read in place through their strides (last stride 1): the projections' `[b, n, h*dh]`
 //! output viewed as `[b, h, n, dh]` needs no head-splitting copy.
@@ -21,9 +21,9 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
-/// Query rows per task: a block's scores (`BLOCK * nk` f32, 77 KB at 600 keys) stay in L2,
+/// Query rows per task: a block's scores (`BLOCK * nk` f32, 307 KB at 600 keys) stay in L2,
 /// and the packing of a head's keys is shared by this many rows.
-pub const BLOCK: usize = 32;
+pub const BLOCK: usize = 128;
 
 /// Key length from which inference attention takes this kernel. Below it the score
 /// tensor is small enough to stay in cache on the composed path, and the shipped model
@@ -196,11 +196,7 @@ pub fn attend_block(
         }
         let mut scale = [0f32; BLOCK];
         for (row, sc) in scores.chunks_exact_mut(nk).zip(scale.iter_mut()) {
-            let mut max = f32::NEG_INFINITY;
-            for s in row.iter() {
-                max = max.max(*s);
-            }
-            *sc = super::infer::exp_shifted(row, max) * c_attn[hh];
+            *sc = exp_row(row) * c_attn[hh];
         }
         // SAFETY: row r0 of sample bb, column hh*dh lies inside the b x nq x d buffer.
         let out_tile = unsafe { dst.at((bb * nq + r0) * d + hh * dh) };
@@ -251,6 +247,85 @@ pub fn attend_block(
     Tensor::from_vec(out, (b, nq, d), q.device())
 }
 
+/// Lanes of the row maximum and sum (one AVX-512 register).
+const LANES: usize = 16;
+
+/// `row = exp(row - max(row))` in place; returns `1 / sum(row)`. The maximum and the sum
+/// run in 16 lanes (then pairwise), not in one chain as `infer::exp_shifted` does: a
+/// block's rows are long, and one in-order chain is bound by the add's latency. The same
+/// bits on every CPU (the lanes' order is fixed; `exp` has libm's bits everywhere).
+fn exp_row(row: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { exp_row_avx512(row) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { exp_row_avx2(row) };
+        }
+    }
+    exp_row_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp_row_avx512(row: &mut [f32]) -> f32 {
+    exp_row_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_row_avx2(row: &mut [f32]) -> f32 {
+    exp_row_body(row)
+}
+
+/// Lane `l` of `acc` folded with lane `l + w` for halving `w`: lane 0 holds the result.
+#[inline(always)]
+fn fold(mut acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] = f(acc[l], acc[l + w]);
+        }
+    }
+    acc[0]
+}
+
+#[inline(always)]
+fn exp_row_body(row: &mut [f32]) -> f32 {
+    // `a > b` picks like `maxps` (vectorises; f32::max's NaN rule does not).
+    let max_of = |a: f32, b: f32| if a > b { a } else { b };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] = max_of(c[l], acc[l]);
+        }
+    }
+    for &x in chunks.remainder() {
+        acc[0] = max_of(x, acc[0]);
+    }
+    let max = fold(acc, max_of);
+    for v in row.iter_mut() {
+        *v -= max;
+    }
+    super::expf::exp_in_place(row);
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    for &x in chunks.remainder() {
+        acc[0] += x;
+    }
+    1.0 / fold(acc, |a, b| a + b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,7 +357,10 @@ mod tests {
     /// `[b, n, h*dh]` viewed as `[b, h, n, dh]` (no copy), as the encoder passes them.
     fn heads_view(x: &Tensor, h: usize) -> Tensor {
         let (b, n, d) = x.dims3().unwrap();
-        x.reshape((b, n, h, d / h)).unwrap().transpose(1, 2).unwrap()
+        x.reshape((b, n, h, d / h))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
     }
 
     /// `f` on one thread (every op serial), or in a two-thread pool of its own (the tasks
@@ -309,7 +387,7 @@ mod tests {
             // Rows fewer than a block; dh not a multiple of 16.
             (1, 3, 5, 130, 33, [false, true, true], false),
             // nq != nk, several blocks with a ragged last one, batch > 1.
-            (3, 4, 71, 150, 17, [true, true, true], true),
+            (2, 3, 261, 150, 17, [true, true, true], true),
             (2, 2, 97, 40, 64, [false, true, true], true),
             // Bias broadcast in each leading dimension.
             (2, 3, 33, 129, 24, [true, false, true], true),
@@ -373,7 +451,11 @@ mod tests {
                 .transpose(2, 3)
                 .unwrap();
             let got = attend_block(&q, &k, &v, Some(&bt), &c).unwrap();
-            assert_eq!(max_abs_diff(&one, &got).unwrap(), 0.0, "{case}: bias strides");
+            assert_eq!(
+                max_abs_diff(&one, &got).unwrap(),
+                0.0,
+                "{case}: bias strides"
+            );
             // No bias at all.
             let got = attend_block(&q, &k, &v, None, &c).unwrap();
             let err = max_abs_diff(&got, &reference(&q, &k, &v, None, &c)).unwrap();

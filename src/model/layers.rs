@@ -336,6 +336,19 @@ impl Attention {
             let out = super::attn_block::attend_block(q, k, v, bias, &self.c_attn)?;
             return self.out_proj.forward(&out);
         }
+        self.attend_composed(q, k, v, bias, mode)
+    }
+
+    /// [`Attention::attend`] through the composed ops (contiguous heads `[b, h, n, dh]`):
+    /// the form the block kernel is checked and timed against, and the training path.
+    pub fn attend_composed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, h, nq, dh) = q.dims4()?;
         let mut scores = q.matmul(&k.t()?)?;
         let probs = if !mode.train && super::infer::fuses_inference(&scores) {
