@@ -99,6 +99,19 @@ pub fn attend_block(
     bias: Option<&Tensor>,
     c_attn: &Tensor,
 ) -> Result<Tensor> {
+    attend_block_biases(q, k, v, bias.as_slice(), c_attn)
+}
+
+/// [`attend_block`] with the bias the sum of `biases` (each broadcasting to
+/// `[b, h, nq, nk]`), added left to right per row as `broadcast_add` would: a position
+/// bias `[1, h, n, n]` and a padding mask `[b, 1, 1, n]` need no `[b, h, n, n]` tensor.
+pub fn attend_block_biases(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    biases: &[&Tensor],
+    c_attn: &Tensor,
+) -> Result<Tensor> {
     let (b, h, nq, dh) = q.dims4()?;
     let nk = k.dim(2)?;
     if k.dims() != [b, h, nk, dh] || v.dims() != [b, h, nk, dh] {
@@ -117,7 +130,10 @@ pub fn attend_block(
     }
     let d = h * dh;
     let c_attn = c_attn.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-    let bias = bias.map(|t| t.broadcast_as((b, h, nq, nk))).transpose()?;
+    let biases = biases
+        .iter()
+        .map(|t| t.broadcast_as((b, h, nq, nk)))
+        .collect::<Result<Vec<_>>>()?;
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -126,18 +142,18 @@ pub fn attend_block(
         view(&ks, kl, "keys")?,
         view(&vs, vl, "values")?,
     );
-    let bias_guard = bias.as_ref().map(|t| t.storage_and_layout());
-    let bias = match &bias_guard {
-        Some((bs, bl)) => {
+    let bias_guards: Vec<_> = biases.iter().map(|t| t.storage_and_layout()).collect();
+    let bias = bias_guards
+        .iter()
+        .map(|(bs, bl)| {
             let st = bl.stride();
-            Some((
+            Ok((
                 cpu_f32(bs, "bias")?,
                 bl.start_offset(),
                 [st[0], st[1], st[2], st[3]],
             ))
-        }
-        None => None,
-    };
+        })
+        .collect::<Result<Vec<_>>>()?;
 
     let mut out = vec![0f32; b * nq * d];
     let blocks = nq.div_ceil(BLOCK);
@@ -150,14 +166,20 @@ pub fn attend_block(
         let r0 = blk * BLOCK;
         let m = BLOCK.min(nq - r0);
         scores.resize(m * nk, 0.0);
-        if let Some((data, start, st)) = bias {
+        for (i, &(data, start, st)) in bias.iter().enumerate() {
             for (r, row) in scores.chunks_exact_mut(nk).enumerate() {
                 let off = start + bb * st[0] + hh * st[1] + (r0 + r) * st[2];
-                if st[3] == 1 {
-                    row.copy_from_slice(&data[off..off + nk]);
-                } else {
-                    for (j, s) in row.iter_mut().enumerate() {
-                        *s = data[off + j * st[3]];
+                match (i, st[3]) {
+                    (0, 1) => row.copy_from_slice(&data[off..off + nk]),
+                    (0, s3) => {
+                        for (j, s) in row.iter_mut().enumerate() {
+                            *s = data[off + j * s3];
+                        }
+                    }
+                    (_, s3) => {
+                        for (j, s) in row.iter_mut().enumerate() {
+                            *s += data[off + j * s3];
+                        }
                     }
                 }
             }
@@ -179,7 +201,7 @@ pub fn attend_block(
                 scores.as_mut_ptr(),
                 1,
                 nk as isize,
-                bias.is_some(),
+                !bias.is_empty(),
                 qp,
                 1,
                 qv.strides[2] as isize,
@@ -455,6 +477,17 @@ mod tests {
                 max_abs_diff(&one, &got).unwrap(),
                 0.0,
                 "{case}: bias strides"
+            );
+            // The bias as a sum of two (position bias + padding mask, as the encoder
+            // passes them): the same bits as their sum computed first.
+            let other = Tensor::randn(0f32, 1.0, (b, 1, 1, nk), &dev).unwrap();
+            let sum = bias.broadcast_add(&other).unwrap();
+            let want2 = attend_block(&q, &k, &v, Some(&sum), &c).unwrap();
+            let got = attend_block_biases(&q, &k, &v, &[&bias, &other], &c).unwrap();
+            assert_eq!(
+                max_abs_diff(&want2, &got).unwrap(),
+                0.0,
+                "{case}: two biases"
             );
             // No bias at all.
             let got = attend_block(&q, &k, &v, None, &c).unwrap();

@@ -332,11 +332,31 @@ impl Attention {
         bias: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        self.attend_biases(q, k, v, bias.as_slice(), mode)
+    }
+
+    /// [`Attention::attend`] with the bias the sum of `biases` (left to right): the block
+    /// kernel adds them per row; the composed path sums them first (`broadcast_add`).
+    pub fn attend_biases(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        biases: &[&Tensor],
+        mode: Mode,
+    ) -> Result<Tensor> {
         if Self::fuses_block(q, k.dim(2)?, mode) {
-            let out = super::attn_block::attend_block(q, k, v, bias, &self.c_attn)?;
+            let out = super::attn_block::attend_block_biases(q, k, v, biases, &self.c_attn)?;
             return self.out_proj.forward(&out);
         }
-        self.attend_composed(q, k, v, bias, mode)
+        let bias = match biases {
+            [] => None,
+            [first, rest @ ..] => Some(
+                rest.iter()
+                    .try_fold((*first).clone(), |acc, b| acc.broadcast_add(b))?,
+            ),
+        };
+        self.attend_composed(q, k, v, bias.as_ref(), mode)
     }
 
     /// [`Attention::attend`] through the composed ops (contiguous heads `[b, h, n, dh]`):
@@ -433,6 +453,18 @@ impl EncoderLayer {
         bias: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        self.forward_biases(x_q, x_kv, bias.as_slice(), mode)
+    }
+
+    /// [`EncoderLayer::forward`] with the bias the sum of `biases` (a position bias and a
+    /// padding mask: the block kernel adds them per row, without a `[b, h, n, n]` sum).
+    pub fn forward_biases(
+        &self,
+        x_q: &Tensor,
+        x_kv: Option<&Tensor>,
+        biases: &[&Tensor],
+        mode: Mode,
+    ) -> Result<Tensor> {
         let hq = self.self_attn_layer_norm.forward(x_q, mode)?;
         let hkv = match x_kv {
             None => hq.clone(),
@@ -444,11 +476,11 @@ impl EncoderLayer {
             let q = head_view(&att.query_rows(&hq, mode)?, att.heads)?;
             let k = head_view(&att.k_proj.forward(&hkv)?, att.heads)?;
             let v = head_view(&att.v_proj.forward(&hkv)?, att.heads)?;
-            att.attend(&q, &k, &v, bias, mode)?
+            att.attend_biases(&q, &k, &v, biases, mode)?
         } else {
             let q = att.query(&hq, mode)?;
             let (k, v) = att.key_value(&hkv, mode)?;
-            att.attend(&q, &k, &v, bias, mode)?
+            att.attend_biases(&q, &k, &v, biases, mode)?
         };
         let a = mode.dropout(&self.self_attn_mid_layer_norm.forward(&a, mode)?)?;
         let x = (x_q + a)?;

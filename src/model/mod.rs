@@ -647,8 +647,7 @@ impl Model {
             match self.cfg.encoder_mode {
                 EncoderMode::Joint => {
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
-                    let b = bias.joint()?.broadcast_add(&key_pad)?;
-                    let y = layer.forward(&x, None, Some(&b), mode)?;
+                    let y = layer.forward_biases(&x, None, &[&bias.joint()?, &key_pad], mode)?;
                     xi = y.narrow(1, 0, p)?;
                     xt = y.narrow(1, p, l)?;
                 }
