@@ -137,8 +137,8 @@ pub fn run_encoder(
                     let xt = st.gather(&both)?;
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
                     let pad = memory_padding(&select(padding, &both), p);
-                    let mask = bias.joint()?.broadcast_add(&key_padding_bias(&pad, dev)?)?;
-                    let y = layer.forward(&x, None, Some(&mask), mode)?;
+                    let pad = key_padding_bias(&pad, dev)?;
+                    let y = layer.forward_biases(&x, None, &[&bias.joint()?, &pad], mode)?;
                     let (yi, yt) = (y.narrow(1, 0, p)?, y.narrow(1, p, l)?);
                     // One joint layer per sample, counted once (on the image stream's rows).
                     si.charge(&both, |i| {

@@ -250,6 +250,13 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()
 }
 
+/// `[b, n, h*dh]` viewed as heads `[b, h, n, dh]` without a copy (strided): what
+/// [`super::attn_block`] reads in place.
+pub fn head_view(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, d) = x.dims3()?;
+    x.reshape((b, n, heads, d / heads))?.transpose(1, 2)
+}
+
 /// Multi-head attention with additive biases and NormFormer per-head scaling (`c_attn`).
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -307,9 +314,54 @@ impl Attention {
         self.out_proj.forward(&out)
     }
 
+    /// Whether inference attention of `q` against `nk` keys goes through the block kernel
+    /// ([`super::attn_block`]; long key sequences only, see its `MIN_KEYS`).
+    pub fn fuses_block(q: &Tensor, nk: usize, mode: Mode) -> bool {
+        !mode.train && super::attn_block::takes(q, nk)
+    }
+
     /// softmax(q k^T + bias) v, head-scaled and projected: `[b, nq, d]`.
-    /// `bias` broadcasts to `[b, h, nq, nk]` and carries masks too.
+    /// `bias` broadcasts to `[b, h, nq, nk]` and carries masks too. At inference with long
+    /// key sequences ([`Attention::fuses_block`]) one fused kernel, which also reads
+    /// strided head views ([`head_view`]); else the composed ops on contiguous heads.
     pub fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        self.attend_biases(q, k, v, bias.as_slice(), mode)
+    }
+
+    /// [`Attention::attend`] with the bias the sum of `biases` (left to right): the block
+    /// kernel adds them per row; the composed path sums them first (`broadcast_add`).
+    pub fn attend_biases(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        biases: &[&Tensor],
+        mode: Mode,
+    ) -> Result<Tensor> {
+        if Self::fuses_block(q, k.dim(2)?, mode) {
+            let out = super::attn_block::attend_block_biases(q, k, v, biases, &self.c_attn)?;
+            return self.out_proj.forward(&out);
+        }
+        let bias = match biases {
+            [] => None,
+            [first, rest @ ..] => Some(
+                rest.iter()
+                    .try_fold((*first).clone(), |acc, b| acc.broadcast_add(b))?,
+            ),
+        };
+        self.attend_composed(q, k, v, bias.as_ref(), mode)
+    }
+
+    /// [`Attention::attend`] through the composed ops (contiguous heads `[b, h, n, dh]`):
+    /// the form the block kernel is checked and timed against, and the training path.
+    pub fn attend_composed(
         &self,
         q: &Tensor,
         k: &Tensor,
@@ -401,15 +453,35 @@ impl EncoderLayer {
         bias: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        self.forward_biases(x_q, x_kv, bias.as_slice(), mode)
+    }
+
+    /// [`EncoderLayer::forward`] with the bias the sum of `biases` (a position bias and a
+    /// padding mask: the block kernel adds them per row, without a `[b, h, n, n]` sum).
+    pub fn forward_biases(
+        &self,
+        x_q: &Tensor,
+        x_kv: Option<&Tensor>,
+        biases: &[&Tensor],
+        mode: Mode,
+    ) -> Result<Tensor> {
         let hq = self.self_attn_layer_norm.forward(x_q, mode)?;
-        let q = self.self_attn.query(&hq, mode)?;
-        let (k, v) = match x_kv {
-            None => self.self_attn.key_value(&hq, mode)?,
-            Some(kv) => self
-                .self_attn
-                .key_value(&self.self_attn_layer_norm.forward(kv, mode)?, mode)?,
+        let hkv = match x_kv {
+            None => hq.clone(),
+            Some(kv) => self.self_attn_layer_norm.forward(kv, mode)?,
         };
-        let a = self.self_attn.attend(&q, &k, &v, bias, mode)?;
+        let att = &self.self_attn;
+        let a = if Attention::fuses_block(&hq, hkv.dim(1)?, mode) {
+            // The block kernel reads the projections' outputs in place: no head splits.
+            let q = head_view(&att.query_rows(&hq, mode)?, att.heads)?;
+            let k = head_view(&att.k_proj.forward(&hkv)?, att.heads)?;
+            let v = head_view(&att.v_proj.forward(&hkv)?, att.heads)?;
+            att.attend_biases(&q, &k, &v, biases, mode)?
+        } else {
+            let q = att.query(&hq, mode)?;
+            let (k, v) = att.key_value(&hkv, mode)?;
+            att.attend_biases(&q, &k, &v, biases, mode)?
+        };
         let a = mode.dropout(&self.self_attn_mid_layer_norm.forward(&a, mode)?)?;
         let x = (x_q + a)?;
         let h = ffn(

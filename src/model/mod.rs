@@ -3,6 +3,7 @@
 //! Structs hold weights only; they are immutable and can be shared across threads.
 //! Per-request state (exit decisions, key/value caches) lives in `crate::generate`.
 
+pub mod attn_block;
 pub mod attn_rows;
 pub mod config;
 pub mod conv;
@@ -644,8 +645,7 @@ impl Model {
             match self.cfg.encoder_mode {
                 EncoderMode::Joint => {
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
-                    let b = bias.joint()?.broadcast_add(&key_pad)?;
-                    let y = layer.forward(&x, None, Some(&b), mode)?;
+                    let y = layer.forward_biases(&x, None, &[&bias.joint()?, &key_pad], mode)?;
                     xi = y.narrow(1, 0, p)?;
                     xt = y.narrow(1, p, l)?;
                 }
