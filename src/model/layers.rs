@@ -471,17 +471,18 @@ impl EncoderLayer {
             Some(kv) => self.self_attn_layer_norm.forward(kv, mode)?,
         };
         let att = &self.self_attn;
-        let a = if Attention::fuses_block(&hq, hkv.dim(1)?, mode) {
+        let (q, k, v) = if Attention::fuses_block(&hq, hkv.dim(1)?, mode) {
             // The block kernel reads the projections' outputs in place: no head splits.
             let q = head_view(&att.query_rows(&hq, mode)?, att.heads)?;
             let k = head_view(&att.k_proj.forward(&hkv)?, att.heads)?;
             let v = head_view(&att.v_proj.forward(&hkv)?, att.heads)?;
-            att.attend_biases(&q, &k, &v, biases, mode)?
+            (q, k, v)
         } else {
             let q = att.query(&hq, mode)?;
             let (k, v) = att.key_value(&hkv, mode)?;
-            att.attend_biases(&q, &k, &v, biases, mode)?
+            (q, k, v)
         };
+        let a = att.attend_biases(&q, &k, &v, biases, mode)?;
         let a = mode.dropout(&self.self_attn_mid_layer_norm.forward(&a, mode)?)?;
         let x = (x_q + a)?;
         let h = ffn(
