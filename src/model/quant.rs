@@ -34,6 +34,7 @@ fn round_ties_even(x: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0;
     (x + SHIFT) - SHIFT
 }
+
 /// Rows per block: the quantized activations of a block stay in cache across all panels.
 const MC: usize = 64;
 /// Elements below which the product runs on one thread.
