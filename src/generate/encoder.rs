@@ -3,6 +3,7 @@
 use super::cost::{self, Macs};
 use super::rows::{signals, ExitRows};
 use crate::exit::{row_similarity, ExitPolicy, LayerSignal, Site, Stream};
+use crate::model::attn_block::Bias;
 use crate::model::layers::{key_padding_bias, Mode};
 use crate::model::{memory_padding, EncoderBiases, EncoderMode, EncoderPositions, Model};
 use candle_core::{Result, Tensor};
@@ -138,7 +139,12 @@ pub fn run_encoder(
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
                     let pad = memory_padding(&select(padding, &both), p);
                     let pad = key_padding_bias(&pad, dev)?;
-                    let y = layer.forward_biases(&x, None, &[&bias.joint()?, &pad], mode)?;
+                    let y = layer.forward_biases(
+                        &x,
+                        None,
+                        &[bias.joint()?, Bias::Whole(&pad)],
+                        mode,
+                    )?;
                     let (yi, yt) = (y.narrow(1, 0, p)?, y.narrow(1, p, l)?);
                     // One joint layer per sample, counted once (on the image stream's rows).
                     si.charge(&both, |i| {

@@ -71,6 +71,39 @@ fn view<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<View<'a>> {
     })
 }
 
+/// A rectangle of one bias term: rows `rows`, columns `c0..c0 + cols` of `[b, h, nq, nk]`.
+struct Piece<'a> {
+    /// Of the first term: the rectangles tile the scores, so they are copied, not added.
+    first: bool,
+    rows: std::ops::Range<usize>,
+    c0: usize,
+    cols: usize,
+    data: &'a [f32],
+    start: usize,
+    strides: [usize; 4],
+}
+
+impl Piece<'_> {
+    /// Writes (first term) or adds this piece's part of score row `r` of (`bb`, `hh`).
+    fn apply(&self, bb: usize, hh: usize, r: usize, out: &mut [f32]) {
+        let st = self.strides;
+        let off = self.start + bb * st[0] + hh * st[1] + (r - self.rows.start) * st[2];
+        match (self.first, st[3]) {
+            (true, 1) => out.copy_from_slice(&self.data[off..off + self.cols]),
+            (true, s3) => {
+                for (j, s) in out.iter_mut().enumerate() {
+                    *s = self.data[off + j * s3];
+                }
+            }
+            (false, s3) => {
+                for (j, s) in out.iter_mut().enumerate() {
+                    *s += self.data[off + j * s3];
+                }
+            }
+        }
+    }
+}
+
 /// The output's base pointer, shared by tasks that write disjoint (rows, head) tiles.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -99,17 +132,77 @@ pub fn attend_block(
     bias: Option<&Tensor>,
     c_attn: &Tensor,
 ) -> Result<Tensor> {
+    let bias = bias.map(Bias::Whole);
     attend_block_biases(q, k, v, bias.as_slice(), c_attn)
 }
 
-/// [`attend_block`] with the bias the sum of `biases` (each broadcasting to
-/// `[b, h, nq, nk]`), added left to right per row as `broadcast_add` would: a position
-/// bias `[1, h, n, n]` and a padding mask `[b, 1, 1, n]` need no `[b, h, n, n]` tensor.
+/// One term of an attention bias.
+#[derive(Debug, Clone, Copy)]
+pub enum Bias<'a> {
+    /// A tensor broadcasting to `[b, h, nq, nk]`.
+    Whole(&'a Tensor),
+    /// The joint encoder's stream blocks, split at query row and key column `split` (the
+    /// image tokens come first): image-image, image-text, text-image and text-text, each
+    /// broadcasting to its block of `[b, h, nq, nk]`. The kernel reads the blocks where
+    /// they are; concatenating them was ~5% of an OFA-Base request (a new `[h, n, n]`
+    /// tensor per layer, written three times).
+    Streams {
+        split: usize,
+        blocks: [&'a Tensor; 4],
+    },
+}
+
+impl Bias<'_> {
+    /// The term as one tensor (the composed path's form).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        match self {
+            Bias::Whole(t) => Ok((*t).clone()),
+            Bias::Streams {
+                blocks: [ii, it, ti, tt],
+                ..
+            } => {
+                let top = Tensor::cat(&[ii, it], 3)?;
+                let bottom = Tensor::cat(&[ti, tt], 3)?;
+                Tensor::cat(&[&top, &bottom], 2)
+            }
+        }
+    }
+
+    /// `(first row, first column, block)`: the rectangles the term covers, each block
+    /// broadcast to its `[b, h, rows, columns]`.
+    fn pieces(
+        &self,
+        b: usize,
+        h: usize,
+        nq: usize,
+        nk: usize,
+    ) -> Result<Vec<(usize, usize, Tensor)>> {
+        match *self {
+            Bias::Whole(t) => Ok(vec![(0, 0, t.broadcast_as((b, h, nq, nk))?)]),
+            Bias::Streams { split, blocks } => {
+                if split > nq.min(nk) {
+                    candle_core::bail!("block attention: stream split {split} of {nq} x {nk}");
+                }
+                let spans = |n: usize| [(0, split), (split, n - split)];
+                let mut out = Vec::new();
+                for (i, t) in blocks.into_iter().enumerate() {
+                    let ((r0, rows), (c0, cols)) = (spans(nq)[i / 2], spans(nk)[i % 2]);
+                    out.push((r0, c0, t.broadcast_as((b, h, rows, cols))?));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// [`attend_block`] with the bias the sum of `biases`, added left to right per row as
+/// `broadcast_add` would: a position bias `[1, h, n, n]` and a padding mask `[b, 1, 1, n]`
+/// need no `[b, h, n, n]` tensor.
 pub fn attend_block_biases(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    biases: &[&Tensor],
+    biases: &[Bias],
     c_attn: &Tensor,
 ) -> Result<Tensor> {
     let (b, h, nq, dh) = q.dims4()?;
@@ -130,10 +223,13 @@ pub fn attend_block_biases(
     }
     let d = h * dh;
     let c_attn = c_attn.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-    let biases = biases
-        .iter()
-        .map(|t| t.broadcast_as((b, h, nq, nk)))
-        .collect::<Result<Vec<_>>>()?;
+    // (term, first row, first column, block), terms in order.
+    let mut pieces = Vec::new();
+    for (term, bias) in biases.iter().enumerate() {
+        for (r0, c0, t) in bias.pieces(b, h, nq, nk)? {
+            pieces.push((term, r0, c0, t));
+        }
+    }
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
@@ -142,16 +238,21 @@ pub fn attend_block_biases(
         view(&ks, kl, "keys")?,
         view(&vs, vl, "values")?,
     );
-    let bias_guards: Vec<_> = biases.iter().map(|t| t.storage_and_layout()).collect();
-    let bias = bias_guards
+    let bias_guards: Vec<_> = pieces.iter().map(|p| p.3.storage_and_layout()).collect();
+    let bias = pieces
         .iter()
-        .map(|(bs, bl)| {
+        .zip(&bias_guards)
+        .map(|(&(term, r0, c0, ref t), (bs, bl))| {
             let st = bl.stride();
-            Ok((
-                cpu_f32(bs, "bias")?,
-                bl.start_offset(),
-                [st[0], st[1], st[2], st[3]],
-            ))
+            Ok(Piece {
+                first: term == 0,
+                rows: r0..r0 + t.dim(2)?,
+                c0,
+                cols: t.dim(3)?,
+                data: cpu_f32(bs, "bias")?,
+                start: bl.start_offset(),
+                strides: [st[0], st[1], st[2], st[3]],
+            })
         })
         .collect::<Result<Vec<_>>>()?;
 
@@ -166,21 +267,10 @@ pub fn attend_block_biases(
         let r0 = blk * BLOCK;
         let m = BLOCK.min(nq - r0);
         scores.resize(m * nk, 0.0);
-        for (i, &(data, start, st)) in bias.iter().enumerate() {
+        for p in &bias {
             for (r, row) in scores.chunks_exact_mut(nk).enumerate() {
-                let off = start + bb * st[0] + hh * st[1] + (r0 + r) * st[2];
-                match (i, st[3]) {
-                    (0, 1) => row.copy_from_slice(&data[off..off + nk]),
-                    (0, s3) => {
-                        for (j, s) in row.iter_mut().enumerate() {
-                            *s = data[off + j * s3];
-                        }
-                    }
-                    (_, s3) => {
-                        for (j, s) in row.iter_mut().enumerate() {
-                            *s += data[off + j * s3];
-                        }
-                    }
+                if p.rows.contains(&(r0 + r)) {
+                    p.apply(bb, hh, r0 + r, &mut row[p.c0..p.c0 + p.cols]);
                 }
             }
         }
@@ -275,7 +365,8 @@ const LANES: usize = 16;
 /// `row = exp(row - max(row))` in place; returns `1 / sum(row)`. The maximum and the sum
 /// run in 16 lanes (then pairwise), not in one chain as `infer::exp_shifted` does: a
 /// block's rows are long, and one in-order chain is bound by the add's latency. The same
-/// bits on every CPU (the lanes' order is fixed; `exp` has libm's bits everywhere).
+/// bits on every CPU: the lanes' order is fixed and [`exp_nonpositive`] uses IEEE
+/// operations and fused multiply-adds only.
 fn exp_row(row: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
@@ -331,21 +422,51 @@ fn exp_row_body(row: &mut [f32]) -> f32 {
         acc[0] = max_of(x, acc[0]);
     }
     let max = fold(acc, max_of);
-    for v in row.iter_mut() {
-        *v -= max;
-    }
-    super::expf::exp_in_place(row);
+    // One pass: shift, exponential and the lane sums.
     let mut acc = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
+    let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
+            c[l] = exp_nonpositive(c[l] - max);
             acc[l] += c[l];
         }
     }
-    for &x in chunks.remainder() {
-        acc[0] += x;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        acc[0] += *x;
     }
     1.0 / fold(acc, |a, b| a + b)
+}
+
+/// `e^x` for `x <= 0` (a softmax's shifted scores), within 2 ulp of the exact value: `x`
+/// split as `n ln 2 + r` with `|r| <= ln 2 / 2`, Cephes' degree-6 polynomial for `e^r`,
+/// `2^n` from the exponent bits. All f32, so 16 values per AVX-512 instruction; libm's bits
+/// (`expf::exp_in_place`, f64 inside) took 4x longer and were a third of this kernel's
+/// time at OFA-Base sizes. Values below -87 (`e^-87` is 1.6e-38, below the sum's rounding)
+/// and -inf (masked keys) give 0; NaN stays NaN.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const SHIFT: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = if x < -87.0 { -87.0 } else { x };
+    let t = xc.mul_add(std::f32::consts::LOG2_E, SHIFT);
+    let n = t - SHIFT;
+    let r = n.mul_add(-LN2_HI, xc);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = 1.987_569_1e-4f32;
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = p.mul_add(r, c);
+    }
+    let p = p.mul_add(r * r, r) + 1.0;
+    // n in [-126, 0]: the biased exponent n + 127 is that of a normal number.
+    let two_n = f32::from_bits((t.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127)) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * two_n
+    }
 }
 
 #[cfg(test)]
@@ -397,6 +518,26 @@ mod tests {
             .build()
             .unwrap()
             .install(f)
+    }
+
+    #[test]
+    fn softmax_exp_is_within_two_ulp() {
+        // Every 7th f32 from 0 down to -87, then the edges.
+        let mut worst = 0f64;
+        for bits in (0x8000_0000u32..=(-87f32).to_bits()).step_by(7) {
+            let x = f32::from_bits(bits);
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            // One ulp of the exact value (normal results only: e^-87 > 2^-126).
+            let ulp = f64::from(f32::EPSILON) * want.max(f64::from(f32::MIN_POSITIVE));
+            worst = worst.max((got - want).abs() / ulp);
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-0.0), 1.0);
+        for x in [-87.5, -100.0, -1e30, f32::NEG_INFINITY] {
+            assert_eq!(exp_nonpositive(x), 0.0, "{x}");
+        }
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]
@@ -483,12 +624,38 @@ mod tests {
             let other = Tensor::randn(0f32, 1.0, (b, 1, 1, nk), &dev).unwrap();
             let sum = bias.broadcast_add(&other).unwrap();
             let want2 = attend_block(&q, &k, &v, Some(&sum), &c).unwrap();
-            let got = attend_block_biases(&q, &k, &v, &[&bias, &other], &c).unwrap();
+            let got =
+                attend_block_biases(&q, &k, &v, &[Bias::Whole(&bias), Bias::Whole(&other)], &c)
+                    .unwrap();
             assert_eq!(
                 max_abs_diff(&want2, &got).unwrap(),
                 0.0,
                 "{case}: two biases"
             );
+            // The joint encoder's stream blocks, split at the edges and inside: the same
+            // bits as the blocks concatenated first.
+            for split in [0, nq.min(nk) / 3, nq.min(nk)] {
+                let block = |rows: usize, cols: usize| {
+                    Tensor::randn(0f32, 1.0, (1, h, rows, cols), &dev).unwrap()
+                };
+                let blocks = [
+                    block(split, split),
+                    block(split, nk - split),
+                    block(nq - split, split),
+                    block(nq - split, nk - split),
+                ];
+                let streams = Bias::Streams {
+                    split,
+                    blocks: [&blocks[0], &blocks[1], &blocks[2], &blocks[3]],
+                };
+                let joint = streams.to_tensor().unwrap();
+                assert_eq!(joint.dims(), &[1, h, nq, nk]);
+                let pad = Bias::Whole(&other);
+                let want = attend_block_biases(&q, &k, &v, &[Bias::Whole(&joint), pad], &c);
+                let got = attend_block_biases(&q, &k, &v, &[streams, pad], &c).unwrap();
+                let err = max_abs_diff(&want.unwrap(), &got).unwrap();
+                assert_eq!(err, 0.0, "{case}: streams split at {split}");
+            }
             // No bias at all.
             let got = attend_block(&q, &k, &v, None, &c).unwrap();
             let err = max_abs_diff(&got, &reference(&q, &k, &v, None, &c)).unwrap();
@@ -522,5 +689,16 @@ mod tests {
         assert!(attend_block(&q, &kt, &k, None, &c).is_err());
         let q64 = q.to_dtype(candle_core::DType::F64).unwrap();
         assert!(attend_block(&q64, &k, &k, None, &c).is_err());
+        let blk = Tensor::zeros((1, 2, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let far = Bias::Streams {
+            split: 1000,
+            blocks: [&blk; 4],
+        };
+        assert!(attend_block_biases(&q, &k, &k, &[far], &c).is_err());
+        let wrong = Bias::Streams {
+            split: 3,
+            blocks: [&blk; 4],
+        };
+        assert!(attend_block_biases(&q, &k, &k, &[wrong], &c).is_err());
     }
 }

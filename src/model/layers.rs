@@ -1,5 +1,6 @@
 //! Transformer building blocks shared by encoder and decoder (OFA / NormFormer flavour).
 
+use super::attn_block::Bias;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -332,6 +333,7 @@ impl Attention {
         bias: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        let bias = bias.map(Bias::Whole);
         self.attend_biases(q, k, v, bias.as_slice(), mode)
     }
 
@@ -342,7 +344,7 @@ impl Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        biases: &[&Tensor],
+        biases: &[Bias],
         mode: Mode,
     ) -> Result<Tensor> {
         if Self::fuses_block(q, k.dim(2)?, mode) {
@@ -351,10 +353,9 @@ impl Attention {
         }
         let bias = match biases {
             [] => None,
-            [first, rest @ ..] => Some(
-                rest.iter()
-                    .try_fold((*first).clone(), |acc, b| acc.broadcast_add(b))?,
-            ),
+            [first, rest @ ..] => Some(rest.iter().try_fold(first.to_tensor()?, |acc, b| {
+                acc.broadcast_add(&b.to_tensor()?)
+            })?),
         };
         self.attend_composed(q, k, v, bias.as_ref(), mode)
     }
@@ -453,6 +454,7 @@ impl EncoderLayer {
         bias: Option<&Tensor>,
         mode: Mode,
     ) -> Result<Tensor> {
+        let bias = bias.map(Bias::Whole);
         self.forward_biases(x_q, x_kv, bias.as_slice(), mode)
     }
 
@@ -462,7 +464,7 @@ impl EncoderLayer {
         &self,
         x_q: &Tensor,
         x_kv: Option<&Tensor>,
-        biases: &[&Tensor],
+        biases: &[Bias],
         mode: Mode,
     ) -> Result<Tensor> {
         let hq = self.self_attn_layer_norm.forward(x_q, mode)?;

@@ -31,6 +31,7 @@ use candle_nn::{VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::path::Path;
 
+use attn_block::Bias;
 pub use config::{Config, EncoderMode, ImageEmbedder};
 use init::reinit_seeded;
 pub use init::BranchInit;
@@ -267,11 +268,17 @@ pub struct EncoderBias {
 }
 
 impl EncoderBias {
-    /// The full `[1, h, n, n]` bias of the joint encoder (image tokens first).
-    pub fn joint(&self) -> Result<Tensor> {
-        let top = Tensor::cat(&[&self.image_image, &self.image_text], 3)?;
-        let bottom = Tensor::cat(&[&self.text_image, &self.text_text], 3)?;
-        Tensor::cat(&[&top, &bottom], 2)
+    /// The joint encoder's bias over `[image tokens, text tokens]`, by block.
+    pub fn joint(&self) -> Result<attn_block::Bias<'_>> {
+        Ok(attn_block::Bias::Streams {
+            split: self.image_image.dim(2)?,
+            blocks: [
+                &self.image_image,
+                &self.image_text,
+                &self.text_image,
+                &self.text_text,
+            ],
+        })
     }
 }
 
@@ -645,7 +652,12 @@ impl Model {
             match self.cfg.encoder_mode {
                 EncoderMode::Joint => {
                     let x = Tensor::cat(&[&xi, &xt], 1)?;
-                    let y = layer.forward_biases(&x, None, &[&bias.joint()?, &key_pad], mode)?;
+                    let y = layer.forward_biases(
+                        &x,
+                        None,
+                        &[bias.joint()?, Bias::Whole(&key_pad)],
+                        mode,
+                    )?;
                     xi = y.narrow(1, 0, p)?;
                     xt = y.narrow(1, p, l)?;
                 }
