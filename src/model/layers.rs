@@ -140,13 +140,18 @@ impl Linear {
         }
     }
 
-    /// `x W^T` (no bias): in int8 when the layer has it and nothing tracks gradients.
+    /// The int8 weight, when the layer has one and `x` takes it (nothing tracks gradients).
+    fn int8_for(&self, x: &Tensor) -> Option<&super::quant::QMatrix> {
+        self.int8
+            .as_deref()
+            .filter(|_| !x.track_op() && !super::infer::reference_kernels())
+    }
+
+    /// `x W^T` (no bias): in int8 when [`Linear::int8_for`] says so.
     fn product(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.int8 {
-            Some(q) if !x.track_op() && !super::infer::reference_kernels() => {
-                super::precision::int8_linear(x, q)
-            }
-            _ => match &self.panels {
+        match self.int8_for(x) {
+            Some(q) => super::precision::int8_linear(x, q, None),
+            None => match &self.panels {
                 Some(p) => match super::vocab::few_rows(p, x)? {
                     Some(y) => Ok(y),
                     None => matmul_flat(x, &self.weight.t()?),
@@ -159,6 +164,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = self.int8_for(x) {
+            // The bias in the int8 kernel's stores: no pass of its own.
+            return super::precision::int8_linear(x, q, self.bias.as_ref());
+        }
         let y = self.product(x)?;
         match &self.bias {
             // Inference: the bias goes into the fresh product in place.

@@ -115,8 +115,8 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     Ok(())
 }
 
-/// `x [..., k] W^T` through the int8 kernel: `[..., n]` f32.
-pub fn int8_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
+/// `x [..., k] W^T (+ bias)` through the int8 kernel (the bias in its stores): `[..., n]` f32.
+pub fn int8_linear(x: &Tensor, w: &QMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().unwrap_or(&0);
     if k != w.cols() || x.dtype() != DType::F32 || !x.device().is_cpu() {
@@ -130,15 +130,20 @@ pub fn int8_linear(x: &Tensor, w: &QMatrix) -> Result<Tensor> {
     let m = x.elem_count() / k.max(1);
     let n = w.rows();
     let x = x.contiguous()?;
-    let mut y = vec![0f32; m * n];
-    {
+    let bias = match bias {
+        Some(b) if b.dims() == [n] => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        Some(b) => candle_core::bail!("int8 linear: bias {:?} for {n} outputs", b.dims()),
+        None => None,
+    };
+    let y = {
         let (storage, layout) = x.storage_and_layout();
         let data = match (&*storage, layout.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
             _ => candle_core::bail!("int8 linear: f32 contiguous input expected"),
         };
-        quant::matmul(quant::Kernel::detect(), data, m, w, &mut y, false);
-    }
+        let epi = bias.as_deref().map(|b| (b, false));
+        quant::matmul_new(quant::Kernel::detect(), data, m, w, epi)
+    };
     let mut out = dims[..dims.len() - 1].to_vec();
     out.push(n);
     Tensor::from_vec(y, out, x.device())
