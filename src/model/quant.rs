@@ -1117,3 +1117,40 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod timing_scratch {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn time_int8_shapes() {
+        for &(m, n, k) in &[
+            (600, 768, 768),
+            (600, 3072, 768),
+            (600, 768, 3072),
+            (4800, 768, 768),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 104729) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let q = QMatrix::from_rows(&w, n, k);
+            for kernel in [Kernel::Amx, Kernel::Avx512Vnni] {
+                let mut best = f64::MAX;
+                for _ in 0..20 {
+                    let t = std::time::Instant::now();
+                    let y = matmul_new(kernel, &x, m, &q, None);
+                    std::hint::black_box(&y);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "{kernel:?} {m}x{n}x{k}: {:.2} ms, {:.0} GMAC/s",
+                    best * 1e3,
+                    (m * n * k) as f64 / best / 1e9
+                );
+            }
+        }
+    }
+}
