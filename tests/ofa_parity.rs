@@ -196,7 +196,13 @@ fn parity(file: &str, model: Model) {
     let biases = model.encoder_biases(&enc.positions).unwrap();
     assert_eq!(biases.len(), enc_layers);
     for (l, bias) in biases.iter().enumerate() {
-        let ours = bias.joint().unwrap().squeeze(0).unwrap();
+        let ours = bias
+            .joint()
+            .unwrap()
+            .to_tensor()
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         for i in 0..b {
             let want = out["encoder_attn_bias"].i((l, i)).unwrap();
             rep.check("encoder_attn_bias", &ours, &want, TOL_ENCODER);
