@@ -154,9 +154,7 @@ fn skipped_layers_get_keys_values_from_the_exit_state() {
         .unwrap();
     let pos = m.decoder_positions(1, Mode::INFER).unwrap();
     let sb = m.decoder_self_biases(&pos).unwrap();
-    let cb = m
-        .decoder_cross_bias(&pos, &enc.positions.joint().unwrap())
-        .unwrap();
+    let cb = m.decoder_cross_bias(&pos, &enc.positions).unwrap();
     let l0 = &m.decoder.layers[0];
     let (ck, cv) = l0.cross_key_value(&enc.memory, Mode::INFER).unwrap();
     let (h1, _) = l0

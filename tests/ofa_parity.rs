@@ -258,7 +258,7 @@ fn parity(file: &str, model: Model) {
         }
     }
     let cross = model
-        .decoder_cross_bias(&dpos, &pos)
+        .decoder_cross_bias(&dpos, &enc.positions)
         .unwrap()
         .squeeze(0)
         .unwrap();

@@ -123,7 +123,7 @@ impl<'a> DecoderState<'a> {
             mem_mask: key_padding_bias(&enc.padding, &model.device)?,
             memory_len: enc.memory_len.clone(),
             self_biases: DecoderSelfBiases::new(model, &pos)?,
-            cross_bias: model.decoder_cross_bias(&pos, &enc.positions.joint()?)?,
+            cross_bias: model.decoder_cross_bias(&pos, &enc.positions)?,
             cross_kv: vec![None; model.cfg.decoder_layers],
             cross_have: vec![vec![false; b]; model.cfg.decoder_layers],
             cross_kt: vec![None; model.cfg.decoder_layers],

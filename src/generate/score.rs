@@ -288,7 +288,7 @@ fn run_rows(
     let pos = model.decoder_positions(t, mode)?;
     let mut self_biases = DecoderSelfBiases::new(model, &pos)?;
     let causal = causal_bias(t, dev)?;
-    let cross_bias = model.decoder_cross_bias(&pos, &enc.positions.joint()?)?;
+    let cross_bias = model.decoder_cross_bias(&pos, &enc.positions)?;
     let sample_idx: Vec<u32> = rows.iter().map(|r| r.sample as u32).collect();
     let memory = enc
         .memory

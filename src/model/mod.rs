@@ -91,6 +91,16 @@ pub fn memory_padding(text_padding: &[Vec<bool>], patches: usize) -> Vec<Vec<boo
         .collect()
 }
 
+/// The query side of an absolute position bias, `q(Pq) * s` per head: `[1, h, n, dh]`.
+fn position_query(q: &Linear, pq: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    split_heads(&(q.forward(&pq.unsqueeze(0)?)? * scale)?, heads)
+}
+
+/// The key side of an absolute position bias, `k(Pk)` per head: `[1, h, n, dh]`.
+fn position_key(k: &Linear, pk: &Tensor, heads: usize) -> Result<Tensor> {
+    split_heads(&k.forward(&pk.unsqueeze(0)?)?, heads)
+}
+
 /// Absolute position bias `<q(Pq), k(Pk)> * s` per head: `[1, h, nq, nk]`.
 fn position_bias(
     q: &Linear,
@@ -100,9 +110,22 @@ fn position_bias(
     heads: usize,
     scale: f64,
 ) -> Result<Tensor> {
-    let q = split_heads(&(q.forward(&pq.unsqueeze(0)?)? * scale)?, heads)?;
-    let k = split_heads(&k.forward(&pk.unsqueeze(0)?)?, heads)?;
-    q.matmul(&k.t()?)
+    position_query(q, pq, heads, scale)?.matmul(&position_key(k, pk, heads)?.t()?)
+}
+
+/// What the patch positions contribute to the absolute position biases. It depends on the
+/// weights alone (the patch grid is fixed), so inference loads build it once
+/// ([`Model::image_positions`]); per request the projections of the 576 patch positions of
+/// OFA-Base were ~10% of a batch-1 request.
+#[derive(Debug, Clone)]
+pub struct ImagePositionBiases {
+    /// The encoder's image-image bias `[1, h, p, p]`.
+    pub bias: Tensor,
+    /// The encoder's position query (scaled) and key of each patch, `[1, h, p, dh]`.
+    pub query: Tensor,
+    pub key: Tensor,
+    /// The decoder cross-attention's position key of each patch, `[1, h, p, dh]`.
+    pub cross_key: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -301,18 +324,25 @@ impl<'a> EncoderBiases<'a> {
     pub fn new(model: &'a Model, pos: &EncoderPositions, cross: bool) -> Result<Self> {
         let e = &model.encoder;
         let (h, s) = (model.cfg.encoder_heads, model.head_scale());
-        let pb =
-            |a: &Tensor, b: &Tensor| position_bias(&e.pos_q_linear, &e.pos_k_linear, a, b, h, s);
-        let ii = match &model.image_position_bias {
-            Some(b) if !pos.image.track_op() => b.clone(),
-            _ => pb(&pos.image, &pos.image)?,
+        let (qt, kt) = (
+            position_query(&e.pos_q_linear, &pos.text, h, s)?,
+            position_key(&e.pos_k_linear, &pos.text, h)?,
+        );
+        let (qi, ki, ii) = match model.image_positions_for(&pos.image) {
+            Some(c) => (c.query.clone(), c.key.clone(), c.bias.clone()),
+            None => {
+                let qi = position_query(&e.pos_q_linear, &pos.image, h, s)?;
+                let ki = position_key(&e.pos_k_linear, &pos.image, h)?;
+                let ii = qi.matmul(&ki.t()?)?;
+                (qi, ki, ii)
+            }
         };
         let cross = if cross {
-            Some((pb(&pos.image, &pos.text)?, pb(&pos.text, &pos.image)?))
+            Some((qi.matmul(&kt.t()?)?, qt.matmul(&ki.t()?)?))
         } else {
             None
         };
-        let tt = pb(&pos.text, &pos.text)?;
+        let tt = qt.matmul(&kt.t()?)?;
         let l = pos.text.dim(0)?;
         let cfg = &model.cfg;
         let dev = &model.device;
@@ -421,10 +451,9 @@ pub struct Model {
     /// `embed_tokens` packed for decoding steps' few rows, at inference loads only (a copy
     /// that training would leave stale).
     pub vocab_panels: Option<std::sync::Arc<vocab::VocabPanels>>,
-    /// The encoder's image-image absolute position bias `[1, h, p, p]`, at inference loads
-    /// only: it depends on the weights alone, and building it per request (two projections
-    /// of the patch positions and their product) was ~7% of an OFA-Base request.
-    pub image_position_bias: Option<Tensor>,
+    /// The patch positions' part of the position biases, at inference loads only (a copy
+    /// that training would leave stale).
+    pub image_positions: Option<ImagePositionBiases>,
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub device: Device,
@@ -454,7 +483,7 @@ impl Model {
             embed_tokens,
             vocab_int8: None,
             vocab_panels: None,
-            image_position_bias: None,
+            image_positions: None,
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,
             decoder: Decoder::new(cfg, vb.pp("decoder"))?,
             device: vb.device().clone(),
@@ -558,7 +587,7 @@ impl Model {
         let feats = e.image_trunk.features(images)?;
         let x = e.image_proj.forward(&feats)?;
         let x = if self.cfg.entangle_image_positions {
-            x.broadcast_add(&self.image_positions(mode)?)?
+            x.broadcast_add(&self.patch_positions(mode)?)?
         } else {
             x
         };
@@ -586,15 +615,35 @@ impl Model {
     }
 
     /// Layer-normed position embeddings `[p, d]` of the patch grid.
-    /// [`Model::image_position_bias`] from the current weights.
-    fn build_image_position_bias(&self) -> Result<Tensor> {
-        let pos = self.image_positions(Mode::INFER)?;
+    /// [`Model::image_positions`] from the current weights.
+    fn build_image_positions(&self) -> Result<ImagePositionBiases> {
+        let pos = self.patch_positions(Mode::INFER)?;
         let e = &self.encoder;
         let (h, s) = (self.cfg.encoder_heads, self.head_scale());
-        position_bias(&e.pos_q_linear, &e.pos_k_linear, &pos, &pos, h, s)
+        let query = position_query(&e.pos_q_linear, &pos, h, s)?;
+        let key = position_key(&e.pos_k_linear, &pos, h)?;
+        let cross_key = position_key(
+            &self.decoder.cross_pos_k_linear,
+            &pos,
+            self.cfg.decoder_heads,
+        )?;
+        Ok(ImagePositionBiases {
+            bias: query.matmul(&key.t()?)?,
+            query,
+            key,
+            cross_key,
+        })
     }
 
-    fn image_positions(&self, mode: Mode) -> Result<Tensor> {
+    /// The cached patch-position biases, when there are some and `patches` (the request's
+    /// patch positions) tracks no gradient.
+    fn image_positions_for(&self, patches: &Tensor) -> Option<&ImagePositionBiases> {
+        self.image_positions
+            .as_ref()
+            .filter(|_| !patches.track_op())
+    }
+
+    fn patch_positions(&self, mode: Mode) -> Result<Tensor> {
         let e = &self.encoder;
         let ids = position::image_position_ids(
             self.cfg.grid_side(),
@@ -608,7 +657,7 @@ impl Model {
     /// Layer-normed position embeddings for a patch grid and `text_len` tokens.
     pub fn encoder_positions(&self, text_len: usize, mode: Mode) -> Result<EncoderPositions> {
         let e = &self.encoder;
-        let image = self.image_positions(mode)?;
+        let image = self.patch_positions(mode)?;
         let text = e
             .pos_ln
             .forward(&e.embed_positions.narrow(0, 0, text_len)?, mode)?;
@@ -728,17 +777,22 @@ impl Model {
             .collect()
     }
 
-    /// Cross-attention position bias `[1, h, t, n]` (the same for every decoder layer).
-    pub fn decoder_cross_bias(&self, dec_pos: &Tensor, enc_pos: &Tensor) -> Result<Tensor> {
+    /// Cross-attention position bias `[1, h, t, p + l]` (the same for every decoder layer)
+    /// of decoder positions against the encoder's patches and text tokens.
+    pub fn decoder_cross_bias(
+        &self,
+        dec_pos: &Tensor,
+        enc_pos: &EncoderPositions,
+    ) -> Result<Tensor> {
         let dec = &self.decoder;
-        position_bias(
-            &dec.cross_pos_q_linear,
-            &dec.cross_pos_k_linear,
-            dec_pos,
-            enc_pos,
-            self.cfg.decoder_heads,
-            self.head_scale(),
-        )
+        let h = self.cfg.decoder_heads;
+        let q = position_query(&dec.cross_pos_q_linear, dec_pos, h, self.head_scale())?;
+        let key_image = match self.image_positions_for(&enc_pos.image) {
+            Some(c) => c.cross_key.clone(),
+            None => position_key(&dec.cross_pos_k_linear, &enc_pos.image, h)?,
+        };
+        let key_text = position_key(&dec.cross_pos_k_linear, &enc_pos.text, h)?;
+        q.matmul(&Tensor::cat(&[&key_image, &key_text], 2)?.t()?)
     }
 
     /// Teacher-forced full-depth decoder. Returns the output of every layer (index 0 =
@@ -758,7 +812,7 @@ impl Model {
             self_mask = self_mask.broadcast_add(&layers::key_padding_bias(pad, &self.device)?)?;
         }
         let cross = self
-            .decoder_cross_bias(&pos, &enc.positions.joint()?)?
+            .decoder_cross_bias(&pos, &enc.positions)?
             .broadcast_add(&layers::key_padding_bias(&enc.padding, &self.device)?)?;
         let mut x = self.embed_decoder(ids, mode)?;
         let mut hidden = vec![x.clone()];

@@ -52,7 +52,7 @@ impl std::str::FromStr for Precision {
 
 /// Converts `model`'s weights for inference at `precision` (f32: nothing to do).
 pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
-    model.image_position_bias = Some(model.build_image_position_bias()?);
+    model.image_positions = Some(model.build_image_positions()?);
     if model.device.is_cpu() {
         // Every inference load: decoding steps project through the packed copy.
         let panels = super::vocab::VocabPanels::from_tensor(&model.embed_tokens)?;
