@@ -3,6 +3,7 @@
 use super::attn_block::Bias;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 thread_local! {
     static DROPOUT_RNG: std::cell::RefCell<rand_chacha::ChaCha8Rng> =
@@ -166,7 +167,11 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = self.int8_for(x) {
             // The bias in the int8 kernel's stores: no pass of its own.
-            return super::precision::int8_linear(x, q, self.bias.as_ref());
+            let bias = match &self.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            return super::precision::int8_linear(x, q, bias.as_deref());
         }
         let y = self.product(x)?;
         match &self.bias {
@@ -278,9 +283,81 @@ pub struct Attention {
     pub heads: usize,
     pub head_dim: usize,
     scaling: f64,
+    /// `--precision int8`: the query (scaled), key and value projections as one int8
+    /// weight, so that self-attention quantizes its input once and runs one product.
+    pub qkv_int8: Option<Arc<FusedInt8>>,
+    /// `--precision int8`: the key and value projections as one int8 weight (the decoder's
+    /// cross-attention over the encoder's memory).
+    pub kv_int8: Option<Arc<FusedInt8>>,
+}
+
+/// Several dense layers over the same input as one int8 weight: their rows stacked, and
+/// their biases.
+#[derive(Debug)]
+pub struct FusedInt8 {
+    pub weight: super::quant::QMatrix,
+    pub bias: Vec<f32>,
 }
 
 impl Attention {
+    /// Stacks `parts` (weight, bias, factor) as one [`FusedInt8`]: each part's rows and
+    /// bias times its factor.
+    pub fn fuse_int8(parts: &[(&Linear, f64)]) -> Result<FusedInt8> {
+        let (mut w, mut bias, mut n) = (Vec::new(), Vec::new(), 0);
+        let k = parts.first().map_or(Ok(0), |(l, _)| l.weight.dim(1))?;
+        for &(l, f) in parts {
+            let (rows, cols) = l.weight.dims2()?;
+            if cols != k {
+                candle_core::bail!("fused int8 weight: parts of {k} and {cols} inputs");
+            }
+            let f = f as f32;
+            let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            w.extend(flat(&l.weight)?.into_iter().map(|v| v * f));
+            match &l.bias {
+                Some(b) => bias.extend(flat(b)?.into_iter().map(|v| v * f)),
+                None => bias.extend(std::iter::repeat_n(0.0, rows)),
+            }
+            n += rows;
+        }
+        Ok(FusedInt8 {
+            weight: super::quant::QMatrix::from_rows(&w, n, k),
+            bias,
+        })
+    }
+
+    /// The fused int8 weight `f` for `x`, when there is one and `x` takes int8 (nothing
+    /// tracks gradients; the reference kernels are off).
+    fn fused_for<'s>(f: &'s Option<Arc<FusedInt8>>, x: &Tensor) -> Option<&'s FusedInt8> {
+        f.as_deref()
+            .filter(|_| !x.track_op() && !super::infer::reference_kernels())
+    }
+
+    /// `x` `[b, n, d]` through `f` (`parts` stacked projections): each part's heads as a
+    /// strided `[b, h, n, dh]` view of the one product.
+    fn fused_heads(&self, f: &FusedInt8, x: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
+        let y = super::precision::int8_linear(x, &f.weight, Some(&f.bias))?;
+        let (b, n, _) = y.dims3()?;
+        let y = y.reshape((b, n, parts, self.heads, self.head_dim))?;
+        (0..parts)
+            .map(|i| y.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2))
+            .collect()
+    }
+
+    /// Scaled queries, keys and values of self-attention over `x` as strided head views
+    /// ([`head_view`]'s form), through [`Attention::qkv_int8`] when it applies.
+    fn self_heads(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor, Tensor)> {
+        if let Some(f) = Self::fused_for(&self.qkv_int8, x).filter(|_| !mode.train) {
+            if let [q, k, v] = &self.fused_heads(f, x, 3)?[..] {
+                return Ok((q.clone(), k.clone(), v.clone()));
+            }
+        }
+        Ok((
+            head_view(&self.query_rows(x, mode)?, self.heads)?,
+            head_view(&self.k_proj.forward(x)?, self.heads)?,
+            head_view(&self.v_proj.forward(x)?, self.heads)?,
+        ))
+    }
+
     pub fn load(d: usize, heads: usize, scale_factor: f64, vb: VarBuilder) -> Result<Self> {
         let head_dim = d / heads;
         Ok(Self {
@@ -292,7 +369,14 @@ impl Attention {
             heads,
             head_dim,
             scaling: (head_dim as f64 * scale_factor).powf(-0.5),
+            qkv_int8: None,
+            kv_int8: None,
         })
+    }
+
+    /// The factor applied to queries, `(dh * scale_factor)^-1/2`.
+    pub fn scaling(&self) -> f64 {
+        self.scaling
     }
 
     /// Scaled queries `[b, h, n, dh]`.
@@ -305,6 +389,11 @@ impl Attention {
 
     /// Keys and values `[b, h, n, dh]`.
     pub fn key_value(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
+        if let Some(f) = Self::fused_for(&self.kv_int8, x).filter(|_| !mode.train) {
+            if let [k, v] = &self.fused_heads(f, x, 2)?[..] {
+                return Ok((k.contiguous()?, v.contiguous()?));
+            }
+        }
         let k = split_heads(&self.k_proj.forward_t(x, mode)?, self.heads)?;
         let v = split_heads(&self.v_proj.forward_t(x, mode)?, self.heads)?;
         Ok((k, v))
@@ -484,10 +573,14 @@ impl EncoderLayer {
         let att = &self.self_attn;
         let (q, k, v) = if Attention::fuses_block(&hq, hkv.dim(1)?, mode) {
             // The block kernel reads the projections' outputs in place: no head splits.
-            let q = head_view(&att.query_rows(&hq, mode)?, att.heads)?;
-            let k = head_view(&att.k_proj.forward(&hkv)?, att.heads)?;
-            let v = head_view(&att.v_proj.forward(&hkv)?, att.heads)?;
-            (q, k, v)
+            match x_kv {
+                None => att.self_heads(&hq, mode)?,
+                Some(_) => (
+                    head_view(&att.query_rows(&hq, mode)?, att.heads)?,
+                    head_view(&att.k_proj.forward(&hkv)?, att.heads)?,
+                    head_view(&att.v_proj.forward(&hkv)?, att.heads)?,
+                ),
+            }
         } else {
             let q = att.query(&hq, mode)?;
             let (k, v) = att.key_value(&hkv, mode)?;

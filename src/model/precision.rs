@@ -5,6 +5,7 @@
 //! token embedding as the LM head, one scale per vocabulary row) once. The embedding
 //! lookup of input tokens, layer norms and the position-bias projections stay f32.
 
+use super::layers::Attention;
 use super::quant::{self, QMatrix};
 use super::Model;
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
@@ -80,6 +81,24 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     if !model.device.is_cpu() {
         candle_core::bail!("--precision {precision} runs on the CPU only");
     }
+    // Self-attention's input quantized once for its three projections, the decoder's
+    // memory once for its keys and values.
+    for l in &mut model.encoder.layers {
+        let a = &mut l.self_attn;
+        let q = (&a.q_proj, a.scaling());
+        a.qkv_int8 = Some(Arc::new(Attention::fuse_int8(&[
+            q,
+            (&a.k_proj, 1.0),
+            (&a.v_proj, 1.0),
+        ])?));
+    }
+    for l in &mut model.decoder.layers {
+        let a = &mut l.cross_attn;
+        a.kv_int8 = Some(Arc::new(Attention::fuse_int8(&[
+            (&a.k_proj, 1.0),
+            (&a.v_proj, 1.0),
+        ])?));
+    }
     let enc = &mut model.encoder;
     let mut linears = vec![&mut enc.image_proj];
     for l in &mut enc.layers {
@@ -117,7 +136,7 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
 }
 
 /// `x [..., k] W^T (+ bias)` through the int8 kernel (the bias in its stores): `[..., n]` f32.
-pub fn int8_linear(x: &Tensor, w: &QMatrix, bias: Option<&Tensor>) -> Result<Tensor> {
+pub fn int8_linear(x: &Tensor, w: &QMatrix, bias: Option<&[f32]>) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().unwrap_or(&0);
     if k != w.cols() || x.dtype() != DType::F32 || !x.device().is_cpu() {
@@ -131,18 +150,16 @@ pub fn int8_linear(x: &Tensor, w: &QMatrix, bias: Option<&Tensor>) -> Result<Ten
     let m = x.elem_count() / k.max(1);
     let n = w.rows();
     let x = x.contiguous()?;
-    let bias = match bias {
-        Some(b) if b.dims() == [n] => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-        Some(b) => candle_core::bail!("int8 linear: bias {:?} for {n} outputs", b.dims()),
-        None => None,
-    };
+    if let Some(b) = bias.filter(|b| b.len() != n) {
+        candle_core::bail!("int8 linear: a bias of {} for {n} outputs", b.len());
+    }
     let y = {
         let (storage, layout) = x.storage_and_layout();
         let data = match (&*storage, layout.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
             _ => candle_core::bail!("int8 linear: f32 contiguous input expected"),
         };
-        let epi = bias.as_deref().map(|b| (b, false));
+        let epi = bias.map(|b| (b, false));
         quant::matmul_new(quant::Kernel::detect(), data, m, w, epi)
     };
     let mut out = dims[..dims.len() - 1].to_vec();
@@ -154,9 +171,58 @@ pub fn int8_linear(x: &Tensor, w: &QMatrix, bias: Option<&Tensor>) -> Result<Ten
 mod tests {
     use super::*;
     use crate::model::layers::Mode;
-    use crate::model::{Config, EncoderMode};
+    use crate::model::{max_abs_diff, Config, EncoderMode};
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
+
+    /// The stacked int8 projections against the separate int8 layers: the decoder's
+    /// cross-attention keys and values bit for bit (the same integer sums and scales), an
+    /// encoder layer over 150 tokens (the block kernel's path) within rounding (the query
+    /// scale moves into the weight's scales).
+    #[test]
+    fn fused_int8_projections_match_the_separate_layers() {
+        let dev = Device::Cpu;
+        let mut cfg = Config::tiny(EncoderMode::Joint);
+        // Head size 12: a query scale that is not a power of two (folding one into the
+        // weight's scales would keep the bits).
+        cfg.d_model = 48;
+        let (mut model, _) = Model::random(&cfg, 5, &dev).unwrap();
+        apply(&mut model, Precision::Int8).unwrap();
+        let d = cfg.d_model;
+        let x = Tensor::randn(0f32, 1.0, (2, 150, d), &dev).unwrap();
+
+        let cross = &model.decoder.layers[0].cross_attn;
+        assert!(cross.kv_int8.is_some());
+        let mut plain = cross.clone();
+        plain.kv_int8 = None;
+        let (k, v) = cross.key_value(&x, Mode::INFER).unwrap();
+        let (k0, v0) = plain.key_value(&x, Mode::INFER).unwrap();
+        assert_eq!(k.dims(), k0.dims());
+        assert_eq!(max_abs_diff(&k, &k0).unwrap(), 0.0);
+        assert_eq!(max_abs_diff(&v, &v0).unwrap(), 0.0);
+
+        let layer = &model.encoder.layers[0];
+        assert!(layer.self_attn.qkv_int8.is_some());
+        let mut plain = layer.clone();
+        plain.self_attn.qkv_int8 = None;
+        let y = layer.forward(&x, None, None, Mode::INFER).unwrap();
+        let y0 = plain.forward(&x, None, None, Mode::INFER).unwrap();
+        let scale = y0
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_abs_diff(&y, &y0).unwrap();
+        assert!(
+            err <= 1e-3 * scale,
+            "fused {err} against a scale of {scale}"
+        );
+        assert!(err > 0.0, "the same bits: the fused path did not run");
+        // The separate layers' f32 weights, untouched: training reads those.
+        assert_eq!(layer.self_attn.q_proj.weight.dims(), &[d, d]);
+    }
 
     /// The int8 vocabulary projection against the f32 one on random models and states (odd
     /// vocabulary sizes, `d` not a multiple of 4 or 16, batch 1 and > 1, several
