@@ -448,7 +448,8 @@ fn exp_row_body(row: &mut [f32]) -> f32 {
 fn exp_nonpositive(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
     const SHIFT: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_375;
+    // ln 2 in two parts: the first has few bits, so `n * LN2_HI` is exact.
+    const LN2_HI: f32 = 355.0 / 512.0;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = if x < -87.0 { -87.0 } else { x };
     let t = xc.mul_add(std::f32::consts::LOG2_E, SHIFT);
