@@ -151,7 +151,7 @@ impl Linear {
     /// `x W^T` (no bias): in int8 when [`Linear::int8_for`] says so.
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         match self.int8_for(x) {
-            Some(q) => super::precision::int8_linear(x, q, None),
+            Some(q) => super::quant::int8_linear(x, q, None),
             None => match &self.panels {
                 Some(p) => match super::vocab::few_rows(p, x)? {
                     Some(y) => Ok(y),
@@ -171,7 +171,7 @@ impl Module for Linear {
                 Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
                 None => None,
             };
-            return super::precision::int8_linear(x, q, bias.as_deref());
+            return super::quant::int8_linear(x, q, bias.as_deref());
         }
         let y = self.product(x)?;
         match &self.bias {
@@ -335,7 +335,7 @@ impl Attention {
     /// `x` `[b, n, d]` through `f` (`parts` stacked projections): each part's heads as a
     /// strided `[b, h, n, dh]` view of the one product.
     fn fused_heads(&self, f: &FusedInt8, x: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
-        let y = super::precision::int8_linear(x, &f.weight, Some(&f.bias))?;
+        let y = super::quant::int8_linear(x, &f.weight, Some(&f.bias))?;
         let (b, n, _) = y.dims3()?;
         let y = y.reshape((b, n, parts, self.heads, self.head_dim))?;
         (0..parts)

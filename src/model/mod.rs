@@ -832,7 +832,7 @@ impl Model {
     pub fn logits(&self, h: &Tensor, mode: Mode) -> Result<Tensor> {
         match &self.vocab_int8 {
             Some(q) if !mode.train && !infer::reference_kernels() => {
-                precision::int8_linear(&self.decoder.layer_norm.forward(h, mode)?, q, None)
+                quant::int8_linear(&self.decoder.layer_norm.forward(h, mode)?, q, None)
             }
             _ => self.logits_f32(h, mode),
         }

@@ -6,9 +6,9 @@
 //! lookup of input tokens, layer norms and the position-bias projections stay f32.
 
 use super::layers::Attention;
-use super::quant::{self, QMatrix};
+use super::quant::QMatrix;
 use super::Model;
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{DType, Result};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -135,44 +135,12 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     Ok(())
 }
 
-/// `x [..., k] W^T (+ bias)` through the int8 kernel (the bias in its stores): `[..., n]` f32.
-pub fn int8_linear(x: &Tensor, w: &QMatrix, bias: Option<&[f32]>) -> Result<Tensor> {
-    let dims = x.dims();
-    let k = *dims.last().unwrap_or(&0);
-    if k != w.cols() || x.dtype() != DType::F32 || !x.device().is_cpu() {
-        candle_core::bail!(
-            "int8 linear: input {:?} {:?} for a weight of {} inputs (f32 on the CPU)",
-            dims,
-            x.dtype(),
-            w.cols()
-        );
-    }
-    let m = x.elem_count() / k.max(1);
-    let n = w.rows();
-    let x = x.contiguous()?;
-    if let Some(b) = bias.filter(|b| b.len() != n) {
-        candle_core::bail!("int8 linear: a bias of {} for {n} outputs", b.len());
-    }
-    let y = {
-        let (storage, layout) = x.storage_and_layout();
-        let data = match (&*storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("int8 linear: f32 contiguous input expected"),
-        };
-        let epi = bias.map(|b| (b, false));
-        quant::matmul_new(quant::Kernel::detect(), data, m, w, epi)
-    };
-    let mut out = dims[..dims.len() - 1].to_vec();
-    out.push(n);
-    Tensor::from_vec(y, out, x.device())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::layers::Mode;
     use crate::model::{max_abs_diff, Config, EncoderMode};
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
 
     /// The stacked int8 projections against the separate int8 layers: the decoder's

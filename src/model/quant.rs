@@ -20,6 +20,7 @@
 //! (`[n / 16][k / 4][16][4]` bytes), the layout `vpdpbusd` reads; rows are done in blocks
 //! of [`MC`] (kept in L2 across the weight panels), panels in groups of three.
 
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Columns per weight panel (one 512-bit vector of i32).
@@ -380,6 +381,38 @@ pub fn matmul_new(kernel: Kernel, x: &[f32], m: usize, w: &QMatrix, epi: Epilogu
 /// A per-column bias added after the product (and the accumulated `dst`), then ReLU if
 /// the flag is set: in the kernels' stores, not a pass of its own.
 pub type Epilogue<'a> = Option<(&'a [f32], bool)>;
+
+/// `x [..., k] W^T (+ bias)` through the int8 kernel (the bias in its stores): `[..., n]` f32.
+pub fn int8_linear(x: &Tensor, w: &QMatrix, bias: Option<&[f32]>) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    if k != w.cols() || x.dtype() != DType::F32 || !x.device().is_cpu() {
+        candle_core::bail!(
+            "int8 linear: input {:?} {:?} for a weight of {} inputs (f32 on the CPU)",
+            dims,
+            x.dtype(),
+            w.cols()
+        );
+    }
+    let m = x.elem_count() / k.max(1);
+    let n = w.rows();
+    let x = x.contiguous()?;
+    if let Some(b) = bias.filter(|b| b.len() != n) {
+        candle_core::bail!("int8 linear: a bias of {} for {n} outputs", b.len());
+    }
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let data = match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("int8 linear: f32 contiguous input expected"),
+        };
+        let epi = bias.map(|b| (b, false));
+        matmul_new(Kernel::detect(), data, m, w, epi)
+    };
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(n);
+    Tensor::from_vec(y, out, x.device())
+}
 
 /// [`matmul`] followed by `epi`.
 pub fn matmul_fused(
