@@ -175,13 +175,7 @@ mod tests {
         plain.self_attn.qkv_int8 = None;
         let y = layer.forward(&x, None, None, Mode::INFER).unwrap();
         let y0 = plain.forward(&x, None, None, Mode::INFER).unwrap();
-        let scale = y0
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs_diff(&y0, &y0.zeros_like().unwrap()).unwrap();
         let err = max_abs_diff(&y, &y0).unwrap();
         assert!(
             err <= 1e-3 * scale,
