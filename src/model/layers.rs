@@ -141,11 +141,9 @@ impl Linear {
         }
     }
 
-    /// The int8 weight, when the layer has one and `x` takes it (nothing tracks gradients).
+    /// The int8 weight, when the layer has one and `x` takes int8 ([`takes_int8`]).
     fn int8_for(&self, x: &Tensor) -> Option<&super::quant::QMatrix> {
-        self.int8
-            .as_deref()
-            .filter(|_| !x.track_op() && !super::infer::reference_kernels())
+        self.int8.as_deref().filter(|_| takes_int8(x))
     }
 
     /// `x W^T` (no bias): in int8 when [`Linear::int8_for`] says so.
@@ -291,6 +289,12 @@ pub struct Attention {
     pub kv_int8: Option<Arc<FusedInt8>>,
 }
 
+/// Whether an input takes the int8 weights loaded for `--precision int8`: nothing tracks
+/// its gradient and the reference kernels are off.
+fn takes_int8(x: &Tensor) -> bool {
+    !x.track_op() && !super::infer::reference_kernels()
+}
+
 /// Several dense layers over the same input as one int8 weight: their rows stacked, and
 /// their biases.
 #[derive(Debug)]
@@ -299,10 +303,9 @@ pub struct FusedInt8 {
     pub bias: Vec<f32>,
 }
 
-impl Attention {
-    /// Stacks `parts` (weight, bias, factor) as one [`FusedInt8`]: each part's rows and
-    /// bias times its factor.
-    pub fn fuse_int8(parts: &[(&Linear, f64)]) -> Result<FusedInt8> {
+impl FusedInt8 {
+    /// Stacks `parts` (layer, factor): each layer's rows and bias times its factor.
+    pub fn stack(parts: &[(&Linear, f64)]) -> Result<Self> {
         let (mut w, mut bias, mut n) = (Vec::new(), Vec::new(), 0);
         let k = parts.first().map_or(Ok(0), |(l, _)| l.weight.dim(1))?;
         for &(l, f) in parts {
@@ -324,12 +327,12 @@ impl Attention {
             bias,
         })
     }
+}
 
-    /// The fused int8 weight `f` for `x`, when there is one and `x` takes int8 (nothing
-    /// tracks gradients; the reference kernels are off).
+impl Attention {
+    /// The fused int8 weight `f` for `x`, when there is one and `x` takes int8.
     fn fused_for<'s>(f: &'s Option<Arc<FusedInt8>>, x: &Tensor) -> Option<&'s FusedInt8> {
-        f.as_deref()
-            .filter(|_| !x.track_op() && !super::infer::reference_kernels())
+        f.as_deref().filter(|_| takes_int8(x))
     }
 
     /// `x` `[b, n, d]` through `f` (`parts` stacked projections): each part's heads as a

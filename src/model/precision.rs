@@ -5,7 +5,7 @@
 //! token embedding as the LM head, one scale per vocabulary row) once. The embedding
 //! lookup of input tokens, layer norms and the position-bias projections stay f32.
 
-use super::layers::Attention;
+use super::layers::FusedInt8;
 use super::quant::QMatrix;
 use super::Model;
 use candle_core::{DType, Result};
@@ -86,7 +86,7 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     for l in &mut model.encoder.layers {
         let a = &mut l.self_attn;
         let q = (&a.q_proj, a.scaling());
-        a.qkv_int8 = Some(Arc::new(Attention::fuse_int8(&[
+        a.qkv_int8 = Some(Arc::new(FusedInt8::stack(&[
             q,
             (&a.k_proj, 1.0),
             (&a.v_proj, 1.0),
@@ -94,7 +94,7 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     }
     for l in &mut model.decoder.layers {
         let a = &mut l.cross_attn;
-        a.kv_int8 = Some(Arc::new(Attention::fuse_int8(&[
+        a.kv_int8 = Some(Arc::new(FusedInt8::stack(&[
             (&a.k_proj, 1.0),
             (&a.v_proj, 1.0),
         ])?));
