@@ -614,7 +614,6 @@ impl Model {
         mode.dropout(&x.broadcast_mul(&keep)?)
     }
 
-    /// Layer-normed position embeddings `[p, d]` of the patch grid.
     /// [`Model::image_positions`] from the current weights.
     fn build_image_positions(&self) -> Result<ImagePositionBiases> {
         let pos = self.patch_positions(Mode::INFER)?;
@@ -643,6 +642,7 @@ impl Model {
             .filter(|_| !patches.track_op())
     }
 
+    /// Layer-normed position embeddings `[p, d]` of the patch grid.
     fn patch_positions(&self, mode: Mode) -> Result<Tensor> {
         let e = &self.encoder;
         let ids = position::image_position_ids(
