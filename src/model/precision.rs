@@ -154,10 +154,15 @@ mod tests {
         // Head size 12: a query scale that is not a power of two (folding one into the
         // weight's scales would keep the bits).
         cfg.d_model = 48;
-        let (mut model, _) = Model::random(&cfg, 5, &dev).unwrap();
+        let (f32_model, _) = Model::random(&cfg, 5, &dev).unwrap();
+        let mut model = f32_model.clone();
         apply(&mut model, Precision::Int8).unwrap();
         let d = cfg.d_model;
-        let x = Tensor::randn(0f32, 1.0, (2, 150, d), &dev).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let x: Vec<f32> = (0..2 * 150 * d)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
+        let x = Tensor::from_vec(x, (2, 150, d), &dev).unwrap();
 
         let cross = &model.decoder.layers[0].cross_attn;
         assert!(cross.kv_int8.is_some());
@@ -175,11 +180,15 @@ mod tests {
         plain.self_attn.qkv_int8 = None;
         let y = layer.forward(&x, None, None, Mode::INFER).unwrap();
         let y0 = plain.forward(&x, None, None, Mode::INFER).unwrap();
-        let scale = max_abs_diff(&y0, &y0.zeros_like().unwrap()).unwrap();
         let err = max_abs_diff(&y, &y0).unwrap();
+        // A query weight may round to the next int8 step once its row is scaled: well
+        // inside int8's own error against f32 (a wrong head or part would not be).
+        let f32_layer = &f32_model.encoder.layers[0];
+        let y_f32 = f32_layer.forward(&x, None, None, Mode::INFER).unwrap();
+        let int8_err = max_abs_diff(&y0, &y_f32).unwrap();
         assert!(
-            err <= 1e-3 * scale,
-            "fused {err} against a scale of {scale}"
+            err <= 0.25 * int8_err,
+            "fused against separate {err}, int8 against f32 {int8_err}"
         );
         assert!(err > 0.0, "the same bits: the fused path did not run");
         // The separate layers' f32 weights, untouched: training reads those.
