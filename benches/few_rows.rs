@@ -8,8 +8,7 @@
 //! Run: `cargo bench --bench few_rows` (threads: `RAYON_NUM_THREADS`, default all cores).
 
 use candle_core::{Device, Module, Tensor};
-use mue::model::layers::Linear;
-use mue::model::quant::QMatrix;
+use mue::model::layers::{Int8Weight, Linear};
 use mue::model::vocab::VocabPanels;
 use std::sync::Arc;
 mod common;
@@ -38,12 +37,11 @@ fn main() {
         for &(name, n, k, per_step) in &shapes {
             let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
-            let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let plain = Linear::new(w.clone(), None);
             let mut panels = plain.clone();
             panels.panels = Some(Arc::new(VocabPanels::from_tensor(&w).unwrap()));
             let mut int8 = plain.clone();
-            int8.int8 = Some(Arc::new(QMatrix::from_rows(&wv, n, k)));
+            int8.int8 = Some(Arc::new(Int8Weight::stack(&[(&plain, 1.0)]).unwrap()));
             let bytes = [4.0, 4.0, 1.0].map(|b| b * (n * k) as f64);
             for (i, (path, lin)) in [("gemm", &plain), ("panels", &panels), ("int8", &int8)]
                 .into_iter()

@@ -125,7 +125,7 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     /// The weight in int8 (`--precision int8`, set at load): inference products use it.
-    pub int8: Option<std::sync::Arc<super::quant::QMatrix>>,
+    pub int8: Option<Arc<Int8Weight>>,
     /// The weight packed for products of a few rows (decoding steps; set at inference
     /// loads, f32, decoder layers): see [`super::vocab::few_rows`].
     pub panels: Option<std::sync::Arc<super::vocab::VocabPanels>>,
@@ -142,14 +142,14 @@ impl Linear {
     }
 
     /// The int8 weight, when the layer has one and `x` takes int8 ([`takes_int8`]).
-    fn int8_for(&self, x: &Tensor) -> Option<&super::quant::QMatrix> {
+    fn int8_for(&self, x: &Tensor) -> Option<&Int8Weight> {
         self.int8.as_deref().filter(|_| takes_int8(x))
     }
 
     /// `x W^T` (no bias): in int8 when [`Linear::int8_for`] says so.
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         match self.int8_for(x) {
-            Some(q) => super::quant::int8_linear(x, q, None),
+            Some(q) => super::quant::int8_linear(x, &q.weight, None),
             None => match &self.panels {
                 Some(p) => match super::vocab::few_rows(p, x)? {
                     Some(y) => Ok(y),
@@ -165,11 +165,8 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = self.int8_for(x) {
             // The bias in the int8 kernel's stores: no pass of its own.
-            let bias = match &self.bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => None,
-            };
-            return super::quant::int8_linear(x, q, bias.as_deref());
+            let bias = self.bias.as_ref().map(|_| &q.bias[..]);
+            return super::quant::int8_linear(x, &q.weight, bias);
         }
         let y = self.product(x)?;
         match &self.bias {
@@ -283,10 +280,10 @@ pub struct Attention {
     scaling: f64,
     /// `--precision int8`: the query (scaled), key and value projections as one int8
     /// weight, so that self-attention quantizes its input once and runs one product.
-    pub qkv_int8: Option<Arc<FusedInt8>>,
+    pub qkv_int8: Option<Arc<Int8Weight>>,
     /// `--precision int8`: the key and value projections as one int8 weight (the decoder's
     /// cross-attention over the encoder's memory).
-    pub kv_int8: Option<Arc<FusedInt8>>,
+    pub kv_int8: Option<Arc<Int8Weight>>,
 }
 
 /// Whether an input takes the int8 weights loaded for `--precision int8`: nothing tracks
@@ -295,16 +292,17 @@ fn takes_int8(x: &Tensor) -> bool {
     !x.track_op() && !super::infer::reference_kernels()
 }
 
-/// Several dense layers over the same input as one int8 weight: their rows stacked, and
-/// their biases.
+/// A dense layer's weight in int8 (`--precision int8`) with its bias in f32, for the
+/// kernel's stores; or several layers over the same input stacked as one.
 #[derive(Debug)]
-pub struct FusedInt8 {
+pub struct Int8Weight {
     pub weight: super::quant::QMatrix,
     pub bias: Vec<f32>,
 }
 
-impl FusedInt8 {
-    /// Stacks `parts` (layer, factor): each layer's rows and bias times its factor.
+impl Int8Weight {
+    /// Stacks `parts` (layer, factor): each layer's rows and bias times its factor (a
+    /// missing bias as zeros).
     pub fn stack(parts: &[(&Linear, f64)]) -> Result<Self> {
         let (mut w, mut bias, mut n) = (Vec::new(), Vec::new(), 0);
         let k = parts.first().map_or(Ok(0), |(l, _)| l.weight.dim(1))?;
@@ -322,7 +320,7 @@ impl FusedInt8 {
             }
             n += rows;
         }
-        Ok(FusedInt8 {
+        Ok(Int8Weight {
             weight: super::quant::QMatrix::from_rows(&w, n, k),
             bias,
         })
@@ -331,13 +329,13 @@ impl FusedInt8 {
 
 impl Attention {
     /// The fused int8 weight `f` for `x`, when there is one and `x` takes int8.
-    fn fused_for<'s>(f: &'s Option<Arc<FusedInt8>>, x: &Tensor) -> Option<&'s FusedInt8> {
+    fn fused_for<'s>(f: &'s Option<Arc<Int8Weight>>, x: &Tensor) -> Option<&'s Int8Weight> {
         f.as_deref().filter(|_| takes_int8(x))
     }
 
     /// `x` `[b, n, d]` through `f` (`parts` stacked projections): each part's heads as a
     /// strided `[b, h, n, dh]` view of the one product.
-    fn fused_heads(&self, f: &FusedInt8, x: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
+    fn fused_heads(&self, f: &Int8Weight, x: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
         let y = super::quant::int8_linear(x, &f.weight, Some(&f.bias))?;
         let (b, n, _) = y.dims3()?;
         let y = y.reshape((b, n, parts, self.heads, self.head_dim))?;

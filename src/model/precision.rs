@@ -5,7 +5,7 @@
 //! token embedding as the LM head, one scale per vocabulary row) once. The embedding
 //! lookup of input tokens, layer norms and the position-bias projections stay f32.
 
-use super::layers::FusedInt8;
+use super::layers::Int8Weight;
 use super::quant::QMatrix;
 use super::Model;
 use candle_core::{DType, Result};
@@ -86,7 +86,7 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     for l in &mut model.encoder.layers {
         let a = &mut l.self_attn;
         let q = (&a.q_proj, a.scaling());
-        a.qkv_int8 = Some(Arc::new(FusedInt8::stack(&[
+        a.qkv_int8 = Some(Arc::new(Int8Weight::stack(&[
             q,
             (&a.k_proj, 1.0),
             (&a.v_proj, 1.0),
@@ -94,7 +94,7 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
     }
     for l in &mut model.decoder.layers {
         let a = &mut l.cross_attn;
-        a.kv_int8 = Some(Arc::new(FusedInt8::stack(&[
+        a.kv_int8 = Some(Arc::new(Int8Weight::stack(&[
             (&a.k_proj, 1.0),
             (&a.v_proj, 1.0),
         ])?));
@@ -113,13 +113,7 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
         linears.extend([&mut l.fc1, &mut l.fc2]);
     }
     for l in linears {
-        let (n, k) = l.weight.dims2()?;
-        let w = l
-            .weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        l.int8 = Some(Arc::new(QMatrix::from_rows(&w, n, k)));
+        l.int8 = Some(Arc::new(Int8Weight::stack(&[(l, 1.0)])?));
     }
     if let super::ImageTrunk::Resnet(net) = &mut enc.image_trunk {
         net.quantize_int8();
