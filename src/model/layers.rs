@@ -328,34 +328,48 @@ impl Int8Weight {
 }
 
 impl Attention {
-    /// The fused int8 weight `f` for `x`, when there is one and `x` takes int8.
-    fn fused_for<'s>(f: &'s Option<Arc<Int8Weight>>, x: &Tensor) -> Option<&'s Int8Weight> {
-        f.as_deref().filter(|_| takes_int8(x))
+    /// The stacked int8 weight `f` for `x`, when there is one, `x` takes int8 and `mode`
+    /// is inference.
+    fn fused_for<'s>(
+        f: &'s Option<Arc<Int8Weight>>,
+        x: &Tensor,
+        mode: Mode,
+    ) -> Option<&'s Int8Weight> {
+        f.as_deref().filter(|_| !mode.train && takes_int8(x))
     }
 
-    /// `x` `[b, n, d]` through `f` (`parts` stacked projections): each part's heads as a
+    /// `x` `[b, n, d]` through `f` (`N` stacked projections): each part's heads as a
     /// strided `[b, h, n, dh]` view of the one product.
-    fn fused_heads(&self, f: &Int8Weight, x: &Tensor, parts: usize) -> Result<Vec<Tensor>> {
+    fn fused_heads<const N: usize>(&self, f: &Int8Weight, x: &Tensor) -> Result<[Tensor; N]> {
         let y = super::quant::int8_linear(x, &f.weight, Some(&f.bias))?;
         let (b, n, _) = y.dims3()?;
-        let y = y.reshape((b, n, parts, self.heads, self.head_dim))?;
-        (0..parts)
+        let y = y.reshape((b, n, N, self.heads, self.head_dim))?;
+        let parts = (0..N)
             .map(|i| y.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2))
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        parts
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg(format!("stacked int8 weight: not {N} parts")))
     }
 
-    /// Scaled queries, keys and values of self-attention over `x` as strided head views
-    /// ([`head_view`]'s form), through [`Attention::qkv_int8`] when it applies.
-    fn self_heads(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor, Tensor)> {
-        if let Some(f) = Self::fused_for(&self.qkv_int8, x).filter(|_| !mode.train) {
-            if let [q, k, v] = &self.fused_heads(f, x, 3)?[..] {
-                return Ok((q.clone(), k.clone(), v.clone()));
-            }
+    /// Scaled queries over `xq` and keys and values over `xkv` (`None`: `xq` itself) as
+    /// strided head views ([`head_view`]'s form); self-attention through
+    /// [`Attention::qkv_int8`] when it applies.
+    fn block_heads(
+        &self,
+        xq: &Tensor,
+        xkv: Option<&Tensor>,
+        mode: Mode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if let (None, Some(f)) = (xkv, Self::fused_for(&self.qkv_int8, xq, mode)) {
+            let [q, k, v] = self.fused_heads(f, xq)?;
+            return Ok((q, k, v));
         }
+        let xkv = xkv.unwrap_or(xq);
         Ok((
-            head_view(&self.query_rows(x, mode)?, self.heads)?,
-            head_view(&self.k_proj.forward(x)?, self.heads)?,
-            head_view(&self.v_proj.forward(x)?, self.heads)?,
+            head_view(&self.query_rows(xq, mode)?, self.heads)?,
+            head_view(&self.k_proj.forward(xkv)?, self.heads)?,
+            head_view(&self.v_proj.forward(xkv)?, self.heads)?,
         ))
     }
 
@@ -390,10 +404,9 @@ impl Attention {
 
     /// Keys and values `[b, h, n, dh]`.
     pub fn key_value(&self, x: &Tensor, mode: Mode) -> Result<(Tensor, Tensor)> {
-        if let Some(f) = Self::fused_for(&self.kv_int8, x).filter(|_| !mode.train) {
-            if let [k, v] = &self.fused_heads(f, x, 2)?[..] {
-                return Ok((k.contiguous()?, v.contiguous()?));
-            }
+        if let Some(f) = Self::fused_for(&self.kv_int8, x, mode) {
+            let [k, v] = self.fused_heads(f, x)?;
+            return Ok((k.contiguous()?, v.contiguous()?));
         }
         let k = split_heads(&self.k_proj.forward_t(x, mode)?, self.heads)?;
         let v = split_heads(&self.v_proj.forward_t(x, mode)?, self.heads)?;
@@ -574,14 +587,7 @@ impl EncoderLayer {
         let att = &self.self_attn;
         let (q, k, v) = if Attention::fuses_block(&hq, hkv.dim(1)?, mode) {
             // The block kernel reads the projections' outputs in place: no head splits.
-            match x_kv {
-                None => att.self_heads(&hq, mode)?,
-                Some(_) => (
-                    head_view(&att.query_rows(&hq, mode)?, att.heads)?,
-                    head_view(&att.k_proj.forward(&hkv)?, att.heads)?,
-                    head_view(&att.v_proj.forward(&hkv)?, att.heads)?,
-                ),
-            }
+            att.block_heads(&hq, x_kv.map(|_| &hkv), mode)?
         } else {
             let q = att.query(&hq, mode)?;
             let (k, v) = att.key_value(&hkv, mode)?;
