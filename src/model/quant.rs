@@ -358,10 +358,7 @@ unsafe impl Sync for Out {}
 
 /// `dst [m, n] (+)= x [m, k] W^T`, `W` the int8 weight. `x` is quantized per row here.
 pub fn matmul(kernel: Kernel, x: &[f32], m: usize, w: &QMatrix, dst: &mut [f32], read_dst: bool) {
-    assert_eq!(x.len(), m * w.k, "int8 matmul: sizes");
-    assert_eq!(dst.len(), m * w.n, "int8 matmul: sizes");
-    // SAFETY: `dst` is m x n initialised floats.
-    unsafe { product(kernel, Src::Rows(x), m, w, dst.as_mut_ptr(), read_dst, None) };
+    matmul_fused(kernel, x, m, w, dst, read_dst, None);
 }
 
 /// `x [m, k] W^T`, then `epi`, into a new `[m, n]` buffer. The kernels' stores write every
