@@ -10,9 +10,10 @@
 //! scratch block that stays in L2 (`gemm` on slices, no threads of its own), adds the bias
 //! (`[b|1, h|1, nq, nk]`, any strides, or the joint encoder's four stream blocks; masks ride
 //! in it), takes the softmax (lane-parallel maximum and sum, an all-f32 `exp`) and
-//! multiplies the unnormalised exponentials by the values into the output, then scales each row by `1 / sum * c_attn`. Queries, keys and values
-//! are read in place through their strides (last stride 1): the projections' `[b, n, h*dh]`
-//! output viewed as `[b, h, n, dh]` needs no head-splitting copy.
+//! multiplies the unnormalised exponentials by the values into the output, then scales
+//! each row by `1 / sum * c_attn`. Queries, keys and values are read in place through
+//! their strides (last stride 1): the projections' `[b, n, h*dh]` output viewed as
+//! `[b, h, n, dh]` needs no head-splitting copy.
 //!
 //! Sums run in another order than the composed form's (the bias joins the product's
 //! accumulator, the normalisation comes after the values), so values differ by rounding

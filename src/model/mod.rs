@@ -275,7 +275,8 @@ pub struct EncoderPositions {
 }
 
 impl EncoderPositions {
-    /// `[p + l, d]`, the key side of the decoder's cross-attention position bias.
+    /// `[p + l, d]`: patch and text positions in the joint encoder's order (the reference
+    /// model's encoder position embedding).
     pub fn joint(&self) -> Result<Tensor> {
         Tensor::cat(&[&self.image, &self.text], 0)
     }
@@ -330,12 +331,7 @@ impl<'a> EncoderBiases<'a> {
         );
         let (qi, ki, ii) = match model.image_positions_for(&pos.image) {
             Some(c) => (c.query.clone(), c.key.clone(), c.bias.clone()),
-            None => {
-                let qi = position_query(&e.pos_q_linear, &pos.image, h, s)?;
-                let ki = position_key(&e.pos_k_linear, &pos.image, h)?;
-                let ii = qi.matmul(&ki.t()?)?;
-                (qi, ki, ii)
-            }
+            None => model.encoder_patch_biases(&pos.image)?,
         };
         let cross = if cross {
             Some((qi.matmul(&kt.t()?)?, qt.matmul(&ki.t()?)?))
@@ -617,21 +613,29 @@ impl Model {
     /// [`Model::image_positions`] from the current weights.
     fn build_image_positions(&self) -> Result<ImagePositionBiases> {
         let pos = self.patch_positions(Mode::INFER)?;
-        let e = &self.encoder;
-        let (h, s) = (self.cfg.encoder_heads, self.head_scale());
-        let query = position_query(&e.pos_q_linear, &pos, h, s)?;
-        let key = position_key(&e.pos_k_linear, &pos, h)?;
+        let (query, key, bias) = self.encoder_patch_biases(&pos)?;
         let cross_key = position_key(
             &self.decoder.cross_pos_k_linear,
             &pos,
             self.cfg.decoder_heads,
         )?;
         Ok(ImagePositionBiases {
-            bias: query.matmul(&key.t()?)?,
+            bias,
             query,
             key,
             cross_key,
         })
+    }
+
+    /// The encoder's position query (scaled) and key of each patch, `[1, h, p, dh]`, and
+    /// the image-image bias `[1, h, p, p]` they make, for patch positions `patches`.
+    fn encoder_patch_biases(&self, patches: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let e = &self.encoder;
+        let (h, s) = (self.cfg.encoder_heads, self.head_scale());
+        let query = position_query(&e.pos_q_linear, patches, h, s)?;
+        let key = position_key(&e.pos_k_linear, patches, h)?;
+        let bias = query.matmul(&key.t()?)?;
+        Ok((query, key, bias))
     }
 
     /// The cached patch-position biases, when there are some and `patches` (the request's
