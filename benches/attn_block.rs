@@ -19,6 +19,10 @@ fn stats(mut t: Vec<f64>) -> (f64, f64) {
     (t[0], t[t.len() / 2])
 }
 
+// For the allocator only.
+#[allow(dead_code)]
+mod common;
+
 fn ms(f: impl FnOnce()) -> f64 {
     let s = Instant::now();
     f();
@@ -26,7 +30,7 @@ fn ms(f: impl FnOnce()) -> f64 {
 }
 
 fn main() {
-    mue::model::memory::keep_freed_buffers();
+    mue::model::memory::keep_freed_memory(None);
     let iters: usize = std::env::var("MUE_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -33,7 +33,7 @@ fn time<F: FnMut() -> (u64, u64)>(iters: usize, mut f: F) -> (f64, u64, u64) {
 }
 
 fn main() {
-    mue::model::memory::keep_freed_buffers();
+    mue::model::memory::keep_freed_memory(None);
     let iters: usize = std::env::var("MUE_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -15,7 +15,7 @@ mod common;
 use common::time;
 
 fn main() {
-    mue::model::memory::keep_freed_buffers();
+    mue::model::memory::keep_freed_memory(None);
     let iters: usize = std::env::var("MUE_BENCH_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -81,6 +81,11 @@ struct GenerateArgs {
     bench_version: u32,
 }
 
+// Freed activations stay with the process for the next layer or step (see
+// `mue::model::memory`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -89,7 +94,9 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let command = Cli::parse().command;
-    mue::model::memory::keep_freed_buffers();
+    // The server gives idle memory back after a second; batch work keeps it.
+    let serving = matches!(command, Command::Serve(_));
+    mue::model::memory::keep_freed_memory(serving.then_some(1000));
     // `mue bench` sets the count from --threads itself.
     if !matches!(command, Command::Bench(_)) {
         mue::model::threads::fix_thread_count();

@@ -2,6 +2,10 @@
 
 use std::time::Instant;
 
+// The `mue` binary's allocator (`mue::model::memory`), so that the benches time what it runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Minimum and median milliseconds of `f` over `iters` calls after two warm-ups.
 pub fn time(iters: usize, mut f: impl FnMut()) -> (f64, f64) {
     f();
