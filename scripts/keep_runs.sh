@@ -25,7 +25,7 @@ save)
   GIT_INDEX_FILE=$idx git add -f -- "${files[@]}"
   tree=$(GIT_INDEX_FILE=$idx git write-tree)
   rm -f "$idx"
-  msg="v2 runs: $(for d in "$RUNS"/*/; do [ -f "$d/train_state.json" ] && printf '%s step %s; ' "$(basename "$d")" "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["step"])' "$d/train_state.json")"; done)"
+  msg="v2 runs: $(for d in "$RUNS"/*/; do if [ -f "$d/train_state.json" ]; then printf '%s step %s; ' "$(basename "$d")" "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["step"])' "$d/train_state.json")"; fi; done)"
   commit=$(git commit-tree "$tree" -m "$msg")
   git update-ref "refs/heads/$BRANCH" "$commit"
   echo "keep_runs: $BRANCH = ${commit:0:10} ($msg)"
