@@ -28,7 +28,7 @@ pub fn keep_freed_memory(for_ms: Option<u32>) -> bool {
     }
     let ms = for_ms.map_or(-1, |ms| ms as std::ffi::c_long);
     // SAFETY: sets one tuning value, before any other thread of this process allocates
-    // through mimalloc (called first thing in `main`).
+    // through mimalloc (the binary calls it in `main` before starting any thread).
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, ms) };
     true
 }
