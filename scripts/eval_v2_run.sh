@@ -2,9 +2,9 @@
 # Issue 23's bars for one benchmark-v2 run, on the v2 test split: full depth, static depth
 # 4 and 2, and MuE with thresholds calibrated on the validation split (target 0.99 of
 # full-depth VE accuracy, 0.97 of CIDEr-D), for entailment and captioning. JSON per row in
-# $OUT, a summary table on stdout. Works on a scratch copy of the run (calibration writes
-# exits.json there). `docs/results.md` (`mue report`) adds every baseline family; this is
-# the quicker check of a run while the others train.
+# $OUT, a summary table on stdout and in $OUT/summary.md. Works on a scratch copy of the
+# run (calibration writes exits.json there). `docs/results.md` (`mue report`) adds every
+# baseline family; this is the quicker check of a run while the others train.
 #
 #   bash scripts/eval_v2_run.sh runs/v2/base            # OUT=results/v2/base
 #   VALID=1500 CAPTION_VALID=300 TEST= CAPTION_TEST= bash scripts/eval_v2_run.sh RUN
@@ -47,7 +47,7 @@ for task in entail caption; do
   }
 done
 cp "$M"/exits.json "$OUT"/exits.json
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, sys, os
 out = sys.argv[1]
 print(f"| task | policy | quality | relative | MAC reduction | wall reduction |")
