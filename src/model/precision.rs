@@ -107,9 +107,10 @@ pub fn apply(model: &mut Model, precision: Precision) -> Result<()> {
         linears.extend([&mut l.fc1, &mut l.fc2]);
     }
     for l in &mut model.decoder.layers {
-        for a in [&mut l.self_attn, &mut l.cross_attn] {
-            linears.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj]);
-        }
+        let a = &mut l.self_attn;
+        linears.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.out_proj]);
+        // The cross-attention's keys and values go through `kv_int8` alone.
+        linears.extend([&mut l.cross_attn.q_proj, &mut l.cross_attn.out_proj]);
         linears.extend([&mut l.fc1, &mut l.fc2]);
     }
     for l in linears {
@@ -160,8 +161,14 @@ mod tests {
 
         let cross = &model.decoder.layers[0].cross_attn;
         assert!(cross.kv_int8.is_some());
+        // No second int8 copy of the stacked layers: the reference quantizes its own.
+        assert!(cross.k_proj.int8.is_none() && cross.v_proj.int8.is_none());
         let mut plain = cross.clone();
         plain.kv_int8 = None;
+        for p in [&mut plain.k_proj, &mut plain.v_proj] {
+            let q = Int8Weight::stack(&[(&*p, 1.0)]).unwrap();
+            p.int8 = Some(Arc::new(q));
+        }
         let (k, v) = cross.key_value(&x, Mode::INFER).unwrap();
         let (k0, v0) = plain.key_value(&x, Mode::INFER).unwrap();
         assert_eq!(k.dims(), k0.dims());
