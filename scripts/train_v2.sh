@@ -18,7 +18,7 @@
 # a third of these counts: STEPS_SCALE=0.35 runs that, and rerunning continues a run
 # that hit SESSION_SECS, so a slower machine costs sessions, not a wrong schedule.
 #
-# Data-parallel shards (README, Measured, "Data-parallel shards, v2 step"): fresh runs
+# Data-parallel shards (docs/speed.md, "Data-parallel shards, v2 step"): fresh runs
 # split each batch into 2 shards, one per core (`--shards`, default 2). Step times of the
 # base recipe (this script's command, stopped after 20 steps; median s/step), on a
 # loaded machine only so far (2026-12-03, load average 2.3-4.4, another session's PyTorch

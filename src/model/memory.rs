@@ -6,7 +6,7 @@
 //! by page again by the next layer or step. The binary therefore allocates through
 //! mimalloc (`src/main.rs`), told here to keep freed memory for reuse. mimalloc replaced
 //! glibc's malloc with raised thresholds (512 MiB in heap), which still spent ~8% of a v2
-//! training step in `_int_malloc` and ~7% in memsets (README, "The allocator").
+//! training step in `_int_malloc` and ~7% in memsets (docs/speed.md, "The allocator").
 
 /// mimalloc's `mi_option_purge_delay` (the 16th entry of `mi_option_e` in both its v2 and
 /// v3 `mimalloc.h`; `libmimalloc-sys` names the options around it but not this one):
