@@ -674,6 +674,10 @@ fn report_args(root: &Path, data: &Path) -> ReportArgs {
         model: Some(root.join("model")),
         data: Some(data.to_path_buf()),
         ablation_model: Some(root.join("ablation")),
+        variants: vec![format!(
+            "Same weights again={}",
+            root.join("ablation").display()
+        )],
         results: root.join("results"),
         out: root.join("docs/results.md"),
         tasks: vec![Task::Entail, Task::Caption],
@@ -765,6 +769,14 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "on valid |",
         "Neither MuE nor any baseline is chosen on test",
         "grid_entail_valid_baselines.json --kv-fill propagate --out-dir ",
+        // The variant: a row in both tables, its own full depth, its commands.
+        "| Same weights again | ",
+        "Full-depth accuracy of the other models: Same weights again ",
+        " --variant 'Same weights again=",
+        "variants/same-weights-again/entail_test_mue.json",
+        // Per difficulty tier, from the benchmark's meta_test.tsv.
+        "**Per difficulty tier and question type**",
+        "| tier=",
     ] {
         assert!(text.contains(s), "page lacks {s:?}:\n{text}");
     }
@@ -786,6 +798,10 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "ablation/calibrate_entail/sweep_entail.json",
         "ablation/entail_test_mue.json",
         "ablation/caption_test_mue.json",
+        "variants/same-weights-again/exits.json",
+        "variants/same-weights-again/calibrate_caption/sweep_caption.json",
+        "variants/same-weights-again/entail_test_mue.json",
+        "variants/same-weights-again/caption_test_mue.json",
         "report/grid_entail_valid_baselines.json",
         "valid_baselines/sweep_entail.json",
         "valid_baselines/sweep_caption.json",
@@ -836,6 +852,19 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
             }
             Ablation::NotRun { reason } => panic!("ablation not run: {reason}"),
         }
+        // The variant too, and the breakdown covers every test example once per tier.
+        assert_eq!(t.variants.len(), 1);
+        let v = &t.variants[0];
+        assert_eq!(v.calibration.point.spec, c.point.spec);
+        assert_eq!(v.report.quality.primary, on_test.quality);
+        assert_eq!(v.report.reduction.macs, on_test.mac_reduction);
+        let groups = t.breakdown.as_ref().expect("breakdown from meta_test.tsv");
+        let tiers: usize = groups
+            .iter()
+            .filter(|g| g.group.starts_with("tier="))
+            .map(|g| g.examples)
+            .sum();
+        assert_eq!(tiers, limit);
     }
     // The written exits are the calibrated thresholds; the model's own folder is untouched.
     let exits = TaskThresholds::for_model(&res.join("report")).unwrap();
@@ -873,10 +902,31 @@ fn report_rejects_bad_input_before_running() {
         e.contains("--ablation-model") && e.contains("not a model directory"),
         "{e}"
     );
+    // Variants: LABEL=DIR, a model directory, labels distinct.
+    let mut a = args.clone();
+    a.ablation_model = None;
+    a.variants = vec!["no-equals-sign".into()];
+    assert!(err(&a).contains("expected LABEL=DIR"), "{}", err(&a));
+    a.variants = vec![format!("x={}", r.join("missing").display())];
+    let e = err(&a);
+    assert!(
+        e.contains("--variant") && e.contains("not a model directory"),
+        "{e}"
+    );
+    let m = r.join("model").display().to_string();
+    a.variants = vec![format!("Final only={m}"), format!("final-only={m}")];
+    assert!(
+        err(&a).contains("two variants share this label"),
+        "{}",
+        err(&a)
+    );
+    a.variants = vec![format!("--={m}")];
+    assert!(err(&a).contains("needs a letter or digit"), "{}", err(&a));
     // No test split in the benchmark folder.
     std::fs::remove_file(bench.path().join("snli_ve_test.tsv")).unwrap();
     let mut a = args.clone();
     a.ablation_model = None;
+    a.variants.clear();
     let e = err(&a);
     assert!(e.contains("snli_ve_test.tsv is missing"), "{e}");
     a.limit = Some(0);

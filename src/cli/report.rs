@@ -2,7 +2,7 @@
 //! family on test, ablations, markdown).
 
 use super::Task;
-use crate::eval::report::{self, ReportConfig, ReportData};
+use crate::eval::report::{self, ReportConfig, ReportData, VariantSpec};
 use crate::generate::{KvFill, SearchConfig};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,10 @@ pub struct ReportArgs {
     /// A model trained with `--loss final-only`, for the row "MuE w/o layer-wise loss".
     #[arg(long)]
     pub ablation_model: Option<PathBuf>,
+    /// Another trained model shown as a row of its own, `LABEL=DIR` (repeatable): MuE
+    /// calibrated on it by the same rule and grid, evaluated on test.
+    #[arg(long = "variant", value_name = "LABEL=DIR")]
+    pub variants: Vec<String>,
     /// Folder for the JSON, CSV and plots.
     #[arg(long, default_value = "results")]
     pub results: PathBuf,
@@ -97,6 +101,11 @@ impl ReportArgs {
             model: super::model_dir(self.model.as_deref())?,
             data,
             ablation_model: self.ablation_model.clone(),
+            variants: self
+                .variants
+                .iter()
+                .map(|v| VariantSpec::parse(v))
+                .collect::<Result<_>>()?,
             results: self.results.clone(),
             out: self.out.clone(),
             tasks: self.tasks.clone(),

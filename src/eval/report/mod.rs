@@ -21,6 +21,7 @@ pub use select::{
     Dominance, Metrics, PickRule, Row, RowKey,
 };
 
+use super::breakdown::GroupReport;
 use super::calibrate::{Calibration, Objective};
 use super::eval::EvalReport;
 use super::sweep::{self, SweepResult};
@@ -39,6 +40,10 @@ pub struct ReportConfig {
     pub data: PathBuf,
     /// A model trained with `--loss final-only` (the ablation without the layer-wise loss).
     pub ablation_model: Option<PathBuf>,
+    /// Other trained models shown as rows of their own (`--variant LABEL=DIR`): another
+    /// training recipe, its final-only twin, a joint-encoder run, a smaller model.
+    #[serde(default)]
+    pub variants: Vec<VariantSpec>,
     /// Folder for the JSON / CSV / plot outputs.
     pub results: PathBuf,
     /// The markdown page.
@@ -129,8 +134,21 @@ impl ReportConfig {
         if self.search.beam == 0 || self.search.max_len == 0 {
             bail!("--beam and --max-len must be at least 1");
         }
+        let mut slugs = Vec::new();
+        for v in &self.variants {
+            let slug = v.slug();
+            if v.label.trim().is_empty() || slug.is_empty() {
+                bail!("--variant {:?}: the label needs a letter or digit", v.label);
+            }
+            if slugs.contains(&slug) {
+                bail!("--variant {:?}: two variants share this label", v.label);
+            }
+            slugs.push(slug);
+        }
+        let variant_dirs = self.variants.iter().map(|v| ("--variant", Some(&v.model)));
         for (name, dir) in std::iter::once(("--model", Some(&self.model)))
             .chain([("--ablation-model", self.ablation_model.as_ref())])
+            .chain(variant_dirs)
         {
             let Some(dir) = dir else { continue };
             if !dir.join("config.json").is_file() {
@@ -160,6 +178,41 @@ impl ReportConfig {
             sweep::read_grid(g)?;
         }
         Ok(())
+    }
+}
+
+/// Another trained model, shown as a row labelled `label`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantSpec {
+    pub label: String,
+    pub model: PathBuf,
+}
+
+impl VariantSpec {
+    /// `LABEL=DIR`, as `--variant` takes it (split at the first `=`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.split_once('=') {
+            Some((label, dir)) if !label.trim().is_empty() && !dir.is_empty() => Ok(Self {
+                label: label.trim().to_string(),
+                model: PathBuf::from(dir),
+            }),
+            _ => bail!(
+                "--variant {s:?}: expected LABEL=DIR, e.g. \"MuE + sampling=runs/v2/sampling\""
+            ),
+        }
+    }
+
+    /// The label as a folder name: lower-case letters and digits, `-` between words.
+    pub fn slug(&self) -> String {
+        let mut out = String::new();
+        for c in self.label.chars() {
+            if c.is_ascii_alphanumeric() {
+                out.push(c.to_ascii_lowercase());
+            } else if !out.is_empty() && !out.ends_with('-') {
+                out.push('-');
+            }
+        }
+        out.trim_end_matches('-').to_string()
     }
 }
 
@@ -221,6 +274,10 @@ impl Layout {
             .join("ablation")
             .join(format!("{}_test_mue.json", task.name()))
     }
+    /// A variant's calibration, thresholds and test evaluation.
+    pub fn variant_dir(&self, v: &VariantSpec) -> PathBuf {
+        self.root.join("variants").join(v.slug())
+    }
     /// Everything [`render`] needs (`mue report --render-only` reads it back).
     pub fn data(&self) -> PathBuf {
         self.root.join("report.json")
@@ -240,6 +297,18 @@ pub enum Ablation {
         calibration: Calibration,
         report: EvalReport,
     },
+}
+
+/// A variant model on one task: MuE calibrated on its own validation run by the main
+/// model's rule and grid, evaluated once on test.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VariantResult {
+    pub label: String,
+    pub model: PathBuf,
+    /// Its training loss, from its `train_state.json` when present.
+    pub loss: Option<LossKind>,
+    pub calibration: Calibration,
+    pub report: EvalReport,
 }
 
 /// One task of a report.
@@ -272,6 +341,13 @@ pub struct TaskResults {
     pub plot_file: Option<PathBuf>,
     pub plot: Option<String>,
     pub ablation: Ablation,
+    /// The `--variant` models, in the order given.
+    #[serde(default)]
+    pub variants: Vec<VariantResult>,
+    /// The calibrated MuE point on test per difficulty tier and question type, when the
+    /// benchmark has its `meta_test.tsv`.
+    #[serde(default)]
+    pub breakdown: Option<Vec<GroupReport>>,
 }
 
 /// Everything a page shows.

@@ -6,11 +6,12 @@ use super::select::{calibrated_point, is_mue, pct0};
 use super::{
     dominance, rows, Ablation, Layout, Metrics, ReportConfig, ReportData, Row, RowKey, TaskResults,
 };
+use crate::eval::breakdown::GroupReport;
 use crate::eval::calibrate::Objective;
 use crate::eval::eval::{self, percent as pct};
 use crate::eval::sweep::SweepPoint;
 use crate::exit::spec::{self, Role};
-use crate::exit::DecoderThreshold;
+use crate::exit::{DecoderThreshold, MuePolicy};
 use crate::run_meta::LossKind;
 use crate::task::Task;
 use std::fmt::Write as _;
@@ -285,6 +286,11 @@ fn summary(s: &mut String, tables: &[(Task, Vec<Row>)]) {
         keys.push((RowKey::Picked(fam.name), fam.title.into()));
     }
     keys.push((RowKey::NoLayerWise, "MuE w/o layer-wise loss".into()));
+    for row in tables.iter().flat_map(|(_, r)| r.iter()) {
+        if matches!(row.key, RowKey::Variant(_)) && !keys.iter().any(|(k, _)| *k == row.key) {
+            keys.push((row.key, row.method.clone()));
+        }
+    }
     let mut header = vec!["method".to_string()];
     for (task, _) in tables {
         let q = match task {
@@ -368,6 +374,22 @@ fn reading(s: &mut String, data: &ReportData) {
         None => fragment("ablation_not_run", &[]),
     };
     *s += &section("reading_rest", &[("ablation", &ablation)]);
+    if !c.variants.is_empty() {
+        let list: Vec<String> = c
+            .variants
+            .iter()
+            .map(|v| {
+                let loss = data
+                    .tasks
+                    .iter()
+                    .flat_map(|t| &t.variants)
+                    .find(|r| r.label == v.label)
+                    .and_then(|r| r.loss);
+                format!("{} (`{}`, {})", v.label, v.model.display(), loss_text(loss))
+            })
+            .collect();
+        *s += &section("reading_variants", &[("variants", &list.join("; "))]);
+    }
     if data.ablation_loss == Some(LossKind::LayerWise) {
         *s += &section("ablation_warning", &[]);
     }
@@ -499,7 +521,29 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
             ],
         );
     }
+    if !t.variants.is_empty() {
+        let own: Vec<String> = t
+            .variants
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} {} (its row keeps {} of it{})",
+                    v.label,
+                    quality_text(t.task, v.report.full_quality.primary),
+                    pct(v.report.relative_quality),
+                    interval_text(v.report.relative_quality_interval)
+                )
+            })
+            .collect();
+        *s += &section(
+            "task_variants",
+            &[("metric", metric_name(t.task)), ("own", &own.join("; "))],
+        );
+    }
     s.push('\n');
+    if let Some(groups) = &t.breakdown {
+        breakdown_table(s, t, groups);
+    }
     match &t.plot {
         Some(link) => {
             *s += &section(
@@ -549,6 +593,43 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
         );
         let _ = writeln!(s);
     }
+}
+
+/// The calibrated point on test per difficulty tier and question type.
+fn breakdown_table(s: &mut String, t: &TaskResults, groups: &[GroupReport]) {
+    *s += &section("task_breakdown", &[("params", &t.calibration.point.params)]);
+    let mut header = vec!["group", "examples"];
+    if t.task == Task::Entail {
+        header.extend(["full-depth accuracy", "MuE accuracy"]);
+    }
+    header.extend([
+        "MAC red.",
+        "image layer",
+        "text layer",
+        "decoder layer per token",
+    ]);
+    let body: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            let mut r = vec![g.group.clone(), g.examples.to_string()];
+            if t.task == Task::Entail {
+                r.extend([num_pct(g.full_accuracy), num_pct(g.accuracy)]);
+            }
+            r.extend([
+                pct(g.macs_reduction),
+                format!("{:.2}", g.exits.mean_image_layer),
+                format!("{:.2}", g.exits.mean_text_layer),
+                format!("{:.2}", g.exits.mean_token_layer),
+            ]);
+            r
+        })
+        .collect();
+    table(s, &header, &body);
+    s.push('\n');
+}
+
+fn num_pct(x: Option<f64>) -> String {
+    x.map(pct).unwrap_or_default()
 }
 
 fn commands(s: &mut String, data: &ReportData) {
@@ -624,17 +705,13 @@ fn commands(s: &mut String, data: &ReportData) {
             sh(&layout.test_grid(task)),
             sh(&layout.sweep_dir())
         );
-        if let (Some(abl), Ablation::Run { calibration, .. }) = (&c.ablation_model, &t.ablation) {
-            let _ = writeln!(
-                s,
-                "{}",
-                cal(
-                    abl,
-                    layout.ablation_exits(),
-                    layout.ablation_calibrate_dir(task)
-                )
-            );
-            let p = calibration.policy;
+        // Another model: its calibration on valid, then the chosen point once on test.
+        let other = |s: &mut String,
+                     model: &Path,
+                     cal_out: (PathBuf, PathBuf),
+                     p: MuePolicy,
+                     out: PathBuf| {
+            let _ = writeln!(s, "{}", cal(model, cal_out.0, cal_out.1));
             let dec = match p.decoder {
                 DecoderThreshold::Constant { tau } => format!("{tau}"),
                 DecoderThreshold::Calm {
@@ -647,11 +724,24 @@ fn commands(s: &mut String, data: &ReportData) {
                 s,
                 "mue eval {} --policy mue --img-threshold {} --text-threshold {} \
                  --dec-threshold {dec} --kv-fill {kv} --out {} --quiet",
-                common(abl, "test"),
+                common(model, "test"),
                 p.image,
                 p.text,
-                sh(&layout.ablation_eval(task))
+                sh(&out)
             );
+        };
+        if let (Some(abl), Ablation::Run { calibration, .. }) = (&c.ablation_model, &t.ablation) {
+            let dirs = (layout.ablation_exits(), layout.ablation_calibrate_dir(task));
+            other(s, abl, dirs, calibration.policy, layout.ablation_eval(task));
+        }
+        for (v, r) in c.variants.iter().zip(&t.variants) {
+            let dir = layout.variant_dir(v);
+            let dirs = (
+                dir.join("exits.json"),
+                dir.join(format!("calibrate_{}", task.name())),
+            );
+            let out = dir.join(format!("{}_test_mue.json", task.name()));
+            other(s, &v.model, dirs, r.calibration.policy, out);
         }
     }
     *s += &section("reproduce_end", &[]);
@@ -662,6 +752,10 @@ pub fn report_command(c: &ReportConfig) -> String {
     let mut v = format!("mue report --model {} --data {}", sh(&c.model), sh(&c.data));
     if let Some(a) = &c.ablation_model {
         let _ = write!(v, " --ablation-model {}", sh(a));
+    }
+    for var in &c.variants {
+        let arg = format!("{}={}", var.label, var.model.display());
+        let _ = write!(v, " --variant {}", sh(Path::new(&arg)));
     }
     let _ = write!(v, " --results {} --out {}", sh(&c.results), sh(&c.out));
     if c.tasks != [Task::Entail, Task::Caption] {

@@ -4,7 +4,11 @@
 
 use super::machine::{cpu_model, load_average, utc_date, Machine};
 use super::select::{pick_family, static_depths};
-use super::{page_link, Ablation, DecoderForm, Layout, ReportConfig, ReportData, TaskResults};
+use super::{
+    page_link, Ablation, DecoderForm, Layout, ReportConfig, ReportData, TaskResults, VariantResult,
+    VariantSpec,
+};
+use crate::eval::breakdown;
 use crate::eval::calibrate::{self, Objective};
 use crate::eval::eval::{self, Dataset, EvalOptions};
 use crate::eval::sweep::{self, PolicySpec, SweepPoint, SweepResult};
@@ -135,6 +139,13 @@ pub fn run(config: &ReportConfig, progress: bool) -> Result<ReportData> {
         ),
         None => None,
     };
+    let mut variants = Vec::new();
+    for v in &config.variants {
+        let e = Engine::load(&v.model).with_context(|| {
+            format!("loading the variant {:?} ({})", v.label, v.model.display())
+        })?;
+        variants.push((v, e));
+    }
     let mut tasks = Vec::new();
     for &task in &config.tasks {
         tasks.push(run_task(
@@ -142,6 +153,7 @@ pub fn run(config: &ReportConfig, progress: bool) -> Result<ReportData> {
             task,
             &engine,
             ablation.as_ref(),
+            &variants,
             &layout,
             &opts,
         )?);
@@ -176,6 +188,7 @@ fn run_task(
     task: Task,
     engine: &Engine,
     ablation: Option<&Engine>,
+    variants: &[(&VariantSpec, Engine)],
     layout: &Layout,
     opts: &EvalOptions,
 ) -> Result<TaskResults> {
@@ -276,6 +289,40 @@ fn run_task(
             }
         }
     };
+    // Per difficulty tier and question type, where the benchmark says which is which.
+    let breakdown = match breakdown::meta_path(&test_file) {
+        None => None,
+        Some(meta) => {
+            say("the calibrated point per difficulty tier and question type".into());
+            let meta = breakdown::load_meta(&meta)?;
+            let (_, run, full) =
+                eval::evaluate_with_outputs(engine, &test, &calibration.policy, opts)?;
+            Some(breakdown::breakdown(&test, &run, &full, &meta))
+        }
+    };
+    let mut variant_results = Vec::new();
+    for (v, e) in variants {
+        say(format!("variant {:?}: calibrating and evaluating", v.label));
+        let dir = layout.variant_dir(v);
+        let (calibration, _) = calibrate::calibrate_on(
+            e,
+            &valid,
+            &cal_grid,
+            objective,
+            opts,
+            Some(&dir.join(format!("calibrate_{}", task.name()))),
+        )?;
+        calibrate::write_exits(&dir.join("exits.json"), &calibration)?;
+        let report = eval::evaluate(e, &test, &calibration.policy, opts)?;
+        write_json(&dir.join(format!("{}_test_mue.json", task.name())), &report)?;
+        variant_results.push(VariantResult {
+            label: v.label.clone(),
+            model: v.model.clone(),
+            loss: run_meta::trained_loss(&v.model).ok(),
+            calibration,
+            report,
+        });
+    }
     Ok(TaskResults {
         task,
         encoder_layers: cfg.encoder_layers,
@@ -291,5 +338,7 @@ fn run_task(
         plot_file,
         plot,
         ablation,
+        variants: variant_results,
+        breakdown,
     })
 }

@@ -164,6 +164,8 @@ pub enum RowKey {
     MueDecoder(bool),
     MueFrontier,
     NoLayerWise,
+    /// The `--variant` model at this index.
+    Variant(usize),
 }
 
 /// The numbers of a row.
@@ -387,14 +389,27 @@ pub fn rows(t: &TaskResults) -> Vec<Row> {
             key: RowKey::NoLayerWise,
             method: name,
             setting: format!("{}; calibrated on valid", calibration.point.params),
-            metrics: Ok(Metrics {
-                quality: report.quality,
-                relative: eval::ratio(report.quality.primary, s.full_quality.primary),
-                macs: report.reduction.macs,
-                wall: report.reduction.wall,
-                layers: report.reduction.layers,
-            }),
+            metrics: Ok(other_model(report, s)),
         },
     });
+    for (i, v) in t.variants.iter().enumerate() {
+        out.push(Row {
+            key: RowKey::Variant(i),
+            method: v.label.clone(),
+            setting: format!("{}; calibrated on valid", v.calibration.point.params),
+            metrics: Ok(other_model(&v.report, s)),
+        });
+    }
     out
+}
+
+/// Another model's test evaluation, relative to the main model's full depth.
+fn other_model(report: &eval::EvalReport, s: &SweepResult) -> Metrics {
+    Metrics {
+        quality: report.quality,
+        relative: eval::ratio(report.quality.primary, s.full_quality.primary),
+        macs: report.reduction.macs,
+        wall: report.reduction.wall,
+        layers: report.reduction.layers,
+    }
 }

@@ -174,6 +174,8 @@ fn task_results(task: Task, open_static: bool) -> TaskResults {
         ablation: Ablation::NotRun {
             reason: "no `--ablation-model` given".into(),
         },
+        variants: Vec::new(),
+        breakdown: None,
     }
 }
 
@@ -183,6 +185,7 @@ fn data(tasks: Vec<TaskResults>, ablation: bool) -> ReportData {
             model: "models/default".into(),
             data: "data/bench".into(),
             ablation_model: ablation.then(|| "models/final-only".into()),
+            variants: Vec::new(),
             results: "results".into(),
             out: "docs/results.md".into(),
             tasks: tasks.iter().map(|t| t.task).collect(),
@@ -659,6 +662,16 @@ fn every_registered_family_appears_in_the_report() {
 }
 
 /// Every placeholder of the template is filled on every kind of page.
+/// The first `{key}` of the template left in a page.
+fn unfilled(page: &str) -> Option<&str> {
+    page.match_indices('{')
+        .map(|(i, _)| &page[i..(i + 24).min(page.len())])
+        .find(|rest| {
+            let key: String = rest[1..].chars().take_while(|c| *c != '}').collect();
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        })
+}
+
 #[test]
 fn template_placeholders_are_all_filled() {
     let mut t = task_results(Task::Entail, true);
@@ -672,15 +685,79 @@ fn template_placeholders_are_all_filled() {
     d.config.lower_bound = vec![Task::Caption];
     d.ablation_loss = Some(LossKind::LayerWise);
     let page = render(&d);
-    let open = page
-        .match_indices('{')
-        .map(|(i, _)| &page[i..(i + 24).min(page.len())])
-        .find(|rest| {
-            let key: String = rest[1..].chars().take_while(|c| *c != '}').collect();
-            !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-        });
-    assert_eq!(open, None, "{page}");
+    assert_eq!(unfilled(&page), None, "{page}");
     assert!(page.contains("**Other work shared the machine"));
     assert!(page.contains("**Warning:** the ablation model"));
     assert!(page.ends_with("deterministic for the same model, data and options.\n"));
+}
+
+/// `--variant` models get a row in both tables (relative to the main model's full depth),
+/// their own full depth under the task's table, and their commands; the breakdown is a
+/// table per group.
+#[test]
+fn variant_rows_and_breakdown_on_the_page() {
+    let mut t = task_results(Task::Entail, false);
+    let cal = t.calibration.clone();
+    t.variants = vec![VariantResult {
+        label: "MuE + image-exit sampling".into(),
+        model: "runs/v2/sampling".into(),
+        loss: Some(LossKind::LayerWise),
+        calibration: cal,
+        report: report(Task::Entail, 0.72, 0.76, 0.5),
+    }];
+    let exits = ExitStats {
+        mean_image_layer: 2.5,
+        mean_text_layer: 1.0,
+        mean_token_layer: 6.0,
+        mean_tokens: 1.0,
+        encoder_layers: 6,
+        decoder_layers: 6,
+    };
+    t.breakdown = Some(vec![crate::eval::breakdown::GroupReport {
+        group: "tier=0".into(),
+        examples: 7,
+        accuracy: Some(0.75),
+        full_accuracy: Some(0.5),
+        exits,
+        macs_reduction: 0.6,
+    }]);
+    let mut d = data(vec![t], false);
+    d.config.variants = vec![VariantSpec {
+        label: "MuE + image-exit sampling".into(),
+        model: "runs/v2/sampling".into(),
+    }];
+    let page = render(&d);
+    let rows = section_rows(&page, "## Visual entailment");
+    let last = rows.last().unwrap();
+    assert!(
+        last.starts_with("| MuE + image-exit sampling | image=0.9 text=0.99 decoder=0.99; calibrated on valid | 72.0% | 90.0% | 50.0% |"),
+        "{last}"
+    );
+    assert!(
+        page.contains("| MuE + image-exit sampling | 72.0% | -"),
+        "{page}"
+    );
+    assert!(page.contains(
+        "MuE + image-exit sampling (`runs/v2/sampling`, trained with the layer-wise loss)"
+    ));
+    assert_eq!(unfilled(&page), None, "{page}");
+    assert!(
+        page.contains("Full-depth accuracy of the other models: MuE + image-exit sampling 76.0%")
+    );
+    assert!(
+        page.contains("| tier=0 | 7 | 50.0% | 75.0% | 60.0% | 2.50 | 1.00 | 6.00 |"),
+        "{page}"
+    );
+    assert!(page.contains(" --variant 'MuE + image-exit sampling=runs/v2/sampling'"));
+    assert!(page.contains("--out results/variants/mue-image-exit-sampling/entail_test_mue.json"));
+    // Labels become folder names; LABEL=DIR splits at the first `=`.
+    let v = VariantSpec::parse(" w/o layer-wise loss =runs/a=b").unwrap();
+    assert_eq!(v.label, "w/o layer-wise loss");
+    assert_eq!(v.model, PathBuf::from("runs/a=b"));
+    assert_eq!(v.slug(), "w-o-layer-wise-loss");
+    assert!(VariantSpec::parse("=runs/a").is_err());
+    assert!(VariantSpec::parse("label=").is_err());
+    // Saved and read back: the same page.
+    let back: ReportData = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+    assert_eq!(render(&back), page);
 }
