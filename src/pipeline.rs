@@ -116,6 +116,31 @@ impl Engine {
         )?)
     }
 
+    /// One untimed full-depth pass of each task (a mid-gray image of the model's size, two
+    /// caption tokens): the first call of a process pays one-time costs (the thread pool's
+    /// start, the first touch of the weights and buffers), which would otherwise land in the
+    /// first timed run or the first request served.
+    pub fn warm_up(&self) -> Result<()> {
+        let s = self.model.cfg.image_size as u32;
+        let image =
+            DynamicImage::ImageRgb8(image::RgbImage::from_pixel(s, s, image::Rgb([128; 3])));
+        let full = crate::exit::MuePolicy::never();
+        let search = SearchConfig {
+            beam: 1,
+            max_len: 2,
+            ..SearchConfig::default()
+        };
+        self.caption(std::slice::from_ref(&image), &full, &search)
+            .context("warm-up caption")?;
+        let req = EntailRequest {
+            image,
+            hypothesis: "there is a shape".into(),
+            premise: None,
+        };
+        self.entail(&[req], &full).context("warm-up entailment")?;
+        Ok(())
+    }
+
     /// Caption each image.
     pub fn caption(
         &self,

@@ -1004,3 +1004,31 @@ fn decoder_schedule_from_the_command_line() {
     let e = args.policy(MuePolicy::never()).unwrap_err().to_string();
     assert!(e.contains("strict_fraction"), "{e}");
 }
+
+/// The warm-up pass leaves nothing behind: a warmed engine answers exactly as a fresh one.
+#[test]
+fn warm_up_changes_no_output() {
+    let (fresh, warmed) = (engine(), engine());
+    warmed.warm_up().unwrap();
+    let s = fresh.model.cfg.image_size as u32;
+    let image = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(s, s, |x, y| {
+        image::Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, 90])
+    }));
+    let policy = MuePolicy::never();
+    let search = SearchConfig::default();
+    let a = fresh
+        .caption(std::slice::from_ref(&image), &policy, &search)
+        .unwrap();
+    let b = warmed
+        .caption(std::slice::from_ref(&image), &policy, &search)
+        .unwrap();
+    assert_eq!(a[0].tokens, b[0].tokens);
+    let req = |i: &image::DynamicImage| EntailRequest {
+        image: i.clone(),
+        hypothesis: "two red squares".into(),
+        premise: None,
+    };
+    let a = fresh.entail(&[req(&image)], &policy).unwrap();
+    let b = warmed.entail(&[req(&image)], &policy).unwrap();
+    assert_eq!(a[0].probabilities, b[0].probabilities);
+}

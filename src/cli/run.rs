@@ -58,10 +58,9 @@ pub enum Output {
 /// Whether this process has made an engine call yet (see [`execute`]).
 static WARM: AtomicBool = AtomicBool::new(false);
 
-/// Run a request twice (with exits, at full depth). The first call of a process is preceded
-/// by an untimed short full-depth call: one-time costs (the thread pool's start, the first
-/// touch of the weights and buffers) would otherwise land in the first timed run only and
-/// make the exits look slower than full depth.
+/// Run a request twice (with exits, at full depth). The first call of a process warms the
+/// engine up first ([`Engine::warm_up`]): otherwise one-time costs land in the first timed
+/// run only and make the exits look slower than full depth.
 pub fn execute(
     engine: &Engine,
     args: &RunArgs,
@@ -69,7 +68,9 @@ pub fn execute(
     policy: &MuePolicy,
 ) -> Result<Output> {
     let full = MuePolicy::never();
-    let warm_up = !WARM.swap(true, Ordering::Relaxed);
+    if !WARM.swap(true, Ordering::Relaxed) {
+        engine.warm_up()?;
+    }
     match args.task {
         Task::Caption => {
             let search = SearchConfig {
@@ -79,13 +80,6 @@ pub fn execute(
                 ..SearchConfig::default()
             };
             let imgs = [image];
-            if warm_up {
-                let short = SearchConfig {
-                    max_len: search.max_len.min(2),
-                    ..search
-                };
-                engine.caption(&imgs, &full, &short)?;
-            }
             let mue = engine.caption(&imgs, policy, &search)?.remove(0);
             let full = engine.caption(&imgs, &full, &search)?.remove(0);
             Ok(Output::Caption { mue, full })
@@ -99,9 +93,6 @@ pub fn execute(
                 hypothesis: text,
                 premise: args.premise.clone(),
             }];
-            if warm_up {
-                engine.entail(&req, &full)?;
-            }
             let mue = engine.entail(&req, policy)?.remove(0);
             let full = engine.entail(&req, &full)?.remove(0);
             Ok(Output::Entail { mue, full })

@@ -121,6 +121,13 @@ pub fn main(args: ServeArgs) -> Result<()> {
     )?;
     let cfg = args.config(thresholds);
     cfg.validate(&engine)?;
+    // Before listening, so that the first request is not the one paying one-time costs.
+    let t = std::time::Instant::now();
+    engine.warm_up()?;
+    eprintln!(
+        "mue serve: warmed up in {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     let drain_ms = args.drain_ms;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
