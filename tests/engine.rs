@@ -526,3 +526,37 @@ fn an_image_depth_in_training_gives_the_memory_of_an_image_exit_there() {
         .unwrap_err();
     assert!(e.to_string().contains("decomposed"), "{e}");
 }
+
+/// Decoder exits that vary by step and sample: a sample's rows reach a layer first at a later
+/// step than the other samples' rows, so its cross keys/values join a buffer that exists
+/// (the partial fill, with the keys kept transposed for the row attention). Batched runs
+/// must still equal single-sample runs.
+#[test]
+fn late_cross_key_value_fill_matches_single_runs() {
+    let (m, _) = model(EncoderMode::Decomposed);
+    let inp = inputs(&m.cfg, 4);
+    let cfg = SearchConfig {
+        beam: 1,
+        max_len: 6,
+        min_len: 1,
+        no_repeat_ngram: 0,
+        len_penalty: 1.0,
+        kv_fill: KvFill::Propagate,
+    };
+    let mut varied = false;
+    for tau in [0.3f32, 0.6, 0.8, 0.9, 0.95, 0.98, 0.99] {
+        let policy = MuePolicy::new(1.0, 1.0, tau).unwrap();
+        let batch = generate::caption(&m, &inp, &policy, &cfg).unwrap();
+        let layers: Vec<usize> = batch
+            .iter()
+            .flat_map(|r| r.exits.token_layers.clone())
+            .collect();
+        varied |= layers.iter().any(|&l| l != layers[0]);
+        for (i, one) in inp.iter().enumerate() {
+            let single = generate::caption(&m, std::slice::from_ref(one), &policy, &cfg).unwrap();
+            assert_eq!(single[0].tokens, batch[i].tokens, "tau {tau} sample {i}");
+            assert_eq!(single[0].exits, batch[i].exits, "tau {tau} sample {i}");
+        }
+    }
+    assert!(varied, "no threshold gave varied decoder exits");
+}

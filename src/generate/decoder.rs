@@ -68,11 +68,12 @@ pub struct DecoderState<'a> {
     /// `[1, h, T, n]`.
     cross_bias: Tensor,
     /// Cross keys/values per layer, `[samples, h, n, dh]` each, a sample's row computed the
-    /// first time a row of that sample reaches the layer (`cross_have`).
+    /// first time a row of that sample reaches the layer (`cross_have`). Where the row
+    /// attention reads them (`cross_keys_t`), the keys are kept transposed only,
+    /// `[samples, h, dh, n]`: one copy of them, made once.
     cross_kv: Vec<Option<(Tensor, Tensor)>>,
     cross_have: Vec<Vec<bool>>,
-    /// The keys of `cross_kv` transposed, `[samples, h, dh, n]`, for the row attention.
-    cross_kt: Vec<Option<Tensor>>,
+    cross_keys_t: Vec<bool>,
     /// Per layer, the last stack of cross keys/values built for a list of samples (one
     /// batched attention call for all of them), reused while the list stays the same.
     cross_stack: Vec<Option<(Vec<usize>, Tensor, Tensor)>>,
@@ -126,7 +127,7 @@ impl<'a> DecoderState<'a> {
             cross_bias: model.decoder_cross_bias(&pos, &enc.positions)?,
             cross_kv: vec![None; model.cfg.decoder_layers],
             cross_have: vec![vec![false; b]; model.cfg.decoder_layers],
-            cross_kt: vec![None; model.cfg.decoder_layers],
+            cross_keys_t: vec![false; model.cfg.decoder_layers],
             cross_stack: vec![None; model.cfg.decoder_layers],
             cross_bias_step: None,
             cache: KvCache::new(model.cfg.decoder_layers, steps),
@@ -186,15 +187,23 @@ impl<'a> DecoderState<'a> {
         )?;
         let mem = self.memory.index_select(&idx, 0)?;
         let (k, v) = self.model.decoder.layers[layer].cross_key_value(&mem, Mode::INFER)?;
+        let keys_t = attn_rows::takes(&mem);
+        let k = if keys_t { k.transpose(2, 3)? } else { k };
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        self.cross_keys_t[layer] = keys_t;
         let b = self.row_sample_count();
         if missing.len() == b {
             // Every sample at once (the first step): the product is the buffer.
-            self.cross_kv[layer] = Some((k.contiguous()?, v.contiguous()?));
+            self.cross_kv[layer] = Some((k, v));
         } else {
             if self.cross_kv[layer].is_none() {
-                let zeros =
-                    || Tensor::zeros((b, k.dim(1)?, k.dim(2)?, k.dim(3)?), k.dtype(), k.device());
-                self.cross_kv[layer] = Some((zeros()?, zeros()?));
+                // Room for every sample, each tensor in its own layout.
+                let zeros = |t: &Tensor| {
+                    let mut dims = t.dims().to_vec();
+                    dims[0] = b;
+                    Tensor::zeros(dims, t.dtype(), t.device())
+                };
+                self.cross_kv[layer] = Some((zeros(&k)?, zeros(&v)?));
             }
             let (bk, bv) = self.cross_kv[layer].as_ref().unwrap();
             for (j, &s) in missing.iter().enumerate() {
@@ -202,12 +211,6 @@ impl<'a> DecoderState<'a> {
                 bv.slice_set(&v.narrow(0, j, 1)?, 0, s)?;
             }
         }
-        let (bk, _) = self.cross_kv[layer].as_ref().unwrap();
-        self.cross_kt[layer] = if attn_rows::takes(bk) {
-            Some(bk.transpose(2, 3)?.contiguous()?)
-        } else {
-            None
-        };
         let d = self.model.cfg.d_model as u64;
         for &s in &missing {
             self.cross_have[layer][s] = true;
@@ -221,9 +224,9 @@ impl<'a> DecoderState<'a> {
     fn cross(&mut self, layer: usize, rows: &[usize], x: &Tensor) -> Result<Tensor> {
         let dl = &self.model.decoder.layers[layer];
         let mode = Mode::INFER;
-        if let (true, Some(kt)) = (attn_rows::takes(x), &self.cross_kt[layer]) {
+        if attn_rows::takes(x) && self.cross_keys_t[layer] {
             // Each row reads its sample's keys/values and memory mask in place.
-            let (_, v) = self.cross_kv[layer].as_ref().unwrap();
+            let (kt, v) = self.cross_kv[layer].as_ref().unwrap();
             let samples: Vec<usize> = rows.iter().map(|&r| self.row_sample[r]).collect();
             let kv = RowsAttention {
                 k: kt,
@@ -262,7 +265,8 @@ impl<'a> DecoderState<'a> {
         }
         // Unequal runs: one call per run.
         let mut outs = Vec::new();
-        let (bk, bv) = self.cross_kv[layer].as_ref().unwrap();
+        let (bk, bv) = self.cross_kv_heads(layer)?;
+        let (bk, bv) = (&bk, &bv);
         for (s, start, n) in runs {
             let (k, v) = (bk.narrow(0, s, 1)?, bv.narrow(0, s, 1)?);
             let bias = bias_t.broadcast_add(&self.mem_mask.narrow(0, s, 1)?)?;
@@ -293,6 +297,18 @@ impl<'a> DecoderState<'a> {
         Ok(bias)
     }
 
+    /// The layer's cross keys and values, both `[samples, h, n, dh]` (keys kept transposed
+    /// are put back: a path the row attention does not serve).
+    fn cross_kv_heads(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        let (k, v) = self.cross_kv[layer].as_ref().unwrap();
+        let k = if self.cross_keys_t[layer] {
+            k.transpose(2, 3)?.contiguous()?
+        } else {
+            k.clone()
+        };
+        Ok((k, v.clone()))
+    }
+
     /// Cross keys/values `[m, h, n, dh]` of `samples` (repeats allowed), stacked once per
     /// list of samples and layer.
     fn stacked_cross_kv(&mut self, layer: usize, samples: &[usize]) -> Result<(Tensor, Tensor)> {
@@ -301,7 +317,7 @@ impl<'a> DecoderState<'a> {
                 return Ok((k.clone(), v.clone()));
             }
         }
-        let (bk, bv) = self.cross_kv[layer].as_ref().unwrap();
+        let (bk, bv) = self.cross_kv_heads(layer)?;
         let idx = Tensor::from_vec(
             samples.iter().map(|&s| s as u32).collect::<Vec<_>>(),
             samples.len(),
