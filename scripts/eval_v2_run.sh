@@ -23,7 +23,9 @@ CAPTION_TEST=${CAPTION_TEST:-}
 # Calibration grids (copied into $OUT). The v2 image stream leaves at similarities of
 # 0.97-0.99 on entailment but needs >= 0.995 for captions, and the text stream leaves after
 # layer 1 below ~0.995 and never above 0.998 (results/v2/sampling_stage2-wide), so the
-# grids span those. scripts/grid_v2_*_mue.json (image >= 0.997) gave results/v2/base-v2grid.
+# grids span those, with 0.995-0.999 for the paper-recipe model, whose image stream
+# cannot leave early (results/v2/base-wide). scripts/grid_v2_*_mue.json (image >= 0.997)
+# gave results/v2/base-v2grid; each results folder keeps the grids it ran.
 ENTAIL_GRID=${ENTAIL_GRID:-scripts/grid_v2w_entail_mue.json}
 CAPTION_GRID=${CAPTION_GRID:-scripts/grid_v2w_caption_mue.json}
 mkdir -p "$OUT"
