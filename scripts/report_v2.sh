@@ -6,8 +6,8 @@
 #   bash scripts/report_v2.sh                 # every run that exists under runs/v2
 #   LIMIT=1000 CAPTION_LIMIT=200 bash scripts/report_v2.sh   # fewer examples per split
 #
-# Runs that do not exist yet are left out (the page says which rows are missing by their
-# absence; the ablation row says "not run"). Several hours on the 2-core machine with all
+# Runs that have not finished are left out (their rows are absent; the ablation row says
+# "not run"). Several hours on the 2-core machine with all
 # six models: each is calibrated on valid and evaluated on test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,12 @@ OUT=${OUT:-docs/results.md}
 LIMIT=${LIMIT:-1000}
 CAPTION_LIMIT=${CAPTION_LIMIT:-200}
 
-have() { [ -f "$RUNS/$1/model.safetensors" ] && [ -f "$RUNS/$1/config.json" ]; }
+# A run counts once it has finished its steps (train_state.json), not at a checkpoint.
+have() {
+  [ -f "$RUNS/$1/model.safetensors" ] && [ -f "$RUNS/$1/train_state.json" ] &&
+    python3 -c 'import json, sys; s = json.load(open(sys.argv[1])); sys.exit(s["step"] < s["total_steps"])' \
+      "$RUNS/$1/train_state.json"
+}
 MAIN=sampling
 have "$MAIN" || MAIN=sampling_stage2
 have "$MAIN" || { echo "report_v2: no image-exit-sampling run under $RUNS" >&2; exit 2; }
