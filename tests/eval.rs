@@ -771,7 +771,7 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
         "grid_entail_valid_baselines.json --kv-fill propagate --out-dir ",
         // The variant: a row in both tables, its own full depth, its commands.
         "| Same weights again | ",
-        "Full-depth accuracy of the other models: Same weights again ",
+        "Full-depth accuracy of the other models:\n\n- Same weights again: ",
         " --variant 'Same weights again=",
         "variants/same-weights-again/entail_test_mue.json",
         // Per difficulty tier, from the benchmark's meta_test.tsv.

@@ -527,7 +527,7 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
             .iter()
             .map(|v| {
                 format!(
-                    "{} {} (its row keeps {} of it{})",
+                    "- {}: {}; its row keeps {} of it{}.",
                     v.label,
                     quality_text(t.task, v.report.full_quality.primary),
                     pct(v.report.relative_quality),
@@ -537,7 +537,7 @@ fn task_section(s: &mut String, data: &ReportData, t: &TaskResults, rows: &[Row]
             .collect();
         *s += &section(
             "task_variants",
-            &[("metric", metric_name(t.task)), ("own", &own.join("; "))],
+            &[("metric", metric_name(t.task)), ("own", &own.join("\n"))],
         );
     }
     s.push('\n');

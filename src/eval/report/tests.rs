@@ -742,7 +742,7 @@ fn variant_rows_and_breakdown_on_the_page() {
     ));
     assert_eq!(unfilled(&page), None, "{page}");
     assert!(
-        page.contains("Full-depth accuracy of the other models: MuE + image-exit sampling 76.0%")
+        page.contains("Full-depth accuracy of the other models:\n\n- MuE + image-exit sampling: 76.0%; its row keeps")
     );
     assert!(
         page.contains("| tier=0 | 7 | 50.0% | 75.0% | 60.0% | 2.50 | 1.00 | 6.00 |"),
