@@ -158,6 +158,7 @@ pub fn main(args: DemoArgs) -> Result<()> {
         &std::fs::read_to_string(dir.join("examples.json"))
             .with_context(|| format!("cannot read {}", dir.join("examples.json").display()))?,
     )?;
+    engine.warm_up()?;
     let mut outputs = Vec::new();
     for ex in list.iter().take(args.examples) {
         let image = DynamicImage::ImageRgb8(load_image(dir.join(&ex.image))?);

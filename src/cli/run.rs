@@ -9,7 +9,6 @@ use anyhow::{bail, Result};
 use image::DynamicImage;
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -55,12 +54,9 @@ pub enum Output {
     },
 }
 
-/// Whether this process has made an engine call yet (see [`execute`]).
-static WARM: AtomicBool = AtomicBool::new(false);
-
-/// Run a request twice (with exits, at full depth). The first call of a process warms the
-/// engine up first ([`Engine::warm_up`]): otherwise one-time costs land in the first timed
-/// run only and make the exits look slower than full depth.
+/// Run a request twice (with exits, at full depth). Warm the engine up before the first call
+/// ([`Engine::warm_up`]): otherwise one-time costs land in the first timed run only and make
+/// the exits look slower than full depth.
 pub fn execute(
     engine: &Engine,
     args: &RunArgs,
@@ -68,9 +64,6 @@ pub fn execute(
     policy: &MuePolicy,
 ) -> Result<Output> {
     let full = MuePolicy::never();
-    if !WARM.swap(true, Ordering::Relaxed) {
-        engine.warm_up()?;
-    }
     match args.task {
         Task::Caption => {
             let search = SearchConfig {
@@ -157,6 +150,7 @@ pub fn main(args: RunArgs) -> Result<()> {
     let image = DynamicImage::ImageRgb8(load_image(&args.image)?);
     let base = TaskThresholds::for_model(&model)?.get(args.task);
     let policy = args.exits.policy(base)?;
+    engine.warm_up()?;
     let out = execute(&engine, &args, image, &policy)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
