@@ -73,7 +73,8 @@ pub struct DecoderState<'a> {
     /// `[samples, h, dh, n]`: one copy of them, made once.
     cross_kv: Vec<Option<(Tensor, Tensor)>>,
     cross_have: Vec<Vec<bool>>,
-    cross_keys_t: Vec<bool>,
+    /// Whether the row attention serves this memory (then the cross keys are transposed).
+    cross_keys_t: bool,
     /// Per layer, the last stack of cross keys/values built for a list of samples (one
     /// batched attention call for all of them), reused while the list stays the same.
     cross_stack: Vec<Option<(Vec<usize>, Tensor, Tensor)>>,
@@ -127,7 +128,7 @@ impl<'a> DecoderState<'a> {
             cross_bias: model.decoder_cross_bias(&pos, &enc.positions)?,
             cross_kv: vec![None; model.cfg.decoder_layers],
             cross_have: vec![vec![false; b]; model.cfg.decoder_layers],
-            cross_keys_t: vec![false; model.cfg.decoder_layers],
+            cross_keys_t: attn_rows::takes(&enc.memory),
             cross_stack: vec![None; model.cfg.decoder_layers],
             cross_bias_step: None,
             cache: KvCache::new(model.cfg.decoder_layers, steps),
@@ -187,10 +188,12 @@ impl<'a> DecoderState<'a> {
         )?;
         let mem = self.memory.index_select(&idx, 0)?;
         let (k, v) = self.model.decoder.layers[layer].cross_key_value(&mem, Mode::INFER)?;
-        let keys_t = attn_rows::takes(&mem);
-        let k = if keys_t { k.transpose(2, 3)? } else { k };
+        let k = if self.cross_keys_t {
+            k.transpose(2, 3)?
+        } else {
+            k
+        };
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        self.cross_keys_t[layer] = keys_t;
         let b = self.row_sample_count();
         if missing.len() == b {
             // Every sample at once (the first step): the product is the buffer.
@@ -224,7 +227,7 @@ impl<'a> DecoderState<'a> {
     fn cross(&mut self, layer: usize, rows: &[usize], x: &Tensor) -> Result<Tensor> {
         let dl = &self.model.decoder.layers[layer];
         let mode = Mode::INFER;
-        if attn_rows::takes(x) && self.cross_keys_t[layer] {
+        if attn_rows::takes(x) && self.cross_keys_t {
             // Each row reads its sample's keys/values and memory mask in place.
             let (kt, v) = self.cross_kv[layer].as_ref().unwrap();
             let samples: Vec<usize> = rows.iter().map(|&r| self.row_sample[r]).collect();
@@ -266,7 +269,6 @@ impl<'a> DecoderState<'a> {
         // Unequal runs: one call per run.
         let mut outs = Vec::new();
         let (bk, bv) = self.cross_kv_heads(layer)?;
-        let (bk, bv) = (&bk, &bv);
         for (s, start, n) in runs {
             let (k, v) = (bk.narrow(0, s, 1)?, bv.narrow(0, s, 1)?);
             let bias = bias_t.broadcast_add(&self.mem_mask.narrow(0, s, 1)?)?;
@@ -301,7 +303,7 @@ impl<'a> DecoderState<'a> {
     /// are put back: a path the row attention does not serve).
     fn cross_kv_heads(&self, layer: usize) -> Result<(Tensor, Tensor)> {
         let (k, v) = self.cross_kv[layer].as_ref().unwrap();
-        let k = if self.cross_keys_t[layer] {
+        let k = if self.cross_keys_t {
             k.transpose(2, 3)?.contiguous()?
         } else {
             k.clone()
