@@ -278,6 +278,17 @@ impl Layout {
     pub fn variant_dir(&self, v: &VariantSpec) -> PathBuf {
         self.root.join("variants").join(v.slug())
     }
+    pub fn variant_calibrate_dir(&self, v: &VariantSpec, task: Task) -> PathBuf {
+        self.variant_dir(v)
+            .join(format!("calibrate_{}", task.name()))
+    }
+    pub fn variant_exits(&self, v: &VariantSpec) -> PathBuf {
+        self.variant_dir(v).join("exits.json")
+    }
+    pub fn variant_eval(&self, v: &VariantSpec, task: Task) -> PathBuf {
+        self.variant_dir(v)
+            .join(format!("{}_test_mue.json", task.name()))
+    }
     /// Everything [`render`] needs (`mue report --render-only` reads it back).
     pub fn data(&self) -> PathBuf {
         self.root.join("report.json")

@@ -735,12 +735,11 @@ fn commands(s: &mut String, data: &ReportData) {
             other(s, abl, dirs, calibration.policy, layout.ablation_eval(task));
         }
         for (v, r) in c.variants.iter().zip(&t.variants) {
-            let dir = layout.variant_dir(v);
             let dirs = (
-                dir.join("exits.json"),
-                dir.join(format!("calibrate_{}", task.name())),
+                layout.variant_exits(v),
+                layout.variant_calibrate_dir(v, task),
             );
-            let out = dir.join(format!("{}_test_mue.json", task.name()));
+            let out = layout.variant_eval(v, task);
             other(s, &v.model, dirs, r.calibration.policy, out);
         }
     }

@@ -9,8 +9,8 @@ use super::{
     VariantSpec,
 };
 use crate::eval::breakdown;
-use crate::eval::calibrate::{self, Objective};
-use crate::eval::eval::{self, Dataset, EvalOptions};
+use crate::eval::calibrate::{self, Calibration, Objective};
+use crate::eval::eval::{self, Dataset, EvalOptions, EvalReport};
 use crate::eval::sweep::{self, PolicySpec, SweepPoint, SweepResult};
 use crate::eval::write_json;
 use crate::exit::{spec, DecoderThreshold, FullDepth, MueSpec, StaticSpec};
@@ -183,6 +183,25 @@ pub fn run(config: &ReportConfig, progress: bool) -> Result<ReportData> {
     Ok(data)
 }
 
+/// Another model (the ablation, a variant): MuE calibrated on valid by the main model's
+/// grid and objective, then that point evaluated once on test; saved under `out`
+/// (calibration sweep folder, exits.json, test evaluation).
+fn other_model(
+    engine: &Engine,
+    (valid, test): (&Dataset, &Dataset),
+    grid: &[PolicySpec],
+    objective: Objective,
+    opts: &EvalOptions,
+    out: (&Path, &Path, &Path),
+) -> Result<(Calibration, EvalReport)> {
+    let (calibration, _) =
+        calibrate::calibrate_on(engine, valid, grid, objective, opts, Some(out.0))?;
+    calibrate::write_exits(out.1, &calibration)?;
+    let report = eval::evaluate(engine, test, &calibration.policy, opts)?;
+    write_json(out.2, &report)?;
+    Ok((calibration, report))
+}
+
 fn run_task(
     config: &ReportConfig,
     task: Task,
@@ -277,12 +296,18 @@ fn run_task(
         },
         Some(abl) => {
             say("ablation model: calibrating and evaluating".into());
-            let dir = layout.ablation_calibrate_dir(task);
-            let (calibration, _) =
-                calibrate::calibrate_on(abl, &valid, &cal_grid, objective, opts, Some(&dir))?;
-            calibrate::write_exits(&layout.ablation_exits(), &calibration)?;
-            let report = eval::evaluate(abl, &test, &calibration.policy, opts)?;
-            write_json(&layout.ablation_eval(task), &report)?;
+            let (calibration, report) = other_model(
+                abl,
+                (&valid, &test),
+                &cal_grid,
+                objective,
+                opts,
+                (
+                    &layout.ablation_calibrate_dir(task),
+                    &layout.ablation_exits(),
+                    &layout.ablation_eval(task),
+                ),
+            )?;
             Ablation::Run {
                 calibration,
                 report,
@@ -303,18 +328,18 @@ fn run_task(
     let mut variant_results = Vec::new();
     for (v, e) in variants {
         say(format!("variant {:?}: calibrating and evaluating", v.label));
-        let dir = layout.variant_dir(v);
-        let (calibration, _) = calibrate::calibrate_on(
+        let (calibration, report) = other_model(
             e,
-            &valid,
+            (&valid, &test),
             &cal_grid,
             objective,
             opts,
-            Some(&dir.join(format!("calibrate_{}", task.name()))),
+            (
+                &layout.variant_calibrate_dir(v, task),
+                &layout.variant_exits(v),
+                &layout.variant_eval(v, task),
+            ),
         )?;
-        calibrate::write_exits(&dir.join("exits.json"), &calibration)?;
-        let report = eval::evaluate(e, &test, &calibration.policy, opts)?;
-        write_json(&dir.join(format!("{}_test_mue.json", task.name())), &report)?;
         variant_results.push(VariantResult {
             label: v.label.clone(),
             model: v.model.clone(),
