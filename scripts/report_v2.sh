@@ -3,12 +3,12 @@
 # sampling on top of the paper's) with every other run of scripts/train_v2.sh as a row of
 # its own. The v1 page moves to docs/results-v1.md (the appendix) the first time.
 #
-#   bash scripts/report_v2.sh                 # every run that exists under runs/v2
-#   LIMIT=1000 CAPTION_LIMIT=200 bash scripts/report_v2.sh   # fewer examples per split
+#   bash scripts/report_v2.sh                 # every finished run under runs/v2
+#   LIMIT=300 CAPTION_LIMIT=100 bash scripts/report_v2.sh    # fewer examples per split
 #
 # Runs that have not finished are left out (their rows are absent; the ablation row says
-# "not run"). Several hours on the 2-core machine with all
-# six models: each is calibrated on valid and evaluated on test.
+# "not run"). Several hours on the 2-core machine with all six models: each is calibrated
+# on valid and evaluated on test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MUE=${MUE:-target/release/mue}
