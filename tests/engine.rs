@@ -4,7 +4,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use mue::exit::{ExitPolicy, FullDepth, LayerSignal, MuePolicy, Site};
 use mue::generate::{self, run_encoder, DecoderState, Input, KvFill, SearchConfig};
 use mue::model::layers::Mode;
-use mue::model::{Config, EncoderMode, ImageEmbedder, Model};
+use mue::model::{Config, EncoderMode, ImageEmbedder, Model, StreamDepths};
 use std::collections::HashMap;
 
 const DEV: Device = Device::Cpu;
@@ -492,37 +492,72 @@ fn entangled_image_positions_tell_equal_patches_apart() {
 }
 
 #[test]
-fn an_image_depth_in_training_gives_the_memory_of_an_image_exit_there() {
+fn stream_depths_in_training_give_the_memory_of_exits_there() {
     let (m, _) = model(EncoderMode::Decomposed);
     let inp = inputs(&m.cfg, 2);
     let (img, ids, pad) = generate::batch_inputs(&m, &inp).unwrap();
     let layers = m.cfg.encoder_layers;
     for k in 1..=layers {
-        let trained = m
-            .encode_to_image_depth(&img, &ids, &pad, Some(k), Mode::INFER)
-            .unwrap();
-        let policy = mue::exit::StaticDepth {
-            image: k,
-            text: layers,
-            decoder: m.cfg.decoder_layers,
-        };
-        let run = run_encoder(&m, &img, &ids, &pad, &policy).unwrap();
-        assert_eq!(run.image_exit, vec![k; 2]);
-        assert!(
-            max_diff(&trained.memory, &run.memory) <= 1e-5,
-            "image depth {k}: {}",
-            max_diff(&trained.memory, &run.memory)
-        );
+        for (image, text) in [(k, layers), (layers, k), (k, 1)] {
+            let depths = StreamDepths {
+                image: Some(image),
+                text: Some(text),
+            };
+            let trained = m
+                .encode_to_depths(&img, &ids, &pad, depths, Mode::INFER)
+                .unwrap();
+            let policy = mue::exit::StaticDepth {
+                image,
+                text,
+                decoder: m.cfg.decoder_layers,
+            };
+            let run = run_encoder(&m, &img, &ids, &pad, &policy).unwrap();
+            assert_eq!(
+                (run.image_exit, run.text_exit),
+                (vec![image; 2], vec![text; 2])
+            );
+            assert!(
+                max_diff(&trained.memory, &run.memory) <= 1e-5,
+                "image depth {image}, text depth {text}: {}",
+                max_diff(&trained.memory, &run.memory)
+            );
+        }
     }
     for bad in [0, layers + 1] {
-        let e = m
-            .encode_to_image_depth(&img, &ids, &pad, Some(bad), Mode::INFER)
-            .unwrap_err();
-        assert!(e.to_string().contains("image depth"), "{e}");
+        for (depths, stream) in [
+            (
+                StreamDepths {
+                    image: Some(bad),
+                    text: None,
+                },
+                "image depth",
+            ),
+            (
+                StreamDepths {
+                    image: None,
+                    text: Some(bad),
+                },
+                "text depth",
+            ),
+        ] {
+            let e = m
+                .encode_to_depths(&img, &ids, &pad, depths, Mode::INFER)
+                .unwrap_err();
+            assert!(e.to_string().contains(stream), "{e}");
+        }
     }
     let (j, _) = model(EncoderMode::Joint);
     let e = j
-        .encode_to_image_depth(&img, &ids, &pad, Some(1), Mode::INFER)
+        .encode_to_depths(
+            &img,
+            &ids,
+            &pad,
+            StreamDepths {
+                image: None,
+                text: Some(1),
+            },
+            Mode::INFER,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("decomposed"), "{e}");
 }

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use image::RgbImage;
 use mue::model::layers::Mode;
-use mue::model::{BranchInit, Config, EncoderMode, ImageEmbedder, Model};
+use mue::model::{BranchInit, Config, EncoderMode, ImageEmbedder, Model, StreamDepths};
 use mue::task::Task;
 use mue::train::data::{batch_indices, make_batch, Batch, Dataset, Example};
 use mue::train::{
@@ -579,7 +579,12 @@ fn an_image_stream_stopped_early_trains_only_the_layers_it_ran() {
     let b = batch(&model, 0.1);
     let layers = model.cfg.encoder_layers;
     assert!(layers >= 2);
-    let out = mue::train::batch_loss_at(&model, &b, LossKind::LayerWise, TRAIN, Some(1)).unwrap();
+    let image_at_1 = StreamDepths {
+        image: Some(1),
+        text: None,
+    };
+    let out =
+        mue::train::batch_loss_at(&model, &b, LossKind::LayerWise, TRAIN, image_at_1).unwrap();
     let grads = out.total.backward().unwrap();
     let data = varmap.data().lock().unwrap();
     let grad = |name: &str| grads.get(data[name].as_tensor()).map(max_abs);
@@ -597,15 +602,22 @@ fn an_image_stream_stopped_early_trains_only_the_layers_it_ran() {
         assert!(grad(&w).unwrap() > 0.0, "{w} gets no gradient");
     }
     // Full depth through the same entry point is the plain loss.
-    let full = mue::train::batch_loss_at(&model, &b, LossKind::LayerWise, TRAIN, None).unwrap();
+    let full = mue::train::batch_loss_at(
+        &model,
+        &b,
+        LossKind::LayerWise,
+        TRAIN,
+        StreamDepths::default(),
+    )
+    .unwrap();
     let plain = batch_loss(&model, &b, LossKind::LayerWise, TRAIN).unwrap();
     assert_eq!(scalar(&full.total), scalar(&plain.total));
     assert_ne!(scalar(&full.total), scalar(&out.total));
 }
 
 #[test]
-fn sampled_image_depths_are_seeded_and_cover_every_shallow_depth() {
-    use mue::train::sampled_image_depth as depth;
+fn sampled_depths_are_seeded_and_cover_every_shallow_depth() {
+    use mue::train::sampled_depth as depth;
     let layers = 6;
     assert!((0..200).all(|s| depth(0.0, layers, 3, s).is_none()));
     let all: Vec<usize> = (0..600)
@@ -626,6 +638,18 @@ fn sampled_image_depths_are_seeded_and_cover_every_shallow_depth() {
     };
     assert_eq!(run(3), run(3));
     assert_ne!(run(3), run(4));
+    // The two streams of a step draw apart: the image's draws are those of `sampled_depth`
+    // with the run's seed (as before text sampling existed), the text's are others.
+    let mut o = TrainOptions::new("d", "o");
+    (o.image_exit_sampling, o.text_exit_sampling, o.seed) = (0.5, 0.5, 3);
+    let both: Vec<_> = (0..50)
+        .map(|s| mue::train::sampled_depths(&o, layers, s))
+        .collect();
+    assert_eq!(both.iter().map(|d| d.image).collect::<Vec<_>>(), run(3));
+    assert!(both.iter().any(|d| d.image != d.text));
+    assert!(both.iter().filter(|d| d.text.is_some()).count() > 10);
+    o.text_exit_sampling = 0.0;
+    assert!((0..50).all(|s| mue::train::sampled_depths(&o, layers, s).text.is_none()));
 }
 
 #[test]
@@ -669,6 +693,46 @@ fn image_exit_sampling_trains_and_rejects_a_joint_encoder_or_bad_fraction() {
     bad.image_exit_sampling = 1.5;
     let e = mue::train::train(&bad).unwrap_err().to_string();
     assert!(e.contains("image exit sampling"), "{e}");
+}
+
+#[test]
+fn text_exit_sampling_trains_records_its_share_and_refuses_another_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tiny_benchmark(tmp.path());
+    let out = tmp.path().join("text");
+    let mut o = tiny_options(&data, &out);
+    o.text_exit_sampling = 1.0;
+    mue::train::train(&o).unwrap();
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["loss"].is_number())
+        .collect();
+    // Two encoder layers: every step stops the text stream after layer 1; the image runs on.
+    assert_eq!(steps.len(), 3);
+    assert!(steps
+        .iter()
+        .all(|v| v["text_depth"] == 1 && v["image_depth"].is_null()));
+    let st = mue::train::load_state(&out).unwrap();
+    assert_eq!(st.text_exit_sampling, Some(1.0));
+    (o.steps, o.resume, o.text_exit_sampling) = (4, true, 0.0);
+    let e = mue::train::train(&o).unwrap_err().to_string();
+    assert!(e.contains("--text-exit-sampling 1, this run 0"), "{e}");
+    // A state from before text sampling existed resumes only without it.
+    let old = r#"{"step":3,"total_steps":3,"seed":0,"batch_size":4,"loss":"layer-wise","examples_seen":12,"optimizer_state":true}"#;
+    let st: mue::train::TrainState = serde_json::from_str(old).unwrap();
+    assert_eq!(st.text_exit_sampling, None);
+
+    let mut joint = tiny_options(&data, &tmp.path().join("joint"));
+    joint.encoder_mode = EncoderMode::Joint;
+    joint.text_exit_sampling = 0.5;
+    let e = mue::train::train(&joint).unwrap_err().to_string();
+    assert!(e.contains("decomposed"), "{e}");
+    let mut bad = tiny_options(&data, &tmp.path().join("bad"));
+    bad.text_exit_sampling = -0.1;
+    let e = mue::train::train(&bad).unwrap_err().to_string();
+    assert!(e.contains("text exit sampling"), "{e}");
 }
 
 /// The public OFA fixture (random weights, ResNet-50 trunk) converted to a mue model
@@ -905,7 +969,7 @@ fn plan(model: &Model, shards: usize, threads: usize, mode: Mode) -> StepPlan {
         threads,
         kind: LossKind::LayerWise,
         mode,
-        image_depth: None,
+        depths: StreamDepths::default(),
         dropout_seed: 11,
         pad_id: model.cfg.pad_id,
         vocab_size: model.cfg.vocab_size,
@@ -974,9 +1038,12 @@ fn sharded_steps_give_the_whole_batch_loss_and_gradients() {
 #[test]
 fn sharded_steps_give_the_same_bits_on_one_and_two_threads() {
     let (model, varmap) = tiny();
-    // Dropout on and the image stream stopped early: masks and depths are per shard and step.
+    // Dropout on and the streams stopped early: masks and depths are per shard and step.
     let mut p = plan(&model, 2, 1, Mode::train(0.2));
-    p.image_depth = Some(1);
+    p.depths = StreamDepths {
+        image: Some(1),
+        text: Some(1),
+    };
     for shards in [2, 3] {
         p.shards = shards;
         p.threads = 1;

@@ -129,6 +129,9 @@ pub struct TrainArgs {
     /// 1..encoder layers), so the decoder learns to read an early-exited image (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub image_exit_sampling: f64,
+    /// The same for the text stream (its depth drawn independently of the image's).
+    #[arg(long, default_value_t = 0.0)]
+    pub text_exit_sampling: f64,
     /// Keep the image trunk (OFA's ResNet, or the conv stem) as it starts: no updates and
     /// no gradient work for it (OFA fine-tuning commonly freezes it).
     #[arg(long)]
@@ -188,6 +191,7 @@ impl TrainArgs {
         o.max_train_images = self.max_train_images;
         o.captions_per_image = Some(self.captions_per_image);
         o.image_exit_sampling = self.image_exit_sampling;
+        o.text_exit_sampling = self.text_exit_sampling;
         o.freeze_image_trunk = self.freeze_image_trunk;
         o.resnet = self.resnet;
         o.shards = self.shards;

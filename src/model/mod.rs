@@ -455,6 +455,14 @@ pub struct Model {
     pub device: Device,
 }
 
+/// Encoder layers each stream runs (`None`: every layer), as when it exits there; only a
+/// decomposed encoder runs its streams to different depths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamDepths {
+    pub image: Option<usize>,
+    pub text: Option<usize>,
+}
+
 /// Result of a plain, full-depth encoder pass.
 #[derive(Debug, Clone)]
 pub struct EncoderOutput {
@@ -684,27 +692,30 @@ impl Model {
         padding: &[Vec<bool>],
         mode: Mode,
     ) -> Result<EncoderOutput> {
-        self.encode_to_image_depth(images, ids, padding, None, mode)
+        self.encode_to_depths(images, ids, padding, StreamDepths::default(), mode)
     }
 
-    /// [`Model::encode`] with the image stream stopped after `image_depth` layers (a
-    /// decomposed encoder only): the memory the decoder reads when the image exits there.
-    /// Later entries of `hidden` repeat the image stream's exit state.
-    pub fn encode_to_image_depth(
+    /// [`Model::encode`] with each stream stopped after its depth in `depths` (a decomposed
+    /// encoder only): the memory the decoder reads when the streams exit there. Later
+    /// entries of `hidden` repeat a stopped stream's exit state.
+    pub fn encode_to_depths(
         &self,
         images: &Tensor,
         ids: &Tensor,
         padding: &[Vec<bool>],
-        image_depth: Option<usize>,
+        depths: StreamDepths,
         mode: Mode,
     ) -> Result<EncoderOutput> {
         let layers = self.cfg.encoder_layers;
-        let image_depth = image_depth.unwrap_or(layers);
-        if image_depth == 0 || image_depth > layers {
-            candle_core::bail!("image depth {image_depth} is outside 1..={layers}");
-        }
-        if image_depth < layers && self.cfg.encoder_mode != EncoderMode::Decomposed {
-            candle_core::bail!("an image stream depth needs a decomposed encoder");
+        let image_depth = depths.image.unwrap_or(layers);
+        let text_depth = depths.text.unwrap_or(layers);
+        for (stream, d) in [("image", image_depth), ("text", text_depth)] {
+            if d == 0 || d > layers {
+                candle_core::bail!("{stream} depth {d} is outside 1..={layers}");
+            }
+            if d < layers && self.cfg.encoder_mode != EncoderMode::Decomposed {
+                candle_core::bail!("a {stream} stream depth needs a decomposed encoder");
+            }
         }
         let (_, l) = ids.dims2()?;
         let img = self.embed_image(images, mode)?;
@@ -734,8 +745,10 @@ impl Model {
                     if i < image_depth {
                         xi = layer.forward(&xi, None, Some(&bias.image_image), mode)?;
                     }
-                    let b = bias.text_text.broadcast_add(&txt_pad)?;
-                    xt = layer.forward(&xt, None, Some(&b), mode)?;
+                    if i < text_depth {
+                        let b = bias.text_text.broadcast_add(&txt_pad)?;
+                        xt = layer.forward(&xt, None, Some(&b), mode)?;
+                    }
                 }
             }
             hidden.push(Tensor::cat(&[&xi, &xt], 1)?);

@@ -15,6 +15,6 @@ pub use loss::{layer_loss, task_loss, LossKind, LossOutput, Targets};
 pub use optim::{lr_at, AdamW, AdamWParams};
 pub use shards::{batch_loss, batch_loss_at, step_gradients, StepGrads, StepPlan, DEFAULT_SHARDS};
 pub use train_loop::{
-    bind_image_trunk, is_running_stat, load_state, load_weights_into, run_shards,
-    sampled_image_depth, train, varmap_tensors, EvalPoint, TrainOptions, TrainReport, TrainState,
+    bind_image_trunk, is_running_stat, load_state, load_weights_into, run_shards, sampled_depth,
+    sampled_depths, train, varmap_tensors, EvalPoint, TrainOptions, TrainReport, TrainState,
 };

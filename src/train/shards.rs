@@ -14,7 +14,7 @@ use super::data::{active_rows, make_shard, n_tokens, Batch, Dataset};
 use super::loss::{task_loss, LossKind, LossOutput};
 use crate::model::layers::{seed_dropout, Mode};
 use crate::model::threads::SerialOps;
-use crate::model::Model;
+use crate::model::{Model, StreamDepths};
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::Device;
@@ -35,9 +35,8 @@ pub struct StepPlan {
     pub threads: usize,
     pub kind: LossKind,
     pub mode: Mode,
-    /// Image-stream depth of the step ([`super::sampled_image_depth`]), the same in every
-    /// shard.
-    pub image_depth: Option<usize>,
+    /// Stream depths of the step ([`super::sampled_depths`]), the same in every shard.
+    pub depths: StreamDepths,
     /// Dropout seed of the step; shard `k` draws from `dropout_seed_of_shard(seed, k)`.
     pub dropout_seed: u64,
     pub pad_id: u32,
@@ -59,22 +58,22 @@ pub struct StepGrads {
 
 /// Forward pass of a batch and its task loss.
 pub fn batch_loss(model: &Model, batch: &Batch, kind: LossKind, mode: Mode) -> Result<LossOutput> {
-    batch_loss_at(model, batch, kind, mode, None)
+    batch_loss_at(model, batch, kind, mode, StreamDepths::default())
 }
 
-/// [`batch_loss`] with the image stream stopped after `image_depth` encoder layers.
+/// [`batch_loss`] with the encoder streams stopped after `depths` layers.
 pub fn batch_loss_at(
     model: &Model,
     batch: &Batch,
     kind: LossKind,
     mode: Mode,
-    image_depth: Option<usize>,
+    depths: StreamDepths,
 ) -> Result<LossOutput> {
-    let enc = model.encode_to_image_depth(
+    let enc = model.encode_to_depths(
         &batch.images,
         &batch.enc_ids,
         &batch.enc_padding,
-        image_depth,
+        depths,
         mode,
     )?;
     let hidden = model.decode(&batch.dec_ids, Some(&batch.dec_padding), &enc, mode)?;
@@ -135,7 +134,7 @@ fn run_shard(
         plan.caption_smoothing,
         device,
     )?;
-    let out = batch_loss_at(model, &batch, plan.kind, plan.mode, plan.image_depth)?;
+    let out = batch_loss_at(model, &batch, plan.kind, plan.mode, plan.depths)?;
     let loss = out.total.to_scalar::<f32>()?;
     let per_layer = out
         .per_layer

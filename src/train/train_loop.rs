@@ -11,7 +11,9 @@ use crate::data::tokenizer::Tokenizer;
 use crate::model::layers::Mode;
 use crate::model::resnet::ResNet;
 use crate::model::stem::ConvStem;
-use crate::model::{BranchInit, Config, EncoderMode, ImageEmbedder, ImageTrunk, Model};
+use crate::model::{
+    BranchInit, Config, EncoderMode, ImageEmbedder, ImageTrunk, Model, StreamDepths,
+};
 use crate::run_meta::TRAIN_STATE;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -86,6 +88,8 @@ pub struct TrainOptions {
     /// `1..encoder_layers` (the rest run it in full), so that the decoder learns to read
     /// the image as it stands at an early exit (decomposed encoder only; 0: off).
     pub image_exit_sampling: f64,
+    /// The same for the text stream, drawn independently of the image stream's depth.
+    pub text_exit_sampling: f64,
     /// Keep the image trunk (`encoder.embed_images.*`: OFA's ResNet or the conv stem) as it
     /// starts: its weights are not updated and no gradient is computed for it.
     pub freeze_image_trunk: bool,
@@ -150,6 +154,7 @@ impl TrainOptions {
             max_train_images: None,
             captions_per_image: Some(3),
             image_exit_sampling: 0.0,
+            text_exit_sampling: 0.0,
             freeze_image_trunk: false,
             resnet: None,
             shards: None,
@@ -218,6 +223,9 @@ pub struct TrainState {
     /// where it is unknown (not necessarily 0).
     #[serde(default)]
     pub image_exit_sampling: Option<f64>,
+    /// `--text-exit-sampling` of the run; None in files written before it existed (0).
+    #[serde(default)]
+    pub text_exit_sampling: Option<f64>,
     /// `--init`: the model this run started from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
@@ -252,10 +260,25 @@ pub struct TrainReport {
     pub stopped_by_time_budget: bool,
 }
 
-/// Image-stream depth of training step `step` under `--image-exit-sampling p`: `None` (full
-/// depth) on a `1 - p` share of the steps, else uniform over `1..layers`. A pure function
-/// of (seed, step), so resumed runs draw the same depths.
-pub fn sampled_image_depth(p: f64, layers: usize, seed: u64, step: usize) -> Option<usize> {
+/// Stream depths of training step `step` under `--image-exit-sampling` / `--text-exit-sampling`
+/// (each stream drawn on its own by [`sampled_depth`]).
+pub fn sampled_depths(opts: &TrainOptions, layers: usize, step: usize) -> StreamDepths {
+    StreamDepths {
+        image: sampled_depth(opts.image_exit_sampling, layers, opts.seed, step),
+        // Another seed for the text stream, so its depth does not follow the image's.
+        text: sampled_depth(
+            opts.text_exit_sampling,
+            layers,
+            opts.seed ^ 0x5EED_7E47_0000_0001,
+            step,
+        ),
+    }
+}
+
+/// A stream's depth at training step `step` under exit sampling with share `p`: `None`
+/// (full depth) on a `1 - p` share of the steps, else uniform over `1..layers`. A pure
+/// function of (seed, step), so resumed runs draw the same depths.
+pub fn sampled_depth(p: f64, layers: usize, seed: u64, step: usize) -> Option<usize> {
     use rand::{Rng, SeedableRng};
     if p <= 0.0 || layers < 2 {
         return None;
@@ -371,6 +394,7 @@ fn save_checkpoint(
         examples_seen: step * opts.batch_size,
         optimizer_state: true,
         image_exit_sampling: Some(opts.image_exit_sampling),
+        text_exit_sampling: Some(opts.text_exit_sampling),
         init: opts.init.clone(),
         freeze_image_trunk: Some(opts.freeze_image_trunk),
         shards: Some(shards),
@@ -447,11 +471,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     if opts.batch_size == 0 || opts.steps == 0 {
         bail!("steps and batch size must be positive");
     }
-    if !(0.0..=1.0).contains(&opts.image_exit_sampling) {
-        bail!(
-            "image exit sampling must be a fraction in [0, 1], got {}",
-            opts.image_exit_sampling
-        );
+    for (stream, p) in [
+        ("image", opts.image_exit_sampling),
+        ("text", opts.text_exit_sampling),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{stream} exit sampling must be a fraction in [0, 1], got {p}");
+        }
     }
     if opts.resnet.is_some() && !opts.stem.is_empty() {
         bail!("--resnet and --stem are two image trunks: give one");
@@ -484,6 +510,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             bail!(
                 "cannot resume: checkpoint used --image-exit-sampling {p}, this run {}",
                 opts.image_exit_sampling
+            );
+        }
+        let p = s.text_exit_sampling.unwrap_or(0.0);
+        if p != opts.text_exit_sampling {
+            bail!(
+                "cannot resume: checkpoint used --text-exit-sampling {p}, this run {}",
+                opts.text_exit_sampling
             );
         }
         // A frozen trunk kept its start weights; training it now (or freezing a trained
@@ -537,8 +570,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         (opts.config(tok.vocab_size()), tok)
     };
     cfg.validate()?;
-    if opts.image_exit_sampling > 0.0 && cfg.encoder_mode != EncoderMode::Decomposed {
-        bail!("--image-exit-sampling needs a decomposed encoder (image and text as two streams)");
+    if (opts.image_exit_sampling > 0.0 || opts.text_exit_sampling > 0.0)
+        && cfg.encoder_mode != EncoderMode::Decomposed
+    {
+        bail!("exit sampling needs a decomposed encoder (image and text as two streams)");
     }
     if tok.vocab_size() > cfg.vocab_size {
         bail!(
@@ -635,18 +670,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         let ts = Instant::now();
         let idx = batch_indices(ds.examples.len(), opts.seed, opts.batch_size, step);
-        let image_depth = sampled_image_depth(
-            opts.image_exit_sampling,
-            cfg.encoder_layers,
-            opts.seed,
-            step,
-        );
+        let depths = sampled_depths(opts, cfg.encoder_layers, step);
         let plan = StepPlan {
             shards,
             threads,
             kind: opts.loss,
             mode,
-            image_depth,
+            depths,
             dropout_seed: opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64,
             pad_id: cfg.pad_id,
             vocab_size: cfg.vocab_size,
@@ -673,7 +703,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             log,
             "{}",
             serde_json::json!({"step": step, "loss": loss, "per_layer": per_layer, "lr": lr,
-                "grad_norm": st.grad_norm, "secs": dt, "image_depth": image_depth})
+                "grad_norm": st.grad_norm, "secs": dt, "image_depth": depths.image,
+                "text_depth": depths.text})
         )?;
         pb.set_message(format!(
             "loss {loss:.3} | last layer {:.3} | {:.0} tok/s",
