@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # docs/results.md on benchmark v2 (issue 23): `mue report` on the shipped recipe (exit
 # sampling of both encoder streams on top of the paper's) with every other run of
-# scripts/train_v2.sh as a row of its own. The v1 page moves to docs/results-v1.md (the appendix) the first time.
+# scripts/train_v2.sh as a row of its own. The v1 page moves to docs/results-v1.md (the
+# appendix) the first time.
 #
 #   bash scripts/report_v2.sh                 # every finished run under runs/v2
 #   LIMIT=300 CAPTION_LIMIT=100 bash scripts/report_v2.sh    # fewer examples per split
