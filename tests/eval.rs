@@ -865,6 +865,22 @@ fn report_runs_end_to_end_and_writes_page_and_results() {
             .map(|g| g.examples)
             .sum();
         assert_eq!(tiers, limit);
+        // ... from the calibrated point's own outputs: the tiers add up to its test figures.
+        let tier_groups = groups.iter().filter(|g| g.group.starts_with("tier="));
+        if t.task == Task::Entail {
+            let hits: f64 = tier_groups
+                .clone()
+                .map(|g| g.accuracy.unwrap() * g.examples as f64)
+                .sum();
+            assert!((hits / limit as f64 - on_test.quality).abs() < 1e-9);
+            let full_hits: f64 = tier_groups
+                .map(|g| g.full_accuracy.unwrap() * g.examples as f64)
+                .sum();
+            let full = t.sweep.full_quality.primary;
+            assert!((full_hits / limit as f64 - full).abs() < 1e-9);
+        } else {
+            assert!(tier_groups.clone().all(|g| g.accuracy.is_none()));
+        }
     }
     // The written exits are the calibrated thresholds; the model's own folder is untouched.
     let exits = TaskThresholds::for_model(&res.join("report")).unwrap();

@@ -1,7 +1,9 @@
 //! Threshold sweeps: every policy over a grid of its parameters on one split, with the
 //! Pareto frontier of quality against multiply-add reduction, written as CSV and JSON.
 
-use super::eval::{self, primary_metric, report, run, Dataset, EvalOptions, EvalReport, Quality};
+use super::eval::{
+    self, primary_metric, report, run, Dataset, EvalOptions, EvalReport, Quality, RunOutputs,
+};
 use super::plot::{Chart, Series};
 use crate::exit::spec::{self, FAMILIES};
 use crate::exit::FullDepth;
@@ -110,6 +112,24 @@ pub fn sweep(
     grid: &[PolicySpec],
     opts: &EvalOptions,
 ) -> Result<SweepResult> {
+    Ok(sweep_keeping(engine, data, grid, opts, None)?.0)
+}
+
+/// Per-example outputs of one swept point and of the full-depth reference.
+pub struct Kept {
+    pub run: RunOutputs,
+    pub full: RunOutputs,
+}
+
+/// [`sweep`], also returning the outputs of `keep` when it is one of the grid's points, so a
+/// caller that needs them (the per-group breakdown) does not run that point twice.
+pub fn sweep_keeping(
+    engine: &Engine,
+    data: &Dataset,
+    grid: &[PolicySpec],
+    opts: &EvalOptions,
+    keep: Option<PolicySpec>,
+) -> Result<(SweepResult, Option<Kept>)> {
     if grid.is_empty() {
         bail!("empty sweep grid");
     }
@@ -125,6 +145,7 @@ pub fn sweep(
         ..opts.clone()
     };
     let mut points = Vec::with_capacity(grid.len());
+    let mut kept = None;
     for (spec, policy) in grid.iter().zip(&policies) {
         pb.set_message(format!("{} {}", spec.family(), spec.params()));
         let r = run(engine, data, policy.as_ref(), &inner)?;
@@ -145,9 +166,13 @@ pub fn sweep(
             report: rep,
         });
         pb.inc(1);
+        if keep == Some(*spec) {
+            kept = Some(r);
+        }
     }
     pb.finish_and_clear();
-    Ok(finish(data.task(), data.len(), full_quality, points))
+    let kept = kept.map(|run| Kept { run, full });
+    Ok((finish(data.task(), data.len(), full_quality, points), kept))
 }
 
 /// Mark the frontiers of evaluated points.

@@ -278,7 +278,9 @@ fn run_task(
         test.len(),
         grid.len()
     ));
-    let result = sweep::sweep(engine, &test, &grid, opts)?;
+    let meta_file = breakdown::meta_path(&test_file);
+    let keep = meta_file.as_ref().map(|_| calibration.point.spec);
+    let (result, kept) = sweep::sweep_keeping(engine, &test, &grid, opts, keep)?;
     let files = sweep::write_outputs(&result, &layout.sweep_dir())?;
     let plot_file = ["png", "svg"]
         .iter()
@@ -315,15 +317,13 @@ fn run_task(
         }
     };
     // Per difficulty tier and question type, where the benchmark says which is which.
-    let breakdown = match breakdown::meta_path(&test_file) {
-        None => None,
-        Some(meta) => {
-            say("the calibrated point per difficulty tier and question type".into());
+    // The test sweep ran the calibrated point (`chosen`); its outputs give the breakdown.
+    let breakdown = match (meta_file, kept) {
+        (Some(meta), Some(kept)) => {
             let meta = breakdown::load_meta(&meta)?;
-            let (_, run, full) =
-                eval::evaluate_with_outputs(engine, &test, &calibration.policy, opts)?;
-            Some(breakdown::breakdown(&test, &run, &full, &meta))
+            Some(breakdown::breakdown(&test, &kept.run, &kept.full, &meta))
         }
+        _ => None,
     };
     let mut variant_results = Vec::new();
     for (v, e) in variants {
