@@ -52,8 +52,12 @@ enum DataCommand {
         out: std::path::PathBuf,
         #[arg(long, default_value_t = 4)]
         n: usize,
-        #[arg(long, default_value_t = 64)]
-        image_size: u32,
+        /// Image side in pixels (default 64; v2: 128).
+        #[arg(long)]
+        image_size: Option<u32>,
+        /// Benchmark version the examples come from (its test split, seed 0).
+        #[arg(long = "version", default_value_t = 1)]
+        bench_version: u32,
     },
 }
 
@@ -143,8 +147,14 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Data(DataCommand::Examples { out, n, image_size }) => {
-            cli::demo::write_examples(&out, n, image_size)
+        Command::Data(DataCommand::Examples {
+            out,
+            n,
+            image_size,
+            bench_version,
+        }) => {
+            let side = image_size.unwrap_or(if bench_version == 2 { 128 } else { 64 });
+            cli::demo::write_examples(&out, bench_version, n, side)
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `mue demo`: the default model on the shipped example images, MuE beside full depth.
 
 use super::{run, ExitArgs, Task, TaskThresholds};
-use crate::data::benchmark::{make_image_example, split_examples, Split};
+use crate::data::benchmark::{make_image_example, showcase, Split};
 use crate::data::preprocess::load_image;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::{Config, EncoderMode, ImageEmbedder, Model};
@@ -22,21 +22,21 @@ pub struct Example {
 
 pub use crate::paths::{examples_dir, find_examples_dir};
 
-/// Write `n` benchmark test-split examples (PNG + examples.json) to `dir`.
-pub fn write_examples(dir: &Path, n: usize, image_size: u32) -> Result<()> {
+/// Write `n` test-split examples of benchmark `version` (PNG + examples.json) to `dir`.
+pub fn write_examples(dir: &Path, version: u32, n: usize, image_size: u32) -> Result<()> {
+    let shown = showcase(version, 0, Split::Test, n, image_size)?;
     std::fs::create_dir_all(dir)?;
     let mut list = Vec::new();
-    for (i, ex) in split_examples(0, Split::Test, n, image_size).enumerate() {
+    for (i, ex) in shown.into_iter().enumerate() {
         let name = format!("example_{i}.png");
         crate::data::render(&ex.scene)
             .save(dir.join(&name))
             .with_context(|| format!("cannot write {name}"))?;
-        let ve = &ex.ve[i % ex.ve.len()];
         list.push(Example {
             image: name,
-            hypothesis: ve.hypothesis.clone(),
-            label: ve.label.as_str().to_string(),
-            captions: ex.captions.clone(),
+            hypothesis: ex.hypothesis,
+            label: ex.label.as_str().to_string(),
+            captions: ex.captions,
         });
     }
     std::fs::write(

@@ -23,8 +23,8 @@ pub use splits::{
 };
 pub use stats::{summary_stats, SummaryStats};
 pub use writer::{
-    caption_file, generate, generate_version, meta_file, scenes_file, ve_file, GenerateOptions,
-    GenerateReport,
+    caption_file, generate, generate_version, meta_file, scenes_file, showcase, ve_file,
+    GenerateOptions, GenerateReport, Showcase,
 };
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use super::stats::{StatsAccumulator, SummaryStats};
 use super::v2;
 use crate::data::scene::{render, Scene};
 use crate::data::tsv::{encode_png_base64, write_caption_row, write_ve_row};
+use crate::task::Label;
 
 /// Options of `mue data generate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -104,19 +105,7 @@ pub fn generate(opts: &GenerateOptions) -> Result<GenerateReport> {
 /// `generate` for benchmark `version` 1 (the original) or 2 (`v2`: OFA's cost
 /// structure, compositional questions, splits disjoint by content).
 pub fn generate_version(opts: &GenerateOptions, version: u32) -> Result<GenerateReport> {
-    if !(1..=2).contains(&version) {
-        bail!("--version must be 1 or 2, got {version}");
-    }
-    if version == 2 && opts.image_size < v2::MIN_IMAGE_SIZE {
-        bail!(
-            "benchmark v2 needs images of at least {} px (its 8x8 grid of 16 px cells), got {}",
-            v2::MIN_IMAGE_SIZE,
-            opts.image_size
-        );
-    }
-    if version == 1 && opts.image_size < 32 {
-        bail!("--image-size must be at least 32, got {}", opts.image_size);
-    }
+    check_version(version, opts.image_size)?;
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let mut files = Vec::new();
@@ -163,6 +152,61 @@ pub fn generate_version(opts: &GenerateOptions, version: u32) -> Result<Generate
         files,
         stats,
         twins,
+    })
+}
+
+fn check_version(version: u32, image_size: u32) -> Result<()> {
+    if !(1..=2).contains(&version) {
+        bail!("--version must be 1 or 2, got {version}");
+    }
+    if version == 2 && image_size < v2::MIN_IMAGE_SIZE {
+        bail!(
+            "benchmark v2 needs images of at least {} px (its 8x8 grid of 16 px cells), got {}",
+            v2::MIN_IMAGE_SIZE,
+            image_size
+        );
+    }
+    if version == 1 && image_size < 32 {
+        bail!("--image-size must be at least 32, got {}", image_size);
+    }
+    Ok(())
+}
+
+/// One image of a split as the demo shows it: the scene, one of its hypotheses with the
+/// label, and the reference captions.
+pub struct Showcase {
+    pub scene: Scene,
+    pub hypothesis: String,
+    pub label: Label,
+    pub captions: Vec<String>,
+}
+
+/// The first `n` images of `split` of benchmark `version`, the `i`-th with its
+/// `i mod k`-th hypothesis (so the labels vary along the list).
+pub fn showcase(
+    version: u32,
+    seed: u64,
+    split: Split,
+    n: usize,
+    image_size: u32,
+) -> Result<Vec<Showcase>> {
+    check_version(version, image_size)?;
+    fn pick<E: ToRecord>(examples: impl Iterator<Item = E>) -> Vec<Showcase> {
+        let one = |(i, ex): (usize, E)| {
+            let r = ex.record();
+            let ve = &r.ve[i % r.ve.len()];
+            Showcase {
+                scene: r.scene.clone(),
+                hypothesis: ve.hypothesis.to_string(),
+                label: ve.label,
+                captions: r.captions.to_vec(),
+            }
+        };
+        examples.enumerate().map(one).collect()
+    }
+    Ok(match version {
+        1 => pick(split_examples(seed, split, n, image_size)),
+        _ => pick(v2::split_examples(seed, split, n, image_size)),
     })
 }
 
